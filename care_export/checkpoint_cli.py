@@ -1,0 +1,151 @@
+"""Commands that make or inspect checkpoints: ``synth-ckpt``, ``import-official``, ``info``."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+from .checkpoint import read_manifest, save_checkpoint
+from .config import MoEConfig, Preprocessing, backbone_config
+
+
+def moe_options(f):
+    """The BR-MoE options shared by the commands that create a model."""
+    for opt in reversed(
+        [
+            click.option("--topk-routers", "-M", default=2, show_default=True, help="Routers selected per sample (M)."),
+            click.option("--topk-experts", "-K", default=3, show_default=True, help="Experts kept per router (K)."),
+            click.option("--expert-dim", default=16, show_default=True, help="Expert bottleneck r."),
+            click.option("--shared-dim", default=64, show_default=True, help="Shared expert bottleneck r_s."),
+        ]
+    ):
+        f = opt(f)
+    return f
+
+
+def backbone_options(f):
+    """Backbone name and size overrides (custom ViT sizes)."""
+    for opt in reversed(
+        [
+            click.option("--backbone", default="vit_base_patch16_224", show_default=True, help="timm ViT name."),
+            click.option("--img-size", type=int, default=None, help="Override the input size."),
+            click.option("--patch-size", type=int, default=None, help="Override the patch size."),
+            click.option("--embed-dim", type=int, default=None, help="Override the embedding width."),
+            click.option("--depth", type=int, default=None, help="Override the number of blocks."),
+            click.option("--num-heads", type=int, default=None, help="Override the number of attention heads."),
+        ]
+    ):
+        f = opt(f)
+    return f
+
+
+def _refuse_existing(out: Path, force: bool) -> None:
+    if (out / "manifest.json").exists() and not force:
+        raise click.UsageError(f"{out} already holds a checkpoint; pass --force to replace it")
+    if out.exists() and force:
+        import shutil
+
+        shutil.rmtree(out)
+
+
+@click.command("synth-ckpt")
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True, help="Checkpoint directory.")
+@backbone_options
+@moe_options
+@click.option("--init-cls", default=10, show_default=True, help="Classes of the first task.")
+@click.option("--increment", default=10, show_default=True, help="Classes of every later task.")
+@click.option("--tasks", default=10, show_default=True, type=click.IntRange(min=1), help="Number of tasks.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Replace an existing checkpoint.")
+def synth_ckpt_command(out, backbone, img_size, patch_size, embed_dim, depth, num_heads, topk_routers, topk_experts,
+                       expert_dim, shared_dim, init_cls, increment, tasks, seed, force):
+    """Write a random-weight checkpoint of any size (no training), for export and benchmarks.
+
+    \b
+    Example (the 301-task OmniBenchmark-1K shape, B100-Inc3):
+      care-export synth-ckpt -o ckpt/ --backbone vit_base_patch16_224 \\
+          --init-cls 100 --increment 3 --tasks 301
+    """
+    from .synth import synth_model, task_sizes
+
+    _refuse_existing(out, force)
+    cfg = backbone_config(backbone, img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                          num_heads=num_heads)
+    moe = MoEConfig(topk_routers, topk_experts, expert_dim, shared_dim)
+    t0 = time.perf_counter()
+    model = synth_model(cfg, moe, task_sizes(init_cls, increment, tasks), seed=seed, progress=True)
+    t1 = time.perf_counter()
+    manifest = save_checkpoint(
+        model, out, preprocessing=Preprocessing.for_input(cfg.img_size, (0.5,) * 3, (0.5,) * 3),
+        extra={"sequence": {"init_cls": init_cls, "increment": increment, "seed": seed, "synthetic": True}},
+    )
+    t2 = time.perf_counter()
+    nbytes = sum(e["bytes"] for e in [manifest["backbone"], manifest["shared"], manifest["head"], *manifest["tasks"]])
+    params = sum(p.numel() for p in model.parameters())
+    click.echo(f"wrote {out}: {tasks} tasks, {model.num_classes} classes, {params / 1e6:.1f} M parameters, "
+               f"{nbytes / 2**20:.1f} MiB (build {t1 - t0:.1f} s, write {t2 - t1:.1f} s)")
+
+
+@click.command("import-official")
+@click.argument("state_dict_path", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True, help="Checkpoint directory.")
+@click.option("--topk-routers", "-M", default=2, show_default=True, help="M, from the reference's JSON config.")
+@click.option("--topk-experts", "-K", default=3, show_default=True, help="K, from the reference's JSON config.")
+@click.option("--backbone", default="vit_base_patch16_224", show_default=True, help="timm name recorded for the ViT.")
+@click.option("--num-heads", type=int, default=None, help="Attention heads (default: width / 64).")
+@click.option("--mean", nargs=3, type=float, default=(0.0, 0.0, 0.0), show_default=True, help="Input normalisation mean.")
+@click.option("--std", nargs=3, type=float, default=(1.0, 1.0, 1.0), show_default=True, help="Input normalisation std.")
+@click.option("--class-names", type=click.Path(exists=True, path_type=Path), help="Text file, one class name a line.")
+@click.option("--force", is_flag=True, help="Replace an existing checkpoint.")
+def import_official_command(state_dict_path, out, topk_routers, topk_experts, backbone, num_heads, mean, std,
+                            class_names, force):
+    """Convert a checkpoint saved by the reference CaRE code into a checkpoint directory.
+
+    Reads the network state dict that the reference's inference.py loads (bare, or inside a
+    'state_dict' / 'model' entry) with torch.load(weights_only=True).
+
+    \b
+    Example (301-task OmniBenchmark-1K run; M and K from its JSON config):
+      care-export import-official care_ob1k_b100inc3.pth -o ckpt/ -M 2 -K 3
+    """
+    from .official import convert_state_dict, read_state_dict
+
+    _refuse_existing(out, force)
+    model = convert_state_dict(read_state_dict(state_dict_path), topk_routers=topk_routers, topk_experts=topk_experts,
+                               backbone_name=backbone, num_heads=num_heads)
+    names = class_names.read_text().splitlines() if class_names else None
+    save_checkpoint(model, out, class_names=names,
+                    preprocessing=Preprocessing.for_input(model.backbone_cfg.img_size, mean, std),
+                    extra={"source": {"kind": "reference-state-dict", "path": str(state_dict_path)}})
+    click.echo(f"wrote {out}: {model.num_tasks} tasks, {model.num_classes} classes, depth {model.backbone_cfg.depth}, "
+               f"width {model.backbone_cfg.embed_dim}")
+
+
+@click.command("info")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
+def info_command(path, as_json):
+    """Describe a checkpoint directory.
+
+    \b
+    Example:
+      care-export info ckpt/
+    """
+    m = read_manifest(path)
+    if as_json:
+        click.echo(json.dumps(m, indent=1))
+        return
+    bb, moe, tasks = m["backbone"], m["brmoe"], m["tasks"]
+    sizes = [t["classes"] for t in tasks]
+    nbytes = sum(e["bytes"] for e in [bb, m["shared"], m["head"], *tasks])
+    click.echo(f"checkpoint   {path} (format {m['format_version']})")
+    click.echo(f"backbone     {bb['name']} {bb['img_size']}px/{bb['patch_size']}, width {bb['embed_dim']}, "
+               f"depth {bb['depth']}, {bb['num_heads']} heads")
+    click.echo(f"BR-MoE       M={moe['topk_routers']} K={moe['topk_experts']} r={moe['expert_dim']} "
+               f"r_s={moe['shared_dim']}")
+    click.echo(f"tasks        {len(tasks)} ({sum(sizes)} classes; first {sizes[0]}, "
+               f"later {sorted(set(sizes[1:])) or '-'})")
+    click.echo(f"size         {nbytes / 2**20:.1f} MiB in {len(tasks) + 4} files")

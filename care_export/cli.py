@@ -1,0 +1,47 @@
+"""The ``care-export`` command line.
+
+Exit codes: 0 ok, 1 failure (a :class:`~runtime.errors.CareError`, shown as one line), 2 bad usage.
+Each command lives in the module that does its work; this file only gathers them.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from runtime.errors import CareError
+
+
+class CareGroup(click.Group):
+    """Shows user errors as one line (``error: ...``) and exits 1, without a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except CareError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=CareGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="care-export")
+def main():
+    """Train, export and run CaRE continual learners (BR-MoE on a frozen ViT).
+
+    \b
+    Example, from nothing to a deployed 301-task artifact:
+      care-export synth-ckpt -o ckpt/ --backbone vit_tiny_patch16_224 --tasks 5
+      care-export onnx ckpt/ --tasks 301 -o model/
+      care-export parity ckpt/ model/
+    """
+
+
+def _register() -> None:
+    from .commands import COMMANDS
+
+    for command in COMMANDS:
+        main.add_command(command)
+
+
+_register()

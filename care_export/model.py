@@ -1,0 +1,193 @@
+"""CaRE on a timm ViT: frozen backbone, a BR-MoE in parallel to the MLP of every block, and a
+cosine classifier that grows by one weight block per task."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from runtime.errors import CareError
+
+from .brmoe import BRMoE, Routing
+from .config import BackboneConfig, MoEConfig
+
+FORWARD_MODES = ("reference", "sparse")
+
+
+class CosineHead(nn.Module):
+    """Cosine classifier, no bias: ``logit_c = cos(f, w_c)``; one ``C_t x d`` block per task."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.blocks = nn.ParameterList()
+
+    def add_task(self, num_classes: int) -> None:
+        w = torch.empty(num_classes, self.dim)
+        nn.init.trunc_normal_(w, std=0.02)
+        device = self.blocks[0].device if len(self.blocks) else None
+        self.blocks.append(nn.Parameter(w.to(device) if device is not None else w))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return torch.cat(list(self.blocks), 0)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.normalize(f, dim=-1), F.normalize(self.weight, dim=-1))
+
+
+def build_backbone(cfg: BackboneConfig, weights: str | Path | None = None) -> nn.Module:
+    """A timm VisionTransformer without classifier, frozen.
+
+    ``weights``: None (random init), ``"hub"`` (timm's pretrained weights, needs network), or a
+    local file (safetensors, a timm/PyTorch checkpoint, or a ``.npz`` of the original JAX ViT).
+    """
+    import timm
+
+    pretrained = weights == "hub"
+    try:
+        vit = timm.create_model(cfg.name, pretrained=pretrained, **cfg.timm_kwargs())
+    except Exception as exc:  # noqa: BLE001 - timm raises many kinds here; the user needs one line
+        if pretrained:
+            raise CareError(
+                f"cannot fetch pretrained weights for {cfg.name} from the hub ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); pass --backbone-weights FILE"
+            ) from None
+        raise
+    if weights is not None and not pretrained:
+        load_backbone_weights(vit, weights)
+    vit.requires_grad_(False)
+    return vit
+
+
+def load_backbone_weights(vit: nn.Module, path: str | Path) -> None:
+    """Load ViT weights from a local file into a timm VisionTransformer (classifier keys ignored)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CareError(f"backbone weights not found: {path}")
+    if path.suffix == ".npz":
+        from timm.models.vision_transformer import _load_weights
+
+        _load_weights(vit, str(path))
+        return
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise CareError(f"cannot read backbone weights {path}: {exc}") from None
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm."))}
+    own = vit.state_dict()
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise CareError(f"backbone weights {path} lack {len(missing)} tensors, e.g. {missing[0]}")
+    for k, v in own.items():
+        if state[k].shape != v.shape:
+            raise CareError(f"backbone weights {path}: {k} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}")
+    vit.load_state_dict({k: state[k] for k in own})
+
+
+class CareViT(nn.Module):
+    """The continual learner. ``forward(x)`` is the single-pass inference (task id unknown)."""
+
+    def __init__(self, backbone: BackboneConfig, moe: MoEConfig, weights: str | Path | None = None):
+        super().__init__()
+        self.backbone_cfg = backbone
+        self.moe_cfg = moe
+        self.vit = build_backbone(backbone, weights)
+        self.moe = nn.ModuleList(BRMoE(backbone.embed_dim, moe) for _ in range(backbone.depth))
+        self.head = CosineHead(backbone.embed_dim)
+        self.task_classes: list[int] = []
+
+    # ------------------------------------------------------------------ growth
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_classes)
+
+    @property
+    def num_classes(self) -> int:
+        return sum(self.task_classes)
+
+    def add_task(self, num_classes: int, init_from_older: bool = True) -> None:
+        if num_classes < 1:
+            raise CareError(f"a task needs at least one class, got {num_classes}")
+        for m in self.moe:
+            m.add_task(num_classes, init_from_older)
+        self.head.add_task(num_classes)
+        self.task_classes.append(int(num_classes))
+
+    def task_parameters(self, task: int) -> dict[str, nn.Parameter]:
+        """The parameters that belong to ``task`` alone (expert, router, perceptor per block)."""
+        out = {}
+        for i, m in enumerate(self.moe):
+            for part in ("experts", "routers", "perceptors"):
+                for name, p in getattr(m, part)[task].named_parameters():
+                    out[f"blocks.{i}.{part}.{name}"] = p
+        return out
+
+    # ------------------------------------------------------------------ forwards
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        v = self.vit
+        return v.norm_pre(v.patch_drop(v._pos_embed(v.patch_embed(x))))
+
+    def _blocks(self, x: torch.Tensor, moe_fn) -> torch.Tensor:
+        for blk, moe in zip(self.vit.blocks, self.moe):
+            xa = x + blk.drop_path1(blk.ls1(blk.attn(blk.norm1(x))))
+            x = xa + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(xa)))) + moe_fn(moe, xa)
+        return x
+
+    def forward_features(self, x: torch.Tensor, mode: str = "reference", routing: list | None = None):
+        """CLS features ``LN_final(z)[:, 0]`` with the single-pass inference routing.
+
+        ``mode``: ``"reference"`` (every expert on every token) or ``"sparse"`` (same decisions,
+        only selected experts on the full sequence). Routing decisions are appended to
+        ``routing`` (one :class:`Routing` per block) when a list is given.
+        """
+        if self.num_tasks == 0:
+            raise CareError("the model has no task yet")
+        if mode not in FORWARD_MODES:
+            raise ValueError(f"mode must be one of {FORWARD_MODES}, got {mode!r}")
+
+        def moe_fn(moe: BRMoE, xa):
+            fwd = moe.forward_reference if mode == "reference" else moe.forward_sparse
+            out, r = fwd(xa, want_routing=routing is not None)
+            if routing is not None:
+                routing.append(r)
+            return out
+
+        return self.vit.norm(self._blocks(self._embed(x), moe_fn))[:, 0]
+
+    def forward(self, x: torch.Tensor, mode: str = "reference") -> torch.Tensor:
+        """Cosine logits over every learned class."""
+        return self.head(self.forward_features(x, mode))
+
+    def forward_with_routing(self, x: torch.Tensor, mode: str = "reference") -> tuple[torch.Tensor, list[Routing]]:
+        routing: list[Routing] = []
+        logits = self.head(self.forward_features(x, mode, routing))
+        return logits, routing
+
+    def forward_train(self, x: torch.Tensor, task: int) -> dict:
+        """The forward used while learning ``task``: features, head logits over all learned
+        classes, and the per-block perceptor logits of ``task``."""
+        latents = []
+
+        def moe_fn(moe: BRMoE, xa):
+            out, latent = moe.forward_train(xa, task)
+            latents.append(latent)
+            return out
+
+        feats = self.vit.norm(self._blocks(self._embed(x), moe_fn))[:, 0]
+        return {"features": feats, "logits": self.head(feats), "latents": latents}
+
+    def forward_backbone(self, x: torch.Tensor) -> torch.Tensor:
+        """CLS features of the plain backbone (no BR-MoE)."""
+        return self.vit.norm(self.vit.blocks(self._embed(x)))[:, 0]
