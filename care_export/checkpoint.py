@@ -236,7 +236,7 @@ def load_checkpoint(directory: str | Path, *, verify: bool = True, tasks: int | 
     ``verify`` checks every file's sha256 against the manifest; ``tasks`` loads only the first
     ``tasks`` tasks (the head and shared expert of the full checkpoint are used).
     """
-    from .model import CareViT
+    from .model import empty_model
 
     directory = Path(directory)
     manifest = read_manifest(directory)
@@ -245,9 +245,7 @@ def load_checkpoint(directory: str | Path, *, verify: bool = True, tasks: int | 
     if not entries:
         raise CheckpointError(f"{directory}: checkpoint has no task")
 
-    model = CareViT(backbone_cfg, moe_cfg)
-    for e in entries:
-        model.add_task(int(e["classes"]))
+    model = empty_model(backbone_cfg, moe_cfg, [int(e["classes"]) for e in entries])
 
     def expect(state: dict) -> dict[str, torch.Size]:
         return {k: v.shape for k, v in state.items()}

@@ -191,3 +191,14 @@ class CareViT(nn.Module):
     def forward_backbone(self, x: torch.Tensor) -> torch.Tensor:
         """CLS features of the plain backbone (no BR-MoE)."""
         return self.vit.norm(self.vit.blocks(self._embed(x)))[:, 0]
+
+
+def empty_model(backbone: BackboneConfig, moe: MoEConfig, task_classes: list[int]) -> CareViT:
+    """A model with the given tasks and uninitialised weights, for loaders that fill every
+    tensor from files (random initialisation of a 301-task model costs seconds)."""
+    with torch.device("meta"):
+        model = CareViT(backbone, moe)
+        for c in task_classes:
+            model.add_task(c, init_from_older=False)
+    return model.to_empty(device="cpu")
+

@@ -17,7 +17,7 @@ import torch
 from runtime.errors import CheckpointError
 
 from .config import BackboneConfig, MoEConfig
-from .model import CareViT
+from .model import CareViT, empty_model
 
 _ADAPTER = re.compile(r"^backbone\.adapter\.adapter_layer(\d+)\.(.+)$")
 _BLOCK = re.compile(r"^backbone\.blocks\.(\d+)\.(.+)$")
@@ -120,9 +120,7 @@ def convert_state_dict(
         mlp_ratio=mlp_hidden / dim,
     )
     moe = MoEConfig(topk_routers=topk_routers, topk_experts=topk_experts, expert_dim=expert_dim, shared_dim=shared_dim)
-    model = CareViT(backbone, moe)
-    for c in task_classes:
-        model.add_task(c, init_from_older=False)
+    model = empty_model(backbone, moe, task_classes)
 
     ours: dict[str, torch.Tensor] = {}
     for k, v in state.items():
