@@ -1,0 +1,115 @@
+"""Classifier alignment: per-class feature statistics and head retraining on pseudo-features.
+
+After a task, the mean and covariance (or only the variance) of every new class's features are
+stored. Alignment then draws Gaussian pseudo-features for every class learned so far and retrains
+only the cosine head on them, so that old classes keep competing with new ones without replaying
+images. Statistics of a class are computed once, when its task is learned, as the reference does.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from runtime.errors import CareError, CheckpointError
+
+CA_METHODS = ("covariance", "variance")
+COV_JITTER = 1e-4  # added to the diagonal, as the reference does
+# The reference anneals the alignment lr with a cosine of period 5 epochs whatever their number.
+CA_SCHEDULE_PERIOD = 5
+
+
+@torch.no_grad()
+def class_statistics(features: torch.Tensor, labels: torch.Tensor, classes, method: str) -> dict[str, torch.Tensor]:
+    """``mean`` (C, d) and ``cov`` (C, d, d) or ``var`` (C, d) of each class in ``classes``."""
+    means, spreads = [], []
+    eye = torch.eye(features.shape[1], device=features.device)
+    for c in classes:
+        f = features[labels == c].double()
+        if len(f) == 0:
+            raise CareError(f"class {c} has no training image to compute its statistics from")
+        cov = torch.cov(f.T) if len(f) > 1 else torch.zeros_like(eye, dtype=torch.float64)
+        cov = (cov + COV_JITTER * eye).float()
+        means.append(f.mean(0).float())
+        spreads.append(cov if method == "covariance" else cov.diagonal().clone())
+    key = "cov" if method == "covariance" else "var"
+    return {"mean": torch.stack(means), key: torch.stack(spreads)}
+
+
+def save_statistics(stats: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.detach().contiguous().cpu() for k, v in stats.items()}, str(tmp))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600 files; follow the umask like the checkpoint
+    os.replace(tmp, path)
+
+
+def load_statistics(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: class statistics missing (needed to align the classifier)")
+    return load_file(str(path))
+
+
+class PseudoFeatures:
+    """Gaussian samplers for every class of a list of per-task statistics."""
+
+    def __init__(self, stats: list[dict[str, torch.Tensor]], device):
+        self.mean = torch.cat([s["mean"] for s in stats]).to(device)
+        if "cov" in stats[0]:
+            cov = torch.cat([s["cov"] for s in stats]).to(device, torch.float64)
+            self.tril = torch.linalg.cholesky(cov).float()  # (C, d, d)
+        else:
+            self.std = torch.cat([s["var"] for s in stats]).to(device).sqrt()
+            self.tril = None
+
+    @property
+    def num_classes(self) -> int:
+        return self.mean.shape[0]
+
+    def sample(self, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``per_class`` features of every class, class-major, with their labels."""
+        c, d = self.mean.shape
+        noise = torch.randn(c, per_class, d, device=self.mean.device)
+        if self.tril is not None:
+            x = self.mean[:, None] + noise @ self.tril.transpose(1, 2)
+        else:
+            x = self.mean[:, None] + noise * self.std[:, None]
+        labels = torch.arange(c, device=x.device).repeat_interleave(per_class)
+        return x.reshape(c * per_class, d), labels
+
+
+def align_classifier(head, sampler: PseudoFeatures, *, lr: float, epochs: int, per_class: int, scale: float,
+                     weight_decay: float, progress: bool = False) -> float:
+    """Retrain ``head`` alone with cross-entropy on ``scale * cos`` over pseudo-features.
+
+    Every epoch draws ``per_class`` features for each class and takes one step per class'
+    worth of samples (the reference's schedule). Returns the last epoch's accuracy on them.
+    """
+    params = list(head.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=CA_SCHEDULE_PERIOD)
+    acc = 0.0
+    for _ in tqdm(range(epochs), desc="aligning classifier", unit="epoch", leave=False, disable=not progress):
+        x, y = sampler.sample(per_class)
+        order = torch.randperm(len(y), device=x.device)
+        x, y = x[order], y[order]
+        correct = 0
+        for i in range(sampler.num_classes):
+            xb, yb = x[i * per_class:(i + 1) * per_class], y[i * per_class:(i + 1) * per_class]
+            logits = scale * head(xb)
+            loss = F.cross_entropy(logits, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            correct += int((logits.argmax(1) == yb).sum())
+        sched.step()
+        acc = 100.0 * correct / len(y)
+    return acc

@@ -1,0 +1,202 @@
+"""Labelled image sources, their split into a task sequence, and the reference's transforms.
+
+A source (an image folder or the built-in dataset) labels its classes ``0..n-1``. A
+:class:`TaskSequence` shuffles them with a seed and cuts them into tasks; the model's class ``g``
+(global id, contiguous per task) is the source's class ``order[g]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import transforms
+
+from runtime.errors import CareError
+
+from .builtin_data import BuiltinSource
+from .config import Preprocessing
+
+DEFAULT_SEED = 1993  # the reference's seed for the class order
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+# ---------------------------------------------------------------------- task sequence
+def task_split(num_classes: int, init_cls: int, increment: int) -> list[int]:
+    """Class counts per task: ``init_cls``, then ``increment`` while a whole increment still
+    leaves classes over, then the remainder as one last task (the reference's rule)."""
+    if init_cls < 1 or increment < 1:
+        raise CareError(f"--init-cls and --increment must be positive, got {init_cls} and {increment}")
+    if init_cls > num_classes:
+        raise CareError(f"--init-cls {init_cls} exceeds the {num_classes} classes of the data")
+    sizes = [init_cls]
+    while sum(sizes) + increment < num_classes:
+        sizes.append(increment)
+    if num_classes > sum(sizes):
+        sizes.append(num_classes - sum(sizes))
+    return sizes
+
+
+def class_order(num_classes: int, seed: int = DEFAULT_SEED, shuffle: bool = True) -> list[int]:
+    """The source classes in learning order; the reference's ``np.random.seed(seed)``
+    followed by ``np.random.permutation(n)``, without touching numpy's global state."""
+    if not shuffle:
+        return list(range(num_classes))
+    return np.random.RandomState(seed).permutation(num_classes).tolist()
+
+
+@dataclass(frozen=True)
+class TaskSequence:
+    """Which source classes each task learns, in global-id order."""
+
+    order: tuple[int, ...]
+    sizes: tuple[int, ...]
+    init_cls: int
+    increment: int
+    seed: int
+
+    @classmethod
+    def build(cls, num_classes: int, init_cls: int, increment: int, seed: int = DEFAULT_SEED) -> "TaskSequence":
+        return cls(tuple(class_order(num_classes, seed)), tuple(task_split(num_classes, init_cls, increment)),
+                   init_cls, increment, seed)
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.sizes)
+
+    def classes(self, task: int) -> range:
+        """Global ids of ``task``'s classes."""
+        start = sum(self.sizes[:task])
+        return range(start, start + self.sizes[task])
+
+    def seen(self, task: int) -> range:
+        """Global ids of every class learned up to and including ``task``."""
+        return range(sum(self.sizes[: task + 1]))
+
+    def to_dict(self) -> dict:
+        return {"init_cls": self.init_cls, "increment": self.increment, "seed": self.seed,
+                "sizes": list(self.sizes), "class_order": list(self.order)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TaskSequence":
+        return cls(tuple(d["class_order"]), tuple(d["sizes"]), int(d["init_cls"]), int(d["increment"]), int(d["seed"]))
+
+
+# ---------------------------------------------------------------------- sources
+class ImageFolderSource:
+    """One sub-folder per class, as torchvision's ImageFolder (classes in sorted order).
+
+    ``root/train/<class>/`` and ``root/test/<class>/`` are used when both exist; otherwise the
+    images of ``root/<class>/`` are split per class, a fixed ``test_fraction`` going to test.
+    """
+
+    def __init__(self, root: str | Path, test_fraction: float = 0.2):
+        root = Path(root)
+        if not root.is_dir():
+            raise CareError(f"data folder not found: {root}")
+        self.root = root
+        if (root / "train").is_dir() and (root / "test").is_dir():
+            train, test = self._scan(root / "train"), self._scan(root / "test")
+            if list(train) != list(test):
+                raise CareError(f"{root}: train/ and test/ hold different class folders")
+            self.files = {"train": list(train.values()), "test": list(test.values())}
+        else:
+            train = self._scan(root)
+            self.files = {"train": [], "test": []}
+            for name, paths in train.items():
+                if len(paths) < 2:
+                    raise CareError(f"{root / name}: a class needs at least 2 images to split into train and test")
+                perm = np.random.RandomState(0).permutation(len(paths))
+                n_test = max(1, int(round(len(paths) * test_fraction)))
+                self.files["test"].append([paths[i] for i in sorted(perm[:n_test])])
+                self.files["train"].append([paths[i] for i in sorted(perm[n_test:])])
+        self.class_names = list(train)
+
+    @staticmethod
+    def _scan(folder: Path) -> dict[str, list[Path]]:
+        classes = sorted(p for p in folder.iterdir() if p.is_dir())
+        if not classes:
+            raise CareError(f"{folder}: no class folders (expected one sub-folder of images per class)")
+        out = {}
+        for c in classes:
+            files = sorted(p for p in c.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not files:
+                raise CareError(f"{c}: no images ({', '.join(IMAGE_EXTENSIONS)})")
+            out[c.name] = files
+        return out
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def describe(self) -> dict:
+        return {"kind": "folder", "path": str(self.root.resolve())}
+
+    def samples(self, split: str, labels) -> list[tuple[Path, int]]:
+        return [(p, int(c)) for c in labels for p in self.files[split][int(c)]]
+
+    def load(self, split: str, item: Path) -> Image.Image:
+        try:
+            with Image.open(item) as img:
+                return img.convert("RGB")
+        except OSError as exc:
+            raise CareError(f"cannot read image {item}: {exc}") from None
+
+
+def open_source(data: str | Path, **builtin) -> BuiltinSource | ImageFolderSource:
+    """``"builtin"`` (``builtin`` holds its settings) or an image folder."""
+    if str(data) == "builtin":
+        return BuiltinSource(**builtin)
+    return ImageFolderSource(data)
+
+
+def source_from_dict(d: dict) -> BuiltinSource | ImageFolderSource:
+    """Reopen the source a checkpoint was trained on (see ``describe()``)."""
+    if d["kind"] == "builtin":
+        return BuiltinSource(d["classes"], first_class=d["first_class"], train_per_class=d["train_per_class"],
+                             test_per_class=d["test_per_class"], image_size=d["image_size"], seed=d["seed"])
+    return ImageFolderSource(d["path"])
+
+
+# ---------------------------------------------------------------------- transforms
+_INTERPOLATION = {"bicubic": transforms.InterpolationMode.BICUBIC, "bilinear": transforms.InterpolationMode.BILINEAR,
+                  "nearest": transforms.InterpolationMode.NEAREST}
+
+
+def train_transform(pre: Preprocessing, crop_scale: tuple[float, float] = (0.05, 1.0)):
+    """The reference's training augmentation at the backbone's input size."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(pre.input_size, scale=crop_scale, ratio=(3 / 4, 4 / 3)),
+        transforms.RandomHorizontalFlip(p=0.5),
+        transforms.ToTensor(),
+        transforms.Normalize(pre.mean, pre.std),
+    ])
+
+
+def eval_transform(pre: Preprocessing):
+    """Resize the shorter side to ``pre.resize`` (256/224 of the input), centre crop, normalise."""
+    return transforms.Compose([
+        transforms.Resize(pre.resize, interpolation=_INTERPOLATION[pre.interpolation]),
+        transforms.CenterCrop(pre.input_size),
+        transforms.ToTensor(),
+        transforms.Normalize(pre.mean, pre.std),
+    ])
+
+
+class LabelledImages(Dataset):
+    """``(image tensor, global label)`` for the given global classes of a sequence."""
+
+    def __init__(self, source, split: str, order, classes, transform):
+        self.source, self.split, self.transform = source, split, transform
+        to_global = {order[g]: g for g in classes}
+        self.samples = [(item, to_global[c]) for item, c in source.samples(split, [order[g] for g in classes])]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        item, label = self.samples[i]
+        return self.transform(self.source.load(self.split, item)), label

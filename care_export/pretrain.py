@@ -1,0 +1,121 @@
+"""Pre-training a small ViT on built-in classes, the stand-in for ImageNet pre-training.
+
+CaRE assumes a backbone whose frozen features already separate images well. For the built-in
+demo such a backbone is trained here, on built-in classes that no continual sequence uses
+(ids from ``PRETRAIN_FIRST_CLASS`` on), and cached on disk under a name derived from every
+setting that changes its weights, so the next run loads it instead of training again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .builtin_data import PRETRAIN_FIRST_CLASS, BuiltinSource
+from .config import BackboneConfig, Preprocessing, backbone_config
+from .datasets import LabelledImages, train_transform
+
+# Bump when the built-in images or the recipe below change, so that stale caches are not reused.
+RECIPE_VERSION = 1
+
+# The demo's backbone: ViT-Tiny width on 32 px images with 8 px patches (17 tokens), 6 blocks.
+BUILTIN_BACKBONE = backbone_config("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=6)
+BUILTIN_PREPROCESSING = Preprocessing.for_input(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    backbone: BackboneConfig = field(default_factory=lambda: BUILTIN_BACKBONE)
+    classes: int = 150
+    images_per_class: int = 48
+    epochs: int = 4
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    crop_scale: tuple[float, float] = (0.35, 1.0)
+    data_seed: int = 0
+    seed: int = 0
+
+    def key(self) -> str:
+        """A digest of every setting that changes the weights."""
+        blob = json.dumps(dict(asdict(self), recipe=RECIPE_VERSION), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("CARE_EXPORT_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "care-export"
+
+
+def pretrained_backbone(cfg: PretrainConfig = PretrainConfig(), cache_dir: str | Path | None = None,
+                        progress: bool = True) -> Path:
+    """Path of the pre-trained backbone weights (safetensors), trained now if not cached."""
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = cache / "pretrained" / f"{cfg.backbone.name}-{cfg.backbone.img_size}px-{cfg.key()}.safetensors"
+    if path.is_file():
+        return path
+    vit = pretrain(cfg, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(tmp),
+              metadata={"pretrain": json.dumps(asdict(cfg))})
+    os.replace(tmp, path)
+    return path
+
+
+def pretrain(cfg: PretrainConfig, progress: bool = True) -> nn.Module:
+    """Train a ViT with a linear classifier on the pre-training classes; return the ViT."""
+    import timm
+
+    torch.manual_seed(cfg.seed)
+    vit = timm.create_model(cfg.backbone.name, pretrained=False, **cfg.backbone.timm_kwargs())
+    head = nn.Linear(cfg.backbone.embed_dim, cfg.classes)
+    source = BuiltinSource(cfg.classes, first_class=PRETRAIN_FIRST_CLASS, train_per_class=cfg.images_per_class,
+                           test_per_class=1, image_size=cfg.backbone.img_size, seed=cfg.data_seed)
+    labels = list(range(cfg.classes))
+    data = LabelledImages(source, "train", labels, labels, train_transform(BUILTIN_PREPROCESSING, cfg.crop_scale))
+    loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(cfg.seed))
+    params = list(vit.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = cfg.epochs * len(loader)
+    warmup = max(1, int(cfg.warmup_epochs * len(loader)))
+
+    def lr_at(step: int) -> float:  # linear warm-up, then cosine to zero
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    vit.train()
+    bar = tqdm(range(cfg.epochs), desc="pre-training backbone", unit="epoch", disable=not progress)
+    for _ in bar:
+        correct = seen = 0
+        for x, y in loader:
+            logits = head(vit(x))
+            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+        bar.set_postfix(loss=f"{loss.item():.3f}", train_acc=f"{100 * correct / seen:.1f}%")
+    vit.requires_grad_(False)
+    return vit.eval()

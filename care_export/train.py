@@ -1,0 +1,190 @@
+"""Learning one task of a CaRE model (CARE_SPEC.md, "Training").
+
+Per task ``T``: the expert, router and class perceptor of ``T`` in every block, the shared expert
+and the whole cosine head train; the backbone and every older task part stay frozen. Task 0 trains
+one round of ``epochs``; a later task trains two rounds of ``epochs // 2``, the first annealing
+to half the learning rate, the second restarting from there with a fresh snapshot of the shared
+expert, and each round is followed by classifier alignment on Gaussian pseudo-features.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from runtime.errors import CareError
+
+from .alignment import CA_METHODS, PseudoFeatures, align_classifier, class_statistics
+
+# The reference distils with temperature 1 in the first six blocks and 2 in the later ones.
+TAU_SWITCH_BLOCK = 6
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training hyper-parameters; defaults are the reference's (OmniBenchmark-1K configs)."""
+
+    epochs: int = 20
+    lr: float = 0.01
+    min_lr: float = 0.0
+    batch_size: int = 16
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    scale: float = 20.0  # s of the angular loss and of the alignment logits
+    margin: float = 0.0  # m of the CosFace loss
+    ca_lr: float = 0.005
+    ca_epochs: int = 3
+    ca_method: str = "covariance"
+    ca_per_class: int | None = None  # pseudo-features per class and epoch; None: 5 * batch_size
+    crop_scale: tuple[float, float] = (0.05, 1.0)
+    workers: int = 0
+
+    def __post_init__(self):
+        if self.epochs < 2:
+            raise CareError(f"--epochs must be at least 2 (later tasks train two rounds of epochs // 2), got {self.epochs}")
+        if self.batch_size < 1 or self.ca_epochs < 0 or self.lr <= 0 or self.ca_lr <= 0:
+            raise CareError("--batch-size and the learning rates must be positive, --ca-epochs not negative")
+        if self.ca_method not in CA_METHODS:
+            raise CareError(f"--ca-method must be one of {', '.join(CA_METHODS)}, got {self.ca_method!r}")
+        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise CareError(f"crop scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
+
+    @property
+    def pseudo_per_class(self) -> int:
+        return self.ca_per_class or 5 * self.batch_size
+
+    def to_dict(self) -> dict:
+        return dict(asdict(self), crop_scale=list(self.crop_scale))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        if "crop_scale" in d:
+            d["crop_scale"] = tuple(d["crop_scale"])
+        return cls(**d)
+
+
+# ---------------------------------------------------------------------- losses
+def angular_loss(logits: torch.Tensor, target: torch.Tensor, s: float, m: float = 0.0) -> torch.Tensor:
+    """CosFace: cross-entropy on ``s * (logits - m * onehot(target))``."""
+    if m:
+        logits = logits - m * F.one_hot(target, logits.shape[1]).to(logits.dtype)
+    return F.cross_entropy(s * logits, target)
+
+
+def perceptor_loss(latents: list[torch.Tensor], head_logits: torch.Tensor, target: torch.Tensor,
+                   s: float, m: float) -> torch.Tensor:
+    """Mean over blocks of ``(angular loss + tau^2 KL(p_head || p_perceptor)) / 2``, the head's
+    current-task cosine logits being the (detached) teacher."""
+    teacher = head_logits.detach()
+    losses = []
+    for i, latent in enumerate(latents):
+        tau = 1.0 if i < TAU_SWITCH_BLOCK else 2.0
+        kl = F.kl_div(F.log_softmax(latent / tau, 1), F.softmax(teacher / tau, 1), reduction="batchmean")
+        losses.append((angular_loss(latent, target, s, m) + tau**2 * kl) / 2)
+    return torch.stack(losses).mean()
+
+
+# ---------------------------------------------------------------------- parameters
+def set_trainable(model, task: int) -> list[torch.nn.Parameter]:
+    """Freeze everything but the parts ``task`` trains; return those parameters."""
+    model.requires_grad_(False)
+    parts = [model.head]
+    for m in model.moe:
+        parts += [m.experts[task], m.routers[task], m.perceptors[task], m.shared]
+    for p in parts:
+        p.requires_grad_(True)
+    return [p for part in parts for p in part.parameters()]
+
+
+# ---------------------------------------------------------------------- one task
+class TaskData:
+    """The loaders of one task: augmented training images, and the same images with the test
+    transform for the class statistics."""
+
+    def __init__(self, train, stats, cfg: TrainConfig, generator: torch.Generator):
+        self.train = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.workers,
+                                generator=generator)
+        self.stats = DataLoader(stats, batch_size=3 * cfg.batch_size, num_workers=cfg.workers)
+
+
+def _train_round(model, task: int, first_class: int, loader: DataLoader, cfg: TrainConfig, *, lr: float,
+                 eta_min: float, epochs: int, device, progress: bool) -> float:
+    """SGD with a per-epoch cosine schedule from ``lr`` to ``eta_min``; returns the final lr."""
+    params = set_trainable(model, task)
+    opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=eta_min)
+    bar = tqdm(range(epochs), desc=f"task {task}", unit="epoch", leave=False, disable=not progress)
+    for _ in bar:
+        model.train()
+        total = main = correct = seen = 0.0
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            out = model.forward_train(x, task)
+            cur = out["logits"][:, first_class:]
+            local = y - first_class
+            loss_main = angular_loss(cur, local, cfg.scale, cfg.margin)
+            loss = loss_main + perceptor_loss(out["latents"], cur, local, cfg.scale, cfg.margin)
+            if not torch.isfinite(loss):
+                raise CareError(f"training diverged on task {task} (loss {loss.item()}); lower --lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(y)
+            main += loss_main.item() * len(y)
+            correct += int((out["logits"].argmax(1) == y).sum())
+            seen += len(y)
+        sched.step()
+        bar.set_postfix(loss=f"{total / seen:.3f}", main=f"{main / seen:.3f}", acc=f"{100 * correct / seen:.1f}%",
+                        lr=f"{opt.param_groups[0]['lr']:.2e}")
+    return opt.param_groups[0]["lr"]
+
+
+@torch.no_grad()
+def _task_statistics(model, task: int, first_class: int, num_classes: int, loader: DataLoader, method: str, device):
+    """Feature statistics of ``task``'s classes, from the task's forward in eval mode."""
+    model.eval()
+    feats, labels = [], []
+    for x, y in loader:
+        feats.append(model.forward_train(x.to(device), task)["features"])
+        labels.append(y.to(device))
+    return class_statistics(torch.cat(feats), torch.cat(labels), range(first_class, first_class + num_classes), method)
+
+
+def learn_task(model, task: int, data: TaskData, stats: list[dict], cfg: TrainConfig, *, device,
+               progress: bool = False) -> dict[str, torch.Tensor]:
+    """Train ``task`` (already added to ``model``); return its classes' feature statistics.
+
+    ``stats`` holds the statistics of tasks ``0..task-1`` for classifier alignment.
+    """
+    first_class = sum(model.task_classes[:task])
+    num_classes = model.task_classes[task]
+
+    def round_(lr, eta_min, epochs):
+        for m in model.moe:  # task 0 trains the shared expert freely; later rounds pull it back
+            m.anchor_shared(task > 0)
+        last_lr = _train_round(model, task, first_class, data.train, cfg, lr=lr, eta_min=eta_min, epochs=epochs,
+                               device=device, progress=progress)
+        for m in model.moe:
+            m.anchor_shared(False)
+        return last_lr, _task_statistics(model, task, first_class, num_classes, data.stats, cfg.ca_method, device)
+
+    def align(own):
+        sampler = PseudoFeatures(stats + [own], device)
+        align_classifier(model.head, sampler, lr=cfg.ca_lr, epochs=cfg.ca_epochs, per_class=cfg.pseudo_per_class,
+                         scale=cfg.scale, weight_decay=cfg.weight_decay, progress=progress)
+
+    if task == 0:
+        _, own = round_(cfg.lr, cfg.min_lr, cfg.epochs)
+        return own
+    half = cfg.epochs // 2
+    lr, own = round_(cfg.lr, cfg.lr / 2, half)
+    align(own)
+    _, own = round_(lr, cfg.min_lr, half)
+    align(own)
+    return own

@@ -1,0 +1,157 @@
+"""``care-export train``: learn a task sequence into a growing checkpoint, or resume one."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+from click.core import ParameterSource
+
+from .checkpoint_cli import moe_options
+from .datasets import DEFAULT_SEED
+
+# Options that define the model or the sequence: a resumed run takes them from the checkpoint.
+_FIXED_ON_RESUME = ("builtin_classes", "builtin_train", "builtin_test", "init_cls", "increment", "seed", "backbone",
+                    "img_size", "patch_size", "depth", "backbone_weights", "topk_routers", "topk_experts",
+                    "expert_dim", "shared_dim", "mean", "std")
+# Training settings: on resume, the ones given replace the stored ones.
+_TRAINING = ("epochs", "lr", "min_lr", "batch_size", "weight_decay", "ca_lr", "ca_epochs", "ca_method", "min_crop",
+             "workers")
+
+
+@click.command("train")
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), help="New checkpoint directory.")
+@click.option("--resume", type=click.Path(path_type=Path), help="Checkpoint whose sequence to continue.")
+@click.option("--data", default="builtin", show_default=True,
+              help="'builtin' (procedural images) or an image folder: one sub-folder per class, or train/ and "
+                   "test/ each holding them.")
+@click.option("--builtin-classes", default=100, show_default=True, type=click.IntRange(1, 1000),
+              help="Classes of the built-in dataset.")
+@click.option("--builtin-train", default=60, show_default=True, type=click.IntRange(min=2),
+              help="Built-in training images per class.")
+@click.option("--builtin-test", default=20, show_default=True, type=click.IntRange(min=1),
+              help="Built-in test images per class.")
+@click.option("--init-cls", default=10, show_default=True, type=click.IntRange(min=1), help="Classes of the first task.")
+@click.option("--increment", default=10, show_default=True, type=click.IntRange(min=1),
+              help="Classes of every later task (the remainder forms a last task).")
+@click.option("--tasks", type=click.IntRange(min=1), help="Learn until the checkpoint holds this many tasks "
+              "(default: the whole sequence; with --resume: finish an interrupted run, else one more task).")
+@click.option("--seed", default=DEFAULT_SEED, show_default=True, help="Class order and training randomness.")
+@click.option("--backbone", default=None, help="timm ViT name [default: the built-in ViT with builtin-pretrained "
+              "weights, else vit_base_patch16_224].")
+@click.option("--img-size", type=int, default=None, help="Override the input size.")
+@click.option("--patch-size", type=int, default=None, help="Override the patch size.")
+@click.option("--depth", type=int, default=None, help="Override the number of blocks.")
+@click.option("--backbone-weights", default=None, help="A file (safetensors or timm checkpoint), 'hub' (timm's "
+              "pretrained weights), or 'builtin-pretrained' (pre-trained here on built-in classes no sequence "
+              "uses, cached) [default: builtin-pretrained with --data builtin, else hub].")
+@moe_options
+@click.option("--epochs", default=20, show_default=True, type=click.IntRange(min=2),
+              help="Epochs of task 0; later tasks train two rounds of epochs // 2.")
+@click.option("--lr", default=0.01, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--min-lr", default=0.0, show_default=True, type=click.FloatRange(min=0), help="Final lr of the cosine.")
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--weight-decay", default=5e-4, show_default=True, type=click.FloatRange(min=0))
+@click.option("--ca-lr", default=0.005, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Classifier-alignment lr.")
+@click.option("--ca-epochs", default=3, show_default=True, type=click.IntRange(min=0),
+              help="Classifier-alignment epochs after each round of a task > 0.")
+@click.option("--ca-method", default="covariance", show_default=True, type=click.Choice(["covariance", "variance"]),
+              help="Class statistics kept for alignment (variance: d numbers per class instead of d*d).")
+@click.option("--min-crop", default=0.05, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="Smallest area fraction of the random-resized-crop augmentation.")
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="Data-loading processes.")
+@click.option("--mean", nargs=3, type=float, default=None, help="Input normalisation mean [default: the weights'].")
+@click.option("--std", nargs=3, type=float, default=None, help="Input normalisation std [default: the weights'].")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), help="Where the built-in pre-trained ViT is cached "
+              "[default: $CARE_EXPORT_CACHE or ~/.cache/care-export].")
+@click.option("--quiet", is_flag=True, help="No progress bars (the per-task lines stay).")
+def train_command(out, resume, data, builtin_classes, builtin_train, builtin_test, init_cls, increment, tasks, seed,
+                  backbone, img_size, patch_size, depth, backbone_weights, topk_routers, topk_experts, expert_dim,
+                  shared_dim, epochs, lr, min_lr, batch_size, weight_decay, ca_lr, ca_epochs, ca_method, min_crop,
+                  workers, mean, std, device, cache_dir, quiet):
+    """Learn a class-incremental task sequence, task after task, into a checkpoint directory.
+
+    After every task the checkpoint is saved and evaluated (top-1 over all classes seen so far,
+    single-pass inference); the accuracy table goes to CKPT/metrics.json. An interrupted task
+    leaves the checkpoint as it was after the last finished task: --resume goes on from there.
+
+    \b
+    Example (built-in data, 100 classes in tasks of 10; learn 8 tasks, then the 9th):
+      care-export train -o ckpt/ --data builtin --init-cls 10 --increment 10 --tasks 8 --epochs 4
+      care-export train --resume ckpt/
+    \b
+    Example (an image folder, ImageNet-21K ViT-B/16 from the hub, reference settings):
+      care-export train -o ckpt/ --data images/ --init-cls 100 --increment 3 \\
+          --backbone vit_base_patch16_224.augreg_in21k --backbone-weights hub
+    """
+    from .continual import resume_sequence
+    from .evaluate import Metrics
+
+    ctx = click.get_current_context()
+
+    def given(name: str) -> bool:
+        return ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+
+    training = dict(epochs=epochs, lr=lr, min_lr=min_lr, batch_size=batch_size, weight_decay=weight_decay, ca_lr=ca_lr,
+                    ca_epochs=ca_epochs, ca_method=ca_method, crop_scale=(min_crop, 1.0), workers=workers)
+    progress = not quiet
+    try:
+        if (out is None) == (resume is None):
+            raise click.UsageError("give either -o/--output (a new run) or --resume CKPT")
+        if resume is not None:
+            fixed = [n for n in _FIXED_ON_RESUME if given(n)]
+            if fixed:
+                raise click.UsageError(f"--{fixed[0].replace('_', '-')} is fixed by the checkpoint being resumed")
+            overrides = {}
+            for name in _TRAINING:
+                if given(name):
+                    key = "crop_scale" if name == "min_crop" else name
+                    overrides[key] = training[key]
+            directory = resume_sequence(resume, tasks=tasks, overrides=overrides,
+                                        data=data if given("data") else None, device=device, progress=progress)
+        else:
+            directory = _start(out, data, builtin_classes, builtin_train, builtin_test, init_cls, increment, tasks,
+                               seed, backbone, img_size, patch_size, depth, backbone_weights, topk_routers,
+                               topk_experts, expert_dim, shared_dim, training, mean, std, device, cache_dir, progress)
+    except KeyboardInterrupt:
+        where = resume or out
+        click.echo(f"\ninterrupted: {where} holds the tasks finished before; continue with "
+                   f"care-export train --resume {where}", err=True)
+        sys.exit(130)
+    from .checkpoint import read_manifest
+
+    metrics = Metrics.from_dict(read_manifest(directory)["metrics"])
+    click.echo(metrics.table())
+    click.echo(f"checkpoint {directory}: {len(metrics.top1)} tasks; metrics in {directory / 'metrics.json'}")
+
+
+def _start(out, data, builtin_classes, builtin_train, builtin_test, init_cls, increment, tasks, seed, backbone,
+           img_size, patch_size, depth, backbone_weights, topk_routers, topk_experts, expert_dim, shared_dim,
+           training, mean, std, device, cache_dir, progress) -> Path:
+    from dataclasses import replace
+
+    from .config import MoEConfig, Preprocessing, backbone_config
+    from .continual import BUILTIN_WEIGHTS, default_backbone, train_sequence
+    from .train import TrainConfig
+
+    weights = backbone_weights or (BUILTIN_WEIGHTS if data == "builtin" else "hub")
+    sizes = dict(img_size=img_size, patch_size=patch_size, depth=depth)
+    if backbone is not None:
+        try:
+            cfg = backbone_config(backbone, **sizes)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--backbone") from None
+    else:
+        cfg = replace(default_backbone(weights), **{k: v for k, v in sizes.items() if v is not None})
+    preprocessing = None
+    if mean is not None or std is not None:
+        preprocessing = Preprocessing.for_input(cfg.img_size, mean or (0.0, 0.0, 0.0), std or (1.0, 1.0, 1.0))
+    builtin = dict(num_classes=builtin_classes, train_per_class=builtin_train, test_per_class=builtin_test)
+    return train_sequence(out, data=data, builtin=builtin, init_cls=init_cls, increment=increment, tasks=tasks,
+                          seed=seed, backbone=cfg, weights=weights,
+                          moe=MoEConfig(topk_routers, topk_experts, expert_dim, shared_dim),
+                          cfg=TrainConfig(**training), preprocessing=preprocessing, cache_dir=cache_dir,
+                          device=device, progress=progress)

@@ -1,0 +1,324 @@
+"""The continual trainer: it learns, keeps old parts frozen, forces the task's router, pulls the
+shared expert back, aligns the classifier, and resumes exactly where it stopped."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from PIL import Image
+from safetensors.torch import save_file
+
+from care_export import train as train_mod
+from care_export.alignment import PseudoFeatures, align_classifier, class_statistics
+from care_export.brmoe import MASKED_LOGIT, BRMoE
+from care_export.builtin_data import BuiltinSource
+from care_export.checkpoint import read_manifest
+from care_export.cli import main
+from care_export.config import MoEConfig, Preprocessing, backbone_config
+from care_export.continual import ContinualRun, resume_sequence, train_sequence
+from care_export.datasets import LabelledImages, TaskSequence, eval_transform, train_transform
+from care_export.evaluate import Metrics
+from care_export.model import CareViT
+from care_export.synth import randomize_task
+from care_export.train import TaskData, TrainConfig, angular_loss, learn_task, perceptor_loss
+from runtime.errors import CareError
+
+TINY = backbone_config("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
+PRE = Preprocessing.for_input(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+SMALL_DATA = dict(num_classes=12, train_per_class=12, test_per_class=4)
+FAST = TrainConfig(epochs=2)
+
+
+def task_files(directory):
+    return {p.name: p.read_bytes() for p in directory.iterdir()}
+
+
+# ---------------------------------------------------------------------- learning
+def test_learns_tasks_and_never_touches_old_parts(tmp_path):
+    """Four tasks of five built-in classes on a random ViT: well above chance on every task
+    after the last one; old task parts and the backbone bit-identical throughout."""
+    torch.manual_seed(0)
+    model = CareViT(TINY, MoEConfig())
+    source = BuiltinSource(20, train_per_class=30, test_per_class=10)
+    seq = TaskSequence.build(20, 5, 5)
+    run = ContinualRun(tmp_path, model, seq, source, PRE, TrainConfig(epochs=4), limit=4, weights="random")
+    backbone = {k: v.clone() for k, v in model.vit.state_dict().items()}
+    for task in range(4):
+        old = {(t, k): v.detach().clone() for t in range(task) for k, v in model.task_parameters(t).items()}
+        old_files = {n: b for n, b in task_files(tmp_path).items() if n.startswith(("task-", "class-stats-"))}
+        shared = [p.detach().clone() for p in model.moe[0].shared.parameters()]
+        run.learn_next(progress=False)
+        for t in range(task):
+            for k, v in model.task_parameters(t).items():
+                assert torch.equal(v, old[t, k]), f"task {t} part {k} changed while learning task {task}"
+        assert {n: b for n, b in task_files(tmp_path).items() if n in old_files} == old_files
+        assert not all(torch.equal(a, b) for a, b in zip(shared, model.moe[0].shared.parameters()))
+    assert all(torch.equal(v, backbone[k]) for k, v in model.vit.state_dict().items())
+
+    chance = 100 / 20
+    last = run.metrics.matrix[-1]
+    assert run.metrics.top1[-1] > 5 * chance, run.metrics.top1
+    assert min(last) > 2 * chance, last  # no task forgotten outright
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["top1"] == run.metrics.top1 and len(saved["matrix"]) == 4
+    assert saved["a_last"] == run.metrics.top1[-1]
+
+
+def test_trainer_forwards_with_the_task_and_pulls_the_shared_expert_back(monkeypatch):
+    """Every training forward of task 1 names task 1, and the EMA pull keeps the shared expert
+    close to its snapshot: its drift is a small fraction of the drift without the pull."""
+    source = BuiltinSource(6, train_per_class=16, test_per_class=1)
+    seq = TaskSequence.build(6, 3, 3)
+    cfg = TrainConfig(epochs=4, batch_size=4, ca_epochs=0)
+    task0_stats = {"mean": torch.randn(3, TINY.embed_dim), "cov": torch.eye(TINY.embed_dim).expand(3, -1, -1).clone()}
+    anchor = BRMoE.anchor_shared
+
+    def drift(pull: bool):
+        if not pull:
+            monkeypatch.setattr(BRMoE, "anchor_shared", lambda self, enabled=True: anchor(self, False))
+        torch.manual_seed(0)
+        model = CareViT(TINY, MoEConfig())
+        model.add_task(3)
+        model.add_task(3)
+        tasks_seen = set()
+        forward_train = model.forward_train
+        monkeypatch.setattr(model, "forward_train", lambda x, task: tasks_seen.add(task) or forward_train(x, task))
+        start = [p.detach().clone() for m in model.moe for p in m.shared.parameters()]
+        data = TaskData(LabelledImages(source, "train", seq.order, seq.classes(1), train_transform(PRE)),
+                        LabelledImages(source, "train", seq.order, seq.classes(1), eval_transform(PRE)), cfg,
+                        torch.Generator().manual_seed(0))
+        learn_task(model, 1, data, [task0_stats], cfg, device="cpu")
+        monkeypatch.setattr(BRMoE, "anchor_shared", anchor)
+        assert tasks_seen == {1}
+        end = [p for m in model.moe for p in m.shared.parameters()]
+        return sum(float((a.detach() - b).norm()) for a, b in zip(end, start))
+
+    pulled, free = drift(True), drift(False)
+    assert 0 < pulled < free / 10, (pulled, free)
+
+
+def test_pull_formula():
+    """theta <- 0.999 * snapshot + 0.001 * theta before each training forward."""
+    torch.manual_seed(0)
+    model = CareViT(TINY, MoEConfig())
+    model.add_task(3)
+    model.add_task(3)
+    moe = model.moe[0]
+    moe.anchor_shared(True)
+    snap = [p.detach().clone() for p in moe.shared.parameters()]
+    with torch.no_grad():
+        for p in moe.shared.parameters():
+            p.add_(1.0)
+    moe.train()
+    moe.forward_train(torch.randn(2, TINY.num_tokens, TINY.embed_dim), 1)
+    for p, s in zip(moe.shared.parameters(), snap):
+        assert torch.allclose(p, s + 0.001, atol=1e-6)
+
+
+# ---------------------------------------------------------------------- the task forward
+def block_input(model, x):
+    z = model._embed(x)
+    blk = model.vit.blocks[0]
+    return z + blk.attn(blk.norm1(z))
+
+
+def test_task_forward_forces_the_task_router():
+    """With M=1 the task-T forward mixes experts by router T alone, even for samples whose
+    lowest-entropy router (the one inference would pick) is another one."""
+    torch.manual_seed(0)
+    model = CareViT(TINY, MoEConfig(topk_routers=1, topk_experts=2))
+    gen = torch.Generator().manual_seed(1)
+    for t in range(3):
+        model.add_task(4, init_from_older=False)
+        randomize_task(model, t, gen)
+    model.eval()
+    moe, task = model.moe[0], 2
+    with torch.no_grad():
+        xa = block_input(model, torch.randn(16, 3, 32, 32, generator=gen))
+        _, routing = moe.forward_reference(xa, want_routing=True)
+        assert (routing.tasks[:, 0] != task).any(), "inference picks router T everywhere: the test proves nothing"
+        out, latent = moe.forward_train(xa, task)
+        outs = [moe.experts[e](xa) for e in range(task + 1)]
+        logits = moe.routers[task](outs[task][:, 0])
+        keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, logits.topk(2, dim=1).indices, True)
+        w = torch.softmax(logits.masked_fill(~keep, MASKED_LOGIT), 1)
+        expected = sum(w[:, e, None, None] * outs[e] for e in range(task + 1)) + moe.shared(xa)
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert torch.allclose(latent, moe.perceptors[task](outs[task][:, 0]), atol=1e-6)
+
+
+def test_task_forward_selects_router_t_plus_lowest_entropy_others(monkeypatch):
+    torch.manual_seed(0)
+    model = CareViT(TINY, MoEConfig(topk_routers=2, topk_experts=3))
+    gen = torch.Generator().manual_seed(2)
+    for t in range(5):
+        model.add_task(4, init_from_older=False)
+        randomize_task(model, t, gen)
+    model.eval()
+    moe, task = model.moe[0], 3
+    seen = []
+    route = moe._route
+    monkeypatch.setattr(moe, "_route", lambda *a, **k: seen.append(route(*a, **k)) or seen[-1])
+    with torch.no_grad():
+        xa = block_input(model, torch.randn(8, 3, 32, 32, generator=gen))
+        out, _ = moe.forward_train(xa, task)
+        sel = seen[0][0]  # (M, B)
+        assert sel.shape == (2, 8) and (sel[-1] == task).all()
+        ent = torch.stack([
+            -(F.softmax(moe.perceptors[t](moe.experts[t](xa)[:, 0]), 1)
+              * torch.log(F.softmax(moe.perceptors[t](moe.experts[t](xa)[:, 0]), 1) + 1e-10)).sum(1)
+            for t in range(task)])
+        assert torch.equal(sel[0], ent.argmin(0))
+        # Experts of later tasks play no part.
+        for p in moe.experts[4].parameters():
+            p.add_(1.0)
+        assert torch.equal(moe.forward_train(xa, task)[0], out)
+
+
+# ---------------------------------------------------------------------- losses and alignment
+def test_angular_loss_is_cosface():
+    torch.manual_seed(0)
+    cos = torch.rand(6, 5) * 2 - 1
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    for s, m in [(20.0, 0.0), (16.0, 0.35)]:
+        target = s * (cos[torch.arange(6), y] - m)
+        others = torch.stack([torch.cat([cos[i, :y[i]], cos[i, y[i] + 1:]]) for i in range(6)])
+        expected = -(target - torch.log(torch.exp(target) + torch.exp(s * others).sum(1))).mean()
+        assert torch.allclose(angular_loss(cos, y, s, m), expected, atol=1e-5)
+
+
+def test_perceptor_loss_switches_temperature_after_six_blocks():
+    torch.manual_seed(0)
+    latents = [torch.randn(4, 3) * 3 for _ in range(8)]
+    head = torch.rand(4, 3) * 2 - 1
+    y = torch.tensor([0, 2, 1, 1])
+    terms = []
+    for i, lat in enumerate(latents):
+        tau = 1.0 if i < 6 else 2.0
+        p = F.softmax(head / tau, 1)
+        kl = (p * (p.log() - F.log_softmax(lat / tau, 1))).sum(1).mean()
+        terms.append((F.cross_entropy(20 * lat, y) + tau**2 * kl) / 2)
+    assert torch.allclose(perceptor_loss(latents, head, y, 20.0, 0.0), torch.stack(terms).mean(), atol=1e-5)
+
+
+def test_class_statistics_and_alignment():
+    torch.manual_seed(0)
+    d, n = 16, 4
+    centers = torch.eye(d)[:n] * 4
+    feats = torch.cat([c + 0.3 * torch.randn(50, d) for c in centers])
+    labels = torch.arange(n).repeat_interleave(50)
+    stats = class_statistics(feats, labels, range(n), "covariance")
+    assert torch.allclose(stats["mean"][1], feats[50:100].mean(0), atol=1e-5)
+    assert torch.allclose(stats["cov"][2], torch.cov(feats[100:150].T) + 1e-4 * torch.eye(d), atol=1e-5)
+    var = class_statistics(feats, labels, range(n), "variance")
+    assert torch.allclose(var["var"], torch.diagonal(stats["cov"], dim1=1, dim2=2))
+
+    from care_export.model import CosineHead
+
+    for method_stats in (stats, var):
+        head = CosineHead(d)
+        head.add_task(2)
+        head.add_task(2)
+        sampler = PseudoFeatures([{k: v[:2] for k, v in method_stats.items()},
+                                  {k: v[2:] for k, v in method_stats.items()}], "cpu")
+        x, y = sampler.sample(5)
+        assert x.shape == (20, d) and y.tolist() == [0] * 5 + [1] * 5 + [2] * 5 + [3] * 5
+        acc = align_classifier(head, sampler, lr=0.05, epochs=5, per_class=40, scale=20.0, weight_decay=5e-4)
+        with torch.no_grad():
+            assert (head(centers).argmax(1) == torch.arange(n)).all() and acc > 90
+
+
+def test_divergence_is_reported(tmp_path):
+    with pytest.raises(CareError, match="diverged"):
+        train_sequence(tmp_path / "c", builtin=SMALL_DATA, init_cls=4, increment=4, tasks=1, backbone=TINY,
+                       weights=None, cfg=TrainConfig(epochs=2, lr=1e6), progress=False)
+    with pytest.raises(CareError, match="epochs"):
+        TrainConfig(epochs=1)
+
+
+# ---------------------------------------------------------------------- resume
+def small_run(directory, tasks):
+    return train_sequence(directory, builtin=SMALL_DATA, init_cls=4, increment=4, tasks=tasks, backbone=TINY,
+                          weights=None, cfg=FAST, progress=False)
+
+
+def test_resume_learns_the_next_task_as_an_uninterrupted_run(tmp_path):
+    small_run(tmp_path / "straight", 3)
+    small_run(tmp_path / "resumed", 2)
+    assert len(read_manifest(tmp_path / "resumed")["tasks"]) == 2
+    resume_sequence(tmp_path / "resumed", progress=False)
+    assert task_files(tmp_path / "resumed") == task_files(tmp_path / "straight")
+    with pytest.raises(CareError, match="all 3 tasks"):
+        resume_sequence(tmp_path / "resumed", progress=False)
+
+
+def test_interrupted_task_leaves_the_checkpoint_untouched(tmp_path, monkeypatch):
+    ckpt = small_run(tmp_path / "c", 1)
+    before = task_files(ckpt)
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "align_classifier", interrupt)  # after the first round of task 1
+    with pytest.raises(KeyboardInterrupt):
+        resume_sequence(ckpt, progress=False)
+    assert task_files(ckpt) == before
+    monkeypatch.undo()
+    resume_sequence(ckpt, tasks=3, progress=False)
+    manifest = read_manifest(ckpt)
+    assert len(manifest["tasks"]) == 3 and len(Metrics.from_dict(manifest["metrics"]).top1) == 3
+    assert manifest["sequence"]["tasks"] == 3
+
+
+def test_resume_refuses_foreign_or_mismatched_checkpoints(tmp_path):
+    res = CliRunner().invoke(main, ["synth-ckpt", "-o", str(tmp_path / "s"), "--backbone", "vit_tiny_patch16_224",
+                                    "--img-size", "32", "--patch-size", "8", "--depth", "2", "--tasks", "2"])
+    assert res.exit_code == 0, res.output
+    with pytest.raises(CareError, match="not written by care-export train"):
+        resume_sequence(tmp_path / "s", progress=False)
+    ckpt = small_run(tmp_path / "c", 1)
+    for c in ("a", "b"):
+        (tmp_path / "images" / c).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (8, 8)).save(tmp_path / "images" / c / f"{i}.png")
+    with pytest.raises(CareError, match="classes differ"):
+        resume_sequence(ckpt, data=tmp_path / "images", progress=False)
+    with pytest.raises(CareError, match="ca-method"):
+        resume_sequence(ckpt, overrides={"ca_method": "variance"}, progress=False)
+
+
+# ---------------------------------------------------------------------- command line
+def test_cli_train_and_resume(tmp_path):
+    torch.manual_seed(0)
+    import timm
+
+    vit = timm.create_model(TINY.name, pretrained=False, **TINY.timm_kwargs())
+    save_file(vit.state_dict(), str(tmp_path / "vit.safetensors"))
+    ckpt = tmp_path / "ckpt"
+    common = ["--backbone", "vit_tiny_patch16_224", "--img-size", "32", "--patch-size", "8", "--depth", "2",
+              "--backbone-weights", str(tmp_path / "vit.safetensors")]
+    args = ["train", "-o", str(ckpt), "--builtin-classes", "12", "--builtin-train", "8", "--builtin-test", "3",
+            "--init-cls", "4", "--increment", "4", "--tasks", "2", "--epochs", "2", "--quiet", *common]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert "A-bar" in res.output and "task 1 (2/3)" in res.output
+    manifest = read_manifest(ckpt)
+    assert manifest["sequence"]["init_cls"] == 4 and len(manifest["sequence"]["class_order"]) == 12
+    assert manifest["training"]["epochs"] == 2 and manifest["classes"]["names"][0].endswith(
+        str(manifest["sequence"]["class_order"][0]))
+    assert manifest["brmoe"]["topk_routers"] == 2
+
+    res = CliRunner().invoke(main, ["train", "-o", str(ckpt), *common])
+    assert res.exit_code == 1 and "already holds a checkpoint" in res.output
+    res = CliRunner().invoke(main, ["train", "--resume", str(ckpt), "--init-cls", "3"])
+    assert res.exit_code == 2 and "fixed by the checkpoint" in res.output
+    res = CliRunner().invoke(main, ["train"])
+    assert res.exit_code == 2
+    res = CliRunner().invoke(main, ["train", "--resume", str(ckpt), "--quiet", "--ca-epochs", "1"])
+    assert res.exit_code == 0, res.output
+    manifest = read_manifest(ckpt)
+    assert len(manifest["tasks"]) == 3 and manifest["training"]["ca_epochs"] == 1
+    res = CliRunner().invoke(main, ["train", "--resume", str(ckpt)])
+    assert res.exit_code == 1 and "all 3 tasks" in res.output
