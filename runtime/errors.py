@@ -44,3 +44,7 @@ class AtolError(ValidationError):
 
 class RoutingError(ValidationError):
     """Routing decisions (selected tasks or experts) differ."""
+
+
+class MismatchError(CareError):
+    """A checkpoint does not belong to an artifact (other backbone, BR-MoE settings or older tasks)."""

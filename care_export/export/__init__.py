@@ -1,0 +1,5 @@
+"""The static-graph exporter: checkpoint directory -> artifact directory (see runtime/artifact.py)."""
+
+from .writer import export_artifact, export_backbone
+
+__all__ = ["export_artifact", "export_backbone"]

@@ -1,0 +1,293 @@
+"""The static ONNX graph of a CaRE model, written from the artifact's tensor layout.
+
+Nothing here reads weights: the graph is a function of :class:`~runtime.artifact.Dims`, the
+opset and the batch size alone, and every weight is an external initializer named by
+:func:`~runtime.artifact.layout`. That is what makes growth a data change: the same ``Dims``
+give the same ``model.onnx`` bytes whatever the number of learned tasks.
+
+Per block the BR-MoE runs every expert's down projection on the CLS token only (one GEMM over
+the slots' weights laid side by side), computes every perceptor's entropy from those hidden
+activations (the up projection is folded into perceptors and routers, runtime/packing.py), masks
+unused slots to +inf, picks M routers (TopK, smallest entropy), gathers their rows from the
+packed router table, keeps K experts each (TopK, softmax over the kept K), and runs only those
+experts and the shared expert over all tokens (two batched matmuls over gathered, concatenated
+weights). Invalid picks (T < M, T < K) are redirected to slot 0 and weighted 0, so unused
+slots never reach the routing decisions or the token path whatever they hold.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from runtime.artifact import (
+    FEATURES,
+    INPUT,
+    LOGITS,
+    ROUTING_EXPERTS,
+    ROUTING_TASKS,
+    Dims,
+    TensorSpec,
+    router_base,
+)
+
+BACKBONE_LN_EPS = 1e-6
+PART_LN_EPS = 1e-5  # experts, shared expert and perceptors (PyTorch's default)
+ENTROPY_EPS = 1e-10
+COS_EPS = 1e-12  # F.normalize
+MIN_OPSET = 17  # LayerNormalization
+
+_DTYPES = {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64}
+
+
+class Builder:
+    """Appends nodes to a graph; inline constants for what never changes, external data for weights."""
+
+    def __init__(self, specs: dict[str, TensorSpec]):
+        self.specs = specs
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[TensorProto] = []
+        self._named: set[str] = set()
+        self._count = 0
+        self.scope = ""
+
+    def op(self, op_type: str, *inputs: str, outputs: int = 1, **attrs):
+        self._count += 1
+        base = f"{self.scope}/{op_type}_{self._count}" if self.scope else f"{op_type}_{self._count}"
+        outs = [base] if outputs == 1 else [f"{base}:{j}" for j in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=base, **attrs))
+        return outs[0] if outputs == 1 else outs
+
+    def const(self, value, dtype=np.float32) -> str:
+        """An inline constant (stored in model.onnx: it never changes)."""
+        self._count += 1
+        name = f"const_{self._count}"
+        self.initializers.append(onnx.numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        return name
+
+    def i64(self, value) -> str:
+        return self.const(value, np.int64)
+
+    def weight(self, name: str) -> str:
+        """The external initializer ``name`` (declared once)."""
+        if name not in self._named:
+            s = self.specs[name]
+            t = TensorProto(name=name, data_type=_DTYPES[s.dtype], dims=list(s.shape),
+                            data_location=TensorProto.EXTERNAL)
+            for key, value in (("location", s.file), ("offset", str(s.offset)), ("length", str(s.nbytes))):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, value
+            self.initializers.append(t)
+            self._named.add(name)
+        return name
+
+    def layer_norm(self, x: str, scale: str, bias: str | None, eps: float) -> str:
+        inputs = (x, scale) if bias is None else (x, scale, bias)
+        return self.op("LayerNormalization", *inputs, axis=-1, epsilon=eps)
+
+    def linear(self, x: str, w: str, b: str) -> str:
+        return self.op("Add", self.op("MatMul", x, self.weight(w)), self.weight(b))
+
+
+class _Shared:
+    """Graph-wide values: batch size shapes and the per-slot index constants."""
+
+    def __init__(self, g: Builder, dims: Dims, moe: bool):
+        d = dims.embed_dim
+        self.batch = g.op("Shape", INPUT, start=0, end=1)  # (1,) int64
+        self.cls_shape = g.op("Concat", self.batch, g.i64([1, d]), axis=0)
+        if not moe:
+            return
+        cap, rs = dims.capacity, dims.shared_dim
+        self.ones = g.const(np.ones(d))
+        self.shared_w_shape = g.op("Concat", self.batch, g.i64([rs, d]), axis=0)
+        self.shared_b_shape = g.op("Concat", self.batch, g.i64([1, rs]), axis=0)
+        self.scalar_batch = g.op("Squeeze", self.batch, g.i64([0]))
+        self.batch_col = g.op("Unsqueeze", g.op("Range", g.i64(0), self.scalar_batch, g.i64(1)), g.i64([1]))  # (B, 1)
+        self.iota = g.i64(np.arange(cap))
+        self.iota_r = g.i64(np.arange(dims.expert_dim))
+        self.router_base = g.i64([router_base(t, cap) for t in range(cap)])
+        self.is_first = g.const(np.arange(cap)[:, None] == 0, np.bool_)
+        self.active_tasks = g.weight("active_tasks")
+        self.slot_active = g.op("Unsqueeze", g.op("Less", self.iota, self.active_tasks), g.i64([1]))  # (cap, 1)
+        self.inf = g.const(np.inf)
+        self.neg_inf = g.const(-np.inf)
+        self.zero = g.const(0.0)
+        self.i0, self.im1 = g.i64(0), g.i64(-1)
+
+
+def routing_widths(dims: Dims) -> tuple[int, int]:
+    """``(M, K)`` as the graph reports them (capped by the capacity)."""
+    return min(dims.topk_routers, dims.capacity), min(dims.topk_experts, dims.capacity)
+
+
+def _entropy(g: Builder, logits: str) -> str:
+    """``-sum p log(p + 1e-10)`` over the last axis."""
+    p = g.op("Softmax", logits, axis=-1)
+    plogp = g.op("Mul", p, g.op("Log", g.op("Add", p, g.const(ENTROPY_EPS))))
+    return g.op("Neg", g.op("ReduceSum", plogp, g.i64([-1]), keepdims=0))
+
+
+def _gelu(g: Builder, x: str, opset: int) -> str:
+    if opset >= 20:
+        return g.op("Gelu", x)
+    # The erf form that ONNX Runtime fuses into one Gelu kernel.
+    erf = g.op("Erf", g.op("Div", x, g.const(math.sqrt(2.0))))
+    return g.op("Mul", g.op("Mul", x, g.op("Add", erf, g.const(1.0))), g.const(0.5))
+
+
+def _attention_mlp(g: Builder, dims: Dims, i: int, x: str, opset: int) -> tuple[str, str]:
+    """``(xa, mlp)``: ``xa = x + Attn(LN1(x))`` and ``MLP(LN2(xa))`` of block ``i``."""
+    b = f"vit.blocks.{i}."
+    d, heads = dims.embed_dim, dims.num_heads
+    h = g.layer_norm(x, g.weight(b + "norm1.weight"), g.weight(b + "norm1.bias"), BACKBONE_LN_EPS)
+    qkv = g.op("Reshape", g.linear(h, b + "attn.qkv", b + "attn.qkv_bias"), g.i64([0, 0, 3, heads, d // heads]))
+    # The attention scale is folded into the q projection at export.
+    q = g.op("Transpose", g.op("Gather", qkv, g.i64(0), axis=2), perm=[0, 2, 1, 3])
+    k = g.op("Transpose", g.op("Gather", qkv, g.i64(1), axis=2), perm=[0, 2, 3, 1])
+    v = g.op("Transpose", g.op("Gather", qkv, g.i64(2), axis=2), perm=[0, 2, 1, 3])
+    att = g.op("Softmax", g.op("MatMul", q, k), axis=-1)
+    o = g.op("Reshape", g.op("Transpose", g.op("MatMul", att, v), perm=[0, 2, 1, 3]), g.i64([0, 0, d]))
+    xa = g.op("Add", x, g.linear(o, b + "attn.proj", b + "attn.proj_bias"))
+    h = g.layer_norm(xa, g.weight(b + "norm2.weight"), g.weight(b + "norm2.bias"), BACKBONE_LN_EPS)
+    mlp = g.linear(_gelu(g, g.linear(h, b + "mlp.fc1", b + "mlp.fc1_bias"), opset), b + "mlp.fc2", b + "mlp.fc2_bias")
+    return xa, mlp
+
+
+def _perceptor_entropy(g: Builder, h: str, proj: str, shift: str, bias: str, classes: int, r: int) -> str:
+    """Entropy of ``fc(LN(c))`` for expert output ``c = h up + up_bias``, computed from ``h``
+    alone (runtime/packing.py folds ``up`` and the LayerNorm into ``proj`` and ``shift``)."""
+    y = g.op("Add", g.op("MatMul", h, g.weight(proj)), g.weight(shift))
+    num, hg, lin = g.op("Split", y, g.i64([classes, r, 1]), axis=-1, outputs=3)
+    var = g.op("Add", g.op("ReduceSum", g.op("Mul", hg, h), g.i64([-1]), keepdims=1), g.op("Add", lin, lin))
+    std = g.op("Sqrt", g.op("Add", var, g.const(PART_LN_EPS)))
+    return _entropy(g, g.op("Add", g.op("Div", num, std), g.weight(bias)))
+
+
+def _brmoe(g: Builder, dims: Dims, i: int, xa: str, s: _Shared) -> tuple[str, str, str]:
+    """BR-MoE of block ``i`` on ``xa`` (B, N, d): ``(output, tasks (B, M), experts (B, M, K))``."""
+    p = f"moe.{i}."
+    d, r, cap = dims.embed_dim, dims.expert_dim, dims.capacity
+    m, k = routing_widths(dims)
+    w = lambda name: g.weight(p + name)  # noqa: E731
+
+    # Affine-free LayerNorm shared by every expert and the shared expert (affines are folded).
+    xh = g.layer_norm(xa, s.ones, None, PART_LN_EPS)
+
+    # 1. Every slot's expert on the CLS token, down projection only: one GEMM over (cap*r, d).
+    hidden = g.op("Relu", g.op("Gemm", g.op("Gather", xh, s.i0, axis=1), w("experts.down"), w("experts.down_bias"),
+                               transB=1))
+    h = g.op("Transpose", g.op("Reshape", hidden, g.i64([0, cap, r])), perm=[1, 0, 2])  # (cap, B, r)
+
+    # 2. Perceptor entropies; task 0 has its own (wider) perceptor, unused slots never win.
+    ent0 = _perceptor_entropy(g, g.op("Gather", h, s.i0, axis=0), p + "perceptor0.proj", p + "perceptor0.shift",
+                              p + "perceptor0.bias", dims.first_classes, r)
+    ents = _perceptor_entropy(g, h, p + "perceptors.proj", p + "perceptors.shift", p + "perceptors.bias",
+                              dims.slot_classes, r)
+    ent = g.op("Where", s.is_first, g.op("Unsqueeze", ent0, g.i64([0])), ents)
+    ent = g.op("Transpose", g.op("Where", s.slot_active, ent, s.inf), perm=[1, 0])  # (B, cap)
+
+    # 3. M routers of lowest entropy; picks beyond the active tasks (T < M) point at slot 0, weight 0.
+    _, sel = g.op("TopK", ent, g.i64([m]), axis=-1, largest=0, outputs=2)
+    router_ok = g.op("Less", sel, s.active_tasks)
+    sel0 = g.op("Where", router_ok, sel, s.i0)
+    flat_h = g.op("Reshape", h, g.i64([-1, r]))
+    h_sel = g.op("Gather", flat_h, g.op("Add", g.op("Mul", sel0, s.scalar_batch), s.batch_col))  # (B, M, r)
+
+    # 4. Logits of the selected routers: rows base(t) + min(e, t) of the packed table; e > t masked.
+    sel_u = g.op("Unsqueeze", sel0, g.i64([-1]))  # (B, M, 1)
+    rows = g.op("Add", g.op("Gather", s.router_base, sel_u), g.op("Min", s.iota, sel_u))  # (B, M, cap)
+    logits = g.op("MatMul", g.op("Gather", w("routers.weight"), rows), g.op("Unsqueeze", h_sel, g.i64([-1])))
+    logits = g.op("Add", g.op("Squeeze", logits, g.i64([-1])), g.op("Gather", w("routers.bias"), rows))
+    logits = g.op("Where", g.op("LessOrEqual", s.iota, sel_u), logits, s.neg_inf)
+
+    # 5. K experts per router, softmax over the kept K (the reference's -100 fill is e^-100 ~ 0).
+    vals, eidx = g.op("TopK", logits, g.i64([k]), axis=-1, outputs=2)
+    kept = g.op("And", g.op("LessOrEqual", eidx, sel_u), g.op("Unsqueeze", router_ok, g.i64([-1])))
+    weights = g.op("Reshape", g.op("Where", kept, g.op("Softmax", vals, axis=-1), s.zero), g.i64([0, m * k]))
+    idx = g.op("Reshape", g.op("Where", kept, eidx, s.i0), g.i64([0, m * k]))
+
+    # 6. The M*K selected experts and the shared expert over all tokens, as two batched matmuls.
+    sh = lambda name: g.weight(p + "shared." + name)  # noqa: E731
+    rows = g.op("Reshape", g.op("Add", g.op("Mul", g.op("Unsqueeze", idx, g.i64([-1])), g.i64(r)), s.iota_r),
+                g.i64([0, m * k * r]))  # (B, M*K*r) rows of experts.down
+    down = g.op("Concat", g.op("Gather", w("experts.down"), rows), g.op("Expand", sh("down"), s.shared_w_shape),
+                axis=1)  # (B, R, d)
+    down_b = g.op("Concat", g.op("Unsqueeze", g.op("Gather", w("experts.down_bias"), rows), g.i64([1])),
+                  g.op("Expand", sh("down_bias"), s.shared_b_shape), axis=2)  # (B, 1, R)
+    up_sel = g.op("Mul", g.op("Gather", w("experts.up"), idx), g.op("Unsqueeze", weights, g.i64([2, 3])))
+    up = g.op("Concat", g.op("Reshape", up_sel, g.i64([0, m * k * r, d])),
+              g.op("Expand", sh("up"), s.shared_w_shape), axis=1)  # (B, R, d), routing weights folded in
+    up_b = g.op("MatMul", g.op("Unsqueeze", weights, g.i64([1])),
+                g.op("Reshape", g.op("Gather", w("experts.up_bias"), idx), g.i64([0, m * k, d])))
+    up_b = g.op("Add", up_b, sh("up_bias"))  # (B, 1, d)
+    h = g.op("Relu", g.op("Add", g.op("MatMul", xh, g.op("Transpose", down, perm=[0, 2, 1])), down_b))
+    out = g.op("Add", g.op("MatMul", h, up), up_b)
+
+    tasks = g.op("Where", router_ok, sel, s.im1)
+    experts = g.op("Where", kept, eidx, s.im1)
+    return out, tasks, experts
+
+
+def build_model(dims: Dims, specs: dict[str, TensorSpec], opset: int = MIN_OPSET, batch: int | None = None,
+                moe: bool = True) -> onnx.ModelProto:
+    """The CaRE graph (``moe=False``: the plain backbone, output ``features``).
+
+    ``batch``: a fixed batch size, or None for a dynamic one.
+    """
+    if opset < MIN_OPSET:
+        raise ValueError(f"opset {opset} < {MIN_OPSET} (LayerNormalization)")
+    g = Builder(specs)
+    d, p = dims.embed_dim, dims.patch_size
+    s = _Shared(g, dims, moe)
+
+    g.scope = "embed"
+    x = g.op("Conv", INPUT, g.weight("vit.patch_embed.weight"), g.weight("vit.patch_embed.bias"),
+             kernel_shape=[p, p], strides=[p, p])
+    x = g.op("Transpose", g.op("Reshape", x, g.i64([0, d, -1])), perm=[0, 2, 1])
+    cls = g.op("Expand", g.weight("vit.cls_token"), s.cls_shape)
+    x = g.op("Add", g.op("Concat", cls, x, axis=1), g.weight("vit.pos_embed"))
+
+    tasks, experts = [], []
+    for i in range(dims.depth):
+        g.scope = f"block{i}"
+        xa, mlp = _attention_mlp(g, dims, i, x, opset)
+        x = g.op("Add", xa, mlp)
+        if moe:
+            g.scope = f"block{i}/moe"
+            out, t, e = _brmoe(g, dims, i, xa, s)
+            x = g.op("Add", x, out)
+            tasks.append(g.op("Unsqueeze", t, g.i64([1])))
+            experts.append(g.op("Unsqueeze", e, g.i64([1])))
+
+    g.scope = "head"
+    feat = g.layer_norm(g.op("Gather", x, g.i64(0), axis=1), g.weight("vit.norm.weight"), g.weight("vit.norm.bias"),
+                        BACKBONE_LN_EPS)
+    bdim = batch if batch is not None else "batch"
+    image = helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, [bdim, dims.in_chans, dims.img_size, dims.img_size])
+    if moe:
+        # ||f|| as Sqrt(ReduceSum(f*f)): ReduceSum takes axes as an input at every opset >= 13.
+        sq = g.op("ReduceSum", g.op("Mul", feat, feat), g.i64([-1]), keepdims=1)
+        norm = g.op("Max", g.op("Sqrt", sq), g.const(COS_EPS))
+        logits = g.op("MatMul", g.op("Div", feat, norm), g.weight("head.weight"))
+        active = g.op("Less", g.i64(np.arange(dims.class_capacity)), g.weight("active_classes"))
+        g.nodes.append(helper.make_node("Where", [active, logits, s.neg_inf], [LOGITS], name="head/logits"))
+        g.nodes.append(helper.make_node("Concat", tasks, [ROUTING_TASKS], name="head/routing_tasks", axis=1))
+        g.nodes.append(helper.make_node("Concat", experts, [ROUTING_EXPERTS], name="head/routing_experts", axis=1))
+        m, k = routing_widths(dims)
+        outputs = [
+            helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, [bdim, dims.class_capacity]),
+            helper.make_tensor_value_info(ROUTING_TASKS, TensorProto.INT64, [bdim, dims.depth, m]),
+            helper.make_tensor_value_info(ROUTING_EXPERTS, TensorProto.INT64, [bdim, dims.depth, m, k]),
+        ]
+    else:
+        g.nodes.append(helper.make_node("Identity", [feat], [FEATURES], name="head/features"))
+        outputs = [helper.make_tensor_value_info(FEATURES, TensorProto.FLOAT, [bdim, d])]
+
+    graph = helper.make_graph(g.nodes, "care" if moe else "backbone", [image], outputs, initializer=g.initializers)
+    opsets = [helper.make_opsetid("", opset)]
+    return helper.make_model(graph, opset_imports=opsets, producer_name="care-export",
+                             ir_version=helper.find_min_ir_version_for(opsets))

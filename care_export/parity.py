@@ -1,0 +1,137 @@
+"""Parity: an exported artifact (ONNX Runtime, CPU, all graph optimisations) against the PyTorch
+reference forward of its checkpoint, on the same random inputs (DESIGN.md, "Parity").
+
+Reports max and mean |dlogit| over the learned classes, top-1 agreement, and per block the
+fraction of samples whose routing (selected tasks and their kept experts) is identical.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from runtime.artifact import INPUT, LOGITS, ROUTING_EXPERTS, ROUTING_TASKS, Artifact
+from runtime.errors import AtolError, RoutingError, ShapeError
+from runtime.routing import canonical_routing, pad_routing
+
+
+def ort_session(model_path: str | Path, threads: int = 0):
+    """An ONNX Runtime CPU session with every graph optimisation on."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads
+    return ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+
+
+def run_artifact(session, images: np.ndarray, batch: int, fixed: bool = False) -> tuple[np.ndarray, ...]:
+    """``(logits, tasks, experts)`` for ``images`` in chunks of ``batch``; ``fixed``: the graph's
+    batch size is ``batch``, so the last chunk is padded."""
+    outs = []
+    for i in range(0, len(images), batch):
+        chunk = images[i: i + batch]
+        n = len(chunk)
+        if fixed and n < batch:
+            chunk = np.concatenate([chunk, np.zeros((batch - n, *chunk.shape[1:]), chunk.dtype)])
+        outs.append([o[:n] for o in session.run([LOGITS, ROUTING_TASKS, ROUTING_EXPERTS], {INPUT: chunk})])
+    return tuple(np.concatenate(parts) for parts in zip(*outs))
+
+
+def run_reference(model, images: np.ndarray, batch: int, m: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(logits, tasks, experts)`` of the reference forward, routing padded to the graph's (M, K)."""
+    import torch
+
+    logits, tasks, experts = [], [], []
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            out, routing = model.forward_with_routing(torch.from_numpy(images[i: i + batch]), mode="reference")
+            logits.append(out.numpy())
+            padded = [pad_routing(r.tasks.numpy(), r.experts.numpy(), m, k) for r in routing]
+            tasks.append(np.stack([t for t, _ in padded], 1))
+            experts.append(np.stack([e for _, e in padded], 1))
+    return np.concatenate(logits), np.concatenate(tasks), np.concatenate(experts)
+
+
+@dataclass
+class ParityReport:
+    samples: int
+    classes: int
+    max_abs: float
+    mean_abs: float
+    top1: float  # fraction of samples with the same argmax
+    routing: list[float]  # per block: fraction of samples with identical tasks and experts
+    atol: float
+    same_checkpoint: bool
+    mismatched: list[int] = field(default_factory=list)  # sample indices whose routing differs
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs <= self.atol and self.top1 == 1.0 and all(r == 1.0 for r in self.routing)
+
+    def lines(self) -> list[str]:
+        out = [f"samples        {self.samples} ({self.classes} classes)",
+               f"|dlogit|       max {self.max_abs:.3g}, mean {self.mean_abs:.3g} (atol {self.atol:g})",
+               f"top-1 agree    {self.top1:.4f}",
+               "routing agree  " + " ".join(f"{r:.3f}" for r in self.routing) + "  (per block)"]
+        if not self.same_checkpoint:
+            out.append("note           the artifact was exported from a different checkpoint digest")
+        return out
+
+    def check(self) -> None:
+        """Raise RoutingError or AtolError when outside tolerance (routing first: it is the cause)."""
+        if any(r < 1.0 for r in self.routing):
+            worst = min(range(len(self.routing)), key=lambda i: self.routing[i])
+            raise RoutingError(f"routing differs in block {worst} for {1 - self.routing[worst]:.2%} of samples "
+                               f"(e.g. sample {self.mismatched[0]})")
+        if self.top1 < 1.0:
+            raise AtolError(f"top-1 differs on {1 - self.top1:.2%} of samples")
+        if self.max_abs > self.atol:
+            raise AtolError(f"max |dlogit| {self.max_abs:.3g} exceeds atol {self.atol:g}")
+
+
+def compare(ref: tuple, got: tuple, atol: float, same_checkpoint: bool = True) -> ParityReport:
+    """Compare ``(logits, tasks, experts)`` of the reference and of the artifact."""
+    (rl, rt, re), (gl, gt, ge) = ref, got
+    if gl.shape != rl.shape or gt.shape != rt.shape or ge.shape != re.shape:
+        raise ShapeError(f"shapes differ: logits {rl.shape} vs {gl.shape}, routing {rt.shape}/{re.shape} vs "
+                         f"{gt.shape}/{ge.shape}")
+    classes = rl.shape[1]
+    diff = np.abs(gl.astype(np.float64) - rl)
+    rt, re = canonical_routing(rt, re)
+    gt, ge = canonical_routing(gt, ge)
+    same = (rt == gt).all(-1) & (re == ge).all((-1, -2))  # (B, L)
+    return ParityReport(
+        samples=len(rl), classes=classes, max_abs=float(diff.max()), mean_abs=float(diff.mean()),
+        top1=float((gl.argmax(1) == rl.argmax(1)).mean()), routing=same.mean(0).tolist(), atol=atol,
+        same_checkpoint=same_checkpoint, mismatched=np.flatnonzero(~same.all(1)).tolist())
+
+
+def random_images(n: int, size: int, seed: int = 0, channels: int = 3) -> np.ndarray:
+    """Network inputs (already normalised): standard normal."""
+    return np.random.default_rng(seed).standard_normal((n, channels, size, size), dtype=np.float32)
+
+
+def run_parity(ckpt_dir: str | Path, artifact_dir: str | Path, samples: int = 256, batch: int = 32,
+               atol: float = 1e-4, seed: int = 0) -> ParityReport:
+    """Run checkpoint and artifact on ``samples`` random inputs and compare them."""
+    from runtime.checkpoint_files import checkpoint_digest, read_checkpoint_manifest
+
+    from .checkpoint import load_checkpoint
+    from .export.graph import routing_widths
+
+    art = Artifact(artifact_dir)
+    ckpt = read_checkpoint_manifest(ckpt_dir)
+    if len(ckpt["tasks"]) != art.num_tasks:
+        raise ShapeError(f"the checkpoint has {len(ckpt['tasks'])} tasks, the artifact {art.num_tasks}")
+    model, _ = load_checkpoint(ckpt_dir)
+    m, k = routing_widths(art.dims)
+    images = random_images(samples, art.dims.img_size, seed, art.dims.in_chans)
+    fixed = art.manifest["batch"] != "dynamic"
+    got = run_artifact(ort_session(art.model_path), images, int(art.manifest["batch"]) if fixed else batch, fixed)
+    got = (got[0][:, : art.num_classes], got[1], got[2])  # the runtime's slice: learned classes only
+    ref = run_reference(model, images, batch, m, k)
+    same = checkpoint_digest(ckpt) == art.manifest["source"]["checkpoint_digest"]
+    return compare(ref, got, atol, same)

@@ -1,0 +1,189 @@
+"""Growth in place: a checkpoint's new tasks go into an artifact's unused slots; the graph stays.
+
+:func:`plan_growth` checks that the checkpoint belongs to the artifact and packs everything that
+changes (in memory, numpy only); :func:`apply_growth` writes it crash-safely:
+
+1. new tasks' patches into slots.bin, in place: those slots are beyond the active task count,
+   so the graph ignores them whatever they hold;
+2. ``state.bin.pending`` and ``manifest.pending.json`` (fsynced);
+3. rename the state into place (the graph now sees the new tasks), then the manifest (commit).
+
+Any failure before step 3 leaves an artifact that computes what it did; a crash between the two
+renames is completed by the next :func:`~runtime.artifact.read_manifest`. Every check runs before
+step 1, so a refused checkpoint leaves the artifact byte for byte as it was.
+
+A running ONNX Runtime session keeps its own copy of the state (``state.bin`` is replaced by a
+rename, never rewritten), so it goes on answering with the old tasks until a new session is made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .artifact import (
+    MANIFEST,
+    PENDING_MANIFEST,
+    PENDING_STATE,
+    SLOTS_FILE,
+    STATE_FILE,
+    Artifact,
+    Patch,
+    fsync_dir,
+    patches_digest,
+    tensor_file_bytes,
+    write_bytes,
+    write_json,
+    write_patches,
+)
+from .checkpoint_files import checkpoint_digest, load_tensors, read_checkpoint_manifest, sha256_file
+from .errors import ArtifactError, CapacityError, MismatchError
+from .packing import check_task_classes, pack_state, pack_task
+
+# Backbone keys of a checkpoint manifest that are configuration, not file bookkeeping.
+_FILE_KEYS = ("file", "bytes")
+
+
+def backbone_fields(ckpt: dict) -> dict:
+    """The checkpoint's backbone configuration and weights digest, as an artifact records them."""
+    return {k: v for k, v in ckpt["backbone"].items() if k not in _FILE_KEYS}
+
+
+def brmoe_fields(ckpt: dict) -> dict:
+    return {k: ckpt["brmoe"][k] for k in ("topk_routers", "topk_experts", "expert_dim", "shared_dim")}
+
+
+def checkpoint_fields(ckpt: dict, slot_digests: list[str]) -> dict:
+    """The manifest fields that follow the checkpoint's tasks (the same for export and growth)."""
+    return {
+        "tasks": [{"classes": int(e["classes"]), "source_sha256": e["sha256"], "slot_sha256": dg}
+                  for e, dg in zip(ckpt["tasks"], slot_digests)],
+        "classes": {"names": list(ckpt["classes"]["names"])},
+        "source": {"checkpoint_digest": checkpoint_digest(ckpt), "shared_sha256": ckpt["shared"]["sha256"],
+                   "head_sha256": ckpt["head"]["sha256"]},
+    }
+
+
+def load_state_sources(ckpt_dir: Path, ckpt: dict) -> tuple[dict, dict]:
+    """The checkpoint's shared experts and head, verified."""
+    return load_tensors(ckpt_dir, ckpt["shared"]), load_tensors(ckpt_dir, ckpt["head"])
+
+
+@dataclass
+class Growth:
+    """Everything a growth changes: new tasks' slot patches, the whole new state, the new manifest."""
+
+    tasks: list[int]
+    patches: list[Patch]
+    state: dict[str, np.ndarray]
+    manifest: dict
+
+
+def _check_belongs(art: Artifact, ckpt: dict, ckpt_dir: Path) -> None:
+    m = art.manifest
+    if backbone_fields(ckpt) != m["backbone"]:
+        raise MismatchError(f"{ckpt_dir}: its backbone differs from the artifact's")
+    if brmoe_fields(ckpt) != m["brmoe"]:
+        raise MismatchError(f"{ckpt_dir}: BR-MoE settings {brmoe_fields(ckpt)} differ from the artifact's {m['brmoe']}")
+    if ckpt["preprocessing"] != m["preprocessing"]:
+        raise MismatchError(f"{ckpt_dir}: its preprocessing differs from the artifact's")
+    old = m["tasks"]
+    if len(ckpt["tasks"]) < len(old):
+        raise MismatchError(f"{ckpt_dir}: holds {len(ckpt['tasks'])} tasks, the artifact already {len(old)}")
+    for t, (mine, theirs) in enumerate(zip(old, ckpt["tasks"])):
+        if int(theirs["classes"]) != mine["classes"]:
+            raise MismatchError(f"{ckpt_dir}: task {t} has {theirs['classes']} classes, the artifact's {mine['classes']}")
+        if theirs["sha256"] == mine["source_sha256"]:
+            continue
+        # Same content may come in a differently written file: compare what it packs to.
+        packed = pack_task(load_tensors(ckpt_dir, theirs), t, mine["classes"], art.dims, str(ckpt_dir / theirs["file"]))
+        if patches_digest(packed, art.tensors) != mine["slot_sha256"]:
+            raise MismatchError(f"{ckpt_dir}: task {t} differs from the artifact's (not the checkpoint it grew from)")
+
+
+def plan_growth(art: Artifact, ckpt_dir: str | Path) -> Growth | None:
+    """What adding the checkpoint's new tasks changes; None when the artifact already matches it.
+
+    Raises MismatchError (other backbone, settings or older tasks), CapacityError (no slot left,
+    a task larger than a slot) and CheckpointError (unreadable files) before anything is written.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    ckpt = read_checkpoint_manifest(ckpt_dir)
+    _check_belongs(art, ckpt, ckpt_dir)
+    old, dims = len(art.manifest["tasks"]), art.dims
+    if old == len(ckpt["tasks"]):
+        if checkpoint_digest(ckpt) == art.manifest["source"]["checkpoint_digest"]:
+            return None
+        raise MismatchError(f"{ckpt_dir}: no new task, but its shared experts or head differ from the artifact's")
+    if len(ckpt["tasks"]) > dims.capacity:
+        raise CapacityError(f"the artifact holds {dims.capacity} tasks, {ckpt_dir} has {len(ckpt['tasks'])}: "
+                            f"export again with a larger --tasks")
+    for t, e in enumerate(ckpt["tasks"][old:], start=old):
+        check_task_classes(t, int(e["classes"]), dims)
+
+    patches, digests = [], [t["slot_sha256"] for t in art.manifest["tasks"]]
+    for t, e in enumerate(ckpt["tasks"][old:], start=old):
+        packed = pack_task(load_tensors(ckpt_dir, e), t, int(e["classes"]), dims, str(ckpt_dir / e["file"]))
+        patches += packed
+        digests.append(patches_digest(packed, art.tensors))
+    shared, head = load_state_sources(ckpt_dir, ckpt)
+    classes = [int(e["classes"]) for e in ckpt["tasks"]]
+    state = pack_state(shared, head, classes, dims, str(ckpt_dir))
+    manifest = dict(art.manifest, **checkpoint_fields(ckpt, digests))
+    return Growth(list(range(old, len(classes))), patches, state, manifest)
+
+
+@contextlib.contextmanager
+def _exclusive(directory: Path):
+    """One writer at a time (POSIX advisory lock on the directory; no lock where unsupported)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: callers must not run two growths at once
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ArtifactError(f"{directory}: another process is adding tasks to this artifact") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def apply_growth(art: Artifact, growth: Growth) -> dict:
+    """Write ``growth`` into the artifact (see the module doc for the order). Returns the manifest."""
+    d = art.dir
+    for stale in (PENDING_STATE, PENDING_MANIFEST):
+        (d / stale).unlink(missing_ok=True)
+    write_patches(d / SLOTS_FILE, art.tensors, growth.patches)
+    state = tensor_file_bytes(STATE_FILE, art.tensors, growth.state)
+    write_bytes(d / PENDING_STATE, state)
+    manifest = dict(growth.manifest)
+    manifest["files"] = dict(manifest["files"], **{STATE_FILE: {"sha256": sha256_file(d / PENDING_STATE),
+                                                                "bytes": len(state)}})
+    write_json(d / PENDING_MANIFEST, manifest)
+    os.replace(d / PENDING_STATE, d / STATE_FILE)
+    os.replace(d / PENDING_MANIFEST, d / MANIFEST)
+    fsync_dir(d)
+    return manifest
+
+
+def add_tasks(artifact_dir: str | Path, ckpt_dir: str | Path) -> tuple[list[int], dict]:
+    """Add the tasks that ``ckpt_dir`` has beyond the artifact's, in place.
+
+    Returns the task indices added (empty when the artifact already matches the checkpoint) and
+    the artifact's manifest.
+    """
+    artifact_dir = Path(artifact_dir)
+    with _exclusive(artifact_dir):
+        art = Artifact(artifact_dir)
+        growth = plan_growth(art, ckpt_dir)
+        if growth is None:
+            return [], art.manifest
+        return growth.tasks, apply_growth(art, growth)
