@@ -18,7 +18,6 @@ directory whose manifest names a complete, consistent set of files.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict
@@ -28,24 +27,18 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from runtime.checkpoint_files import CHECKPOINT_FORMAT as FORMAT
+from runtime.checkpoint_files import CHECKPOINT_FORMAT_VERSION as FORMAT_VERSION
+from runtime.checkpoint_files import check_file, read_checkpoint_manifest, sha256_file
+from runtime.checkpoint_files import checkpoint_digest as _manifest_digest
 from runtime.errors import CheckpointError
 
 from .config import BackboneConfig, MoEConfig, Preprocessing
 
-FORMAT = "care-export-checkpoint"
-FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
 
 # ---------------------------------------------------------------------- files
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
@@ -102,46 +95,12 @@ def head_state(model) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------- manifest
 def read_manifest(path: str | Path) -> dict:
     """The manifest of a checkpoint directory, checked for format and version."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint must be a directory (care-export format), got a file: {path}")
-    mpath = path / MANIFEST
-    if not mpath.is_file():
-        raise CheckpointError(f"{mpath}: manifest missing (not a care-export checkpoint?)")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{mpath}: manifest is not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{mpath}: not a care-export checkpoint manifest")
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{mpath}: format version {version} is newer than this care-export reads ({FORMAT_VERSION}); upgrade care-export"
-        )
-    for key in ("backbone", "brmoe", "tasks", "head", "shared", "preprocessing", "classes"):
-        if key not in manifest:
-            raise CheckpointError(f"{mpath}: manifest lacks '{key}'")
-    return manifest
+    return read_checkpoint_manifest(path)
 
 
 def configs_from_manifest(manifest: dict) -> tuple[BackboneConfig, MoEConfig, Preprocessing]:
     bb = {k: v for k, v in manifest["backbone"].items() if k not in ("file", "sha256", "bytes")}
     return BackboneConfig(**bb), MoEConfig(**manifest["brmoe"]), Preprocessing.from_dict(manifest["preprocessing"])
-
-
-def _check_file(directory: Path, entry: dict, verify: bool) -> Path:
-    path = directory / entry["file"]
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file missing")
-    size = path.stat().st_size
-    if size != entry["bytes"]:
-        raise CheckpointError(f"{path}: truncated or altered ({size} bytes, manifest says {entry['bytes']})")
-    if verify and sha256_file(path) != entry["sha256"]:
-        raise CheckpointError(f"{path}: corrupt (sha256 differs from the manifest)")
-    return path
 
 
 def _read_tensors(path: Path, expected: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
@@ -250,19 +209,19 @@ def load_checkpoint(directory: str | Path, *, verify: bool = True, tasks: int | 
     def expect(state: dict) -> dict[str, torch.Size]:
         return {k: v.shape for k, v in state.items()}
 
-    vit_state = _read_tensors(_check_file(directory, manifest["backbone"], verify), expect(backbone_state(model)))
+    vit_state = _read_tensors(check_file(directory, manifest["backbone"], verify), expect(backbone_state(model)))
     model.vit.load_state_dict(vit_state)
     for t, e in enumerate(entries):
         params = model.task_parameters(t)
-        loaded = _read_tensors(_check_file(directory, e, verify), {k: p.shape for k, p in params.items()})
+        loaded = _read_tensors(check_file(directory, e, verify), {k: p.shape for k, p in params.items()})
         with torch.no_grad():
             for k, p in params.items():
                 p.copy_(loaded[k])
-    shared = _read_tensors(_check_file(directory, manifest["shared"], verify), expect(shared_state(model)))
+    shared = _read_tensors(check_file(directory, manifest["shared"], verify), expect(shared_state(model)))
     for i, m in enumerate(model.moe):
         prefix = f"blocks.{i}.shared."
         m.shared.load_state_dict({k[len(prefix):]: v for k, v in shared.items() if k.startswith(prefix)})
-    head_path = _check_file(directory, manifest["head"], verify)
+    head_path = check_file(directory, manifest["head"], verify)
     full = [int(t["classes"]) for t in manifest["tasks"]]
     head = _read_tensors(head_path, {f"head.{t}": torch.Size([c, backbone_cfg.embed_dim]) for t, c in enumerate(full)})
     with torch.no_grad():
@@ -274,6 +233,4 @@ def load_checkpoint(directory: str | Path, *, verify: bool = True, tasks: int | 
 
 def checkpoint_digest(directory: str | Path) -> str:
     """A digest naming the checkpoint's content (the manifest's file digests)."""
-    m = read_manifest(directory)
-    parts = [m["backbone"]["sha256"], m["shared"]["sha256"], m["head"]["sha256"]] + [t["sha256"] for t in m["tasks"]]
-    return hashlib.sha256("".join(parts).encode()).hexdigest()
+    return _manifest_digest(read_manifest(directory))

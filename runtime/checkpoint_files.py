@@ -61,11 +61,8 @@ def checkpoint_digest(manifest: dict) -> str:
     return hashlib.sha256("".join(parts).encode()).hexdigest()
 
 
-def load_tensors(directory: str | Path, entry: dict, verify: bool = True) -> dict[str, np.ndarray]:
-    """The tensors of one checkpoint file (a manifest entry), size- and optionally sha-checked."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
+def check_file(directory: str | Path, entry: dict, verify: bool = True) -> Path:
+    """The path of a checkpoint file (a manifest entry), checked for presence, size and digest."""
     path = Path(directory) / entry["file"]
     if not path.is_file():
         raise CheckpointError(f"{path}: file missing")
@@ -73,6 +70,15 @@ def load_tensors(directory: str | Path, entry: dict, verify: bool = True) -> dic
         raise CheckpointError(f"{path}: truncated or altered ({path.stat().st_size} bytes, manifest says {entry['bytes']})")
     if verify and sha256_file(path) != entry["sha256"]:
         raise CheckpointError(f"{path}: corrupt (sha256 differs from the manifest)")
+    return path
+
+
+def load_tensors(directory: str | Path, entry: dict, verify: bool = True) -> dict[str, np.ndarray]:
+    """The tensors of one checkpoint file (a manifest entry), size- and optionally sha-checked."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    path = check_file(directory, entry, verify)
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:

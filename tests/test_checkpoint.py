@@ -127,7 +127,7 @@ def test_newer_format_version(ckpt):
     m = json.loads((ckpt / "manifest.json").read_text())
     m["format_version"] = ck.FORMAT_VERSION + 1
     (ckpt / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(CheckpointError, match="newer than this care-export reads"):
+    with pytest.raises(CheckpointError, match="newer than this reader"):
         read_manifest(ckpt)
 
 
