@@ -6,6 +6,7 @@ Each command lives in the module that does its work; this file only gathers them
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import click
@@ -14,7 +15,21 @@ from runtime.errors import CareError
 
 
 class CareGroup(click.Group):
-    """Shows user errors as one line (``error: ...``) and exits 1, without a traceback."""
+    """Loads each command's module on first use, and shows user errors as one line
+    (``error: ...``, exit 1) without a traceback."""
+
+    def list_commands(self, ctx):
+        from .commands import COMMANDS
+
+        return list(COMMANDS)
+
+    def get_command(self, ctx, name):
+        from .commands import COMMANDS
+
+        if name not in COMMANDS:
+            return None
+        module, attr = COMMANDS[name].split(":")
+        return getattr(importlib.import_module(f"{__package__}.{module}"), attr)
 
     def invoke(self, ctx):
         try:
@@ -35,13 +50,3 @@ def main():
       care-export onnx ckpt/ --tasks 301 -o model/
       care-export parity ckpt/ model/
     """
-
-
-def _register() -> None:
-    from .commands import COMMANDS
-
-    for command in COMMANDS:
-        main.add_command(command)
-
-
-_register()

@@ -1,22 +1,18 @@
-"""Every ``care-export`` subcommand, in the order ``--help`` lists them.
+"""Every ``care-export`` subcommand, in the order ``--help`` lists them: name -> "module:object".
 
-A command's code lives with the work it does; this list is the one place that names them all.
+A command's code lives with the work it does; this table is the one place that names them all.
+Modules are imported only when their command runs, so that ``care-export run`` (the runtime
+alone) never loads PyTorch.
 """
 
-from .checkpoint_cli import import_official_command, info_command, synth_ckpt_command
-from .export_bench import bench_command
-from .export_cli import add_task_command, onnx_command, parity_command
-from .run_cli import run_command
-from .train_cli import train_command
-
-COMMANDS = [
-    train_command,
-    synth_ckpt_command,
-    import_official_command,
-    info_command,
-    onnx_command,
-    add_task_command,
-    parity_command,
-    bench_command,
-    run_command,
-]
+COMMANDS = {
+    "train": "train_cli:train_command",
+    "synth-ckpt": "checkpoint_cli:synth_ckpt_command",
+    "import-official": "checkpoint_cli:import_official_command",
+    "info": "checkpoint_cli:info_command",
+    "onnx": "export_cli:onnx_command",
+    "add-task": "export_cli:add_task_command",
+    "parity": "export_cli:parity_command",
+    "bench": "export_bench:bench_command",
+    "run": "run_cli:run_command",
+}

@@ -4,6 +4,7 @@ import pytest
 from click.testing import CliRunner
 
 from care_export.cli import main
+from care_export.commands import COMMANDS
 
 
 def test_top_level_help_has_example():
@@ -11,7 +12,7 @@ def test_top_level_help_has_example():
     assert res.exit_code == 0 and "Example" in res.output
 
 
-@pytest.mark.parametrize("name", sorted(main.commands))
+@pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_every_command_help_has_example(name):
     res = CliRunner().invoke(main, [name, "--help"])
     assert res.exit_code == 0, res.output
@@ -23,3 +24,17 @@ def test_bad_usage_exits_2():
     assert res.exit_code == 2
     res = CliRunner().invoke(main, ["no-such-command"])
     assert res.exit_code == 2
+
+
+def test_run_command_does_not_load_torch():
+    """``care-export run`` serves machines without PyTorch: the CLI must not import it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from care_export.cli import main\n"
+            "sys.argv = ['care-export', 'run', '--help']\n"
+            "main()")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "Example" in proc.stdout
