@@ -15,4 +15,5 @@ COMMANDS = {
     "parity": "export_cli:parity_command",
     "bench": "export_bench:bench_command",
     "run": "run_cli:run_command",
+    "quantize": "quantize_cli:quantize_command",
 }

@@ -22,9 +22,11 @@ completes that last rename (:func:`read_manifest`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -52,10 +54,18 @@ FEATURES = "features"  # output of a plain-backbone graph (benchmarks)
 # Every tensor starts at a multiple of 64 KiB: ONNX Runtime memory-maps external data only at
 # offsets aligned to the page size (4 KiB on Linux, 64 KiB allocation granularity on Windows).
 ALIGN = 1 << 16
+# Reduced-precision artifacts pack tensors smaller than ALIGN at this alignment instead.
+SMALL_ALIGN = 64
 
 # Perceptor logits of padded classes: exp(-1e30 - max) is exactly 0 in the softmax, and unlike
 # -inf an all-padding (unused) slot still gives finite numbers.
 PAD_LOGIT = -1e30
+
+# What ``precision`` may say. FP32 is the exporter's; FP16 and INT8 are rewrites by
+# ``care-export quantize`` (docs/CALIBRATION.md), whose tensor layout is the manifest's own.
+PRECISIONS = ("fp32", "fp16", "int8")
+DTYPES = ("float32", "float16", "int8", "int64")
+FP16_MAX = 65504.0
 
 
 @dataclass(frozen=True)
@@ -119,7 +129,7 @@ class TensorSpec:
     file: str
     offset: int
     shape: tuple
-    dtype: str  # "float32" or "int64"
+    dtype: str  # "float32" or "int64"; reduced-precision artifacts also "float16" and "int8"
     role: str  # backbone | first | slot | router | state
 
     @property
@@ -250,9 +260,58 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def check_target(out: Path, force: bool) -> None:
+    """Refuse to write an artifact over an existing ``out`` without ``force``, and over anything
+    that is not an artifact."""
+    if out.exists() and not force:
+        raise ArtifactError(f"{out} already exists; pass --force to replace it")
+    if out.exists() and (not out.is_dir() or (not (out / MANIFEST).is_file() and any(out.iterdir()))):
+        raise ArtifactError(f"{out} is a non-empty directory that is not an artifact; refusing to replace it")
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Rename the finished directory ``tmp`` to ``out``, replacing what was there."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
+    fsync_dir(out.parent)
+
+
+@contextlib.contextmanager
+def staged_dir(out: Path):
+    """A fresh temporary directory beside ``out``; it replaces ``out`` when the block ends, and
+    is removed instead when the block raises."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        fsync_dir(tmp)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def write_json(path: Path, obj) -> None:
     """Write JSON to ``path`` and fsync it (callers rename it into place)."""
     write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
+def as_stored(data, dtype: str) -> np.ndarray:
+    """``data`` as a tensor of dtype ``dtype`` is stored (little-endian).
+
+    Float16 goes through float32 (the value an FP32 artifact holds) and saturates at the largest
+    finite half (padding logits of -1e30 become -65504, still probability 0), so that a task
+    packed into an FP16 artifact is bit for bit what quantizing the grown FP32 artifact gives."""
+    if dtype == "float16":
+        data = np.clip(np.asarray(data, np.float32), -FP16_MAX, FP16_MAX)
+    return np.asarray(data, dtype=np.dtype(dtype).newbyteorder("<"))
 
 
 def tensor_file_bytes(file: str, specs: dict[str, TensorSpec], arrays: dict[str, np.ndarray]) -> bytearray:
@@ -260,7 +319,7 @@ def tensor_file_bytes(file: str, specs: dict[str, TensorSpec], arrays: dict[str,
     out = bytearray(file_size(specs, file))
     for s in specs.values():
         if s.file == file:
-            a = np.asarray(arrays[s.name], dtype=np.dtype(s.dtype).newbyteorder("<"))
+            a = as_stored(arrays[s.name], s.dtype)
             if a.shape != s.shape:
                 raise ArtifactError(f"tensor {s.name}: shape {a.shape}, layout says {s.shape}")
             out[s.offset: s.offset + s.nbytes] = a.tobytes()
@@ -286,7 +345,7 @@ class Patch:
 
 def patch_bytes(patch: Patch, spec: TensorSpec) -> tuple[int, bytes]:
     """Byte offset in the file and bytes of ``patch``."""
-    data = np.asarray(patch.data, dtype=np.dtype(spec.dtype).newbyteorder("<"))
+    data = as_stored(patch.data, spec.dtype)
     if data.shape[1:] != spec.shape[1:] or not 0 <= patch.row <= spec.shape[0] - data.shape[0]:
         raise ArtifactError(f"patch of {spec.name}: rows {patch.row}+{data.shape} do not fit {spec.shape}")
     return spec.offset + patch.row * spec.row_bytes, data.tobytes()
@@ -367,6 +426,39 @@ def read_manifest(directory: str | Path) -> dict:
     return manifest
 
 
+def read_layout(manifest: dict, dims: Dims, where: Path) -> dict[str, TensorSpec]:
+    """The tensor layout of a manifest, checked.
+
+    FP32: exactly :func:`layout`. A reduced-precision rewrite lays its tensors out itself, but
+    keeps every growth tensor of :func:`layout` under its name, shape and role (the dtype may
+    change; growth writes rows cast to it), and every tensor lies inside its file, aligned to
+    ALIGN (SMALL_ALIGN for tensors smaller than ALIGN).
+    """
+    precision = manifest["precision"]
+    if precision not in PRECISIONS:
+        raise ArtifactError(f"{where}: unknown precision {precision!r} (this reader knows {', '.join(PRECISIONS)})")
+    want = layout(dims)
+    if precision == "fp32":
+        if manifest["tensors"] != {k: s.to_dict() for k, s in want.items()}:
+            raise ArtifactError(f"{where}: tensor layout differs from this reader's (format drift)")
+        return want
+    try:
+        specs = {name: TensorSpec(name, e["file"], int(e["offset"]), tuple(int(n) for n in e["shape"]), e["dtype"],
+                                  e["role"]) for name, e in manifest["tensors"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise ArtifactError(f"{where}: manifest 'tensors' is malformed") from None
+    for name, s in want.items():
+        got = specs.get(name)
+        if s.role != "backbone" and (got is None or (got.file, got.shape, got.role) != (s.file, s.shape, s.role)):
+            raise ArtifactError(f"{where}: growth tensor {name} is missing or laid out differently (format drift)")
+    for s in specs.values():
+        if s.dtype not in DTYPES or s.file not in manifest["files"] or \
+                s.offset % (ALIGN if s.nbytes >= ALIGN else SMALL_ALIGN) or \
+                s.offset + s.nbytes > int(manifest["files"][s.file]["bytes"]):
+            raise ArtifactError(f"{where}: tensor {s.name} has an invalid place or dtype in the manifest")
+    return specs
+
+
 class Artifact:
     """An artifact directory opened for reading: manifest, sizes and tensor layout."""
 
@@ -376,9 +468,7 @@ class Artifact:
         self.dir = Path(directory)
         self.manifest = read_manifest(self.dir)
         self.dims = Dims.from_dict(self.manifest["dims"])
-        self.tensors = layout(self.dims)
-        if self.manifest["tensors"] != {k: s.to_dict() for k, s in self.tensors.items()}:
-            raise ArtifactError(f"{self.dir}: tensor layout differs from this reader's (format drift)")
+        self.tensors = read_layout(self.manifest, self.dims, self.dir)
         for name, entry in self.manifest["files"].items():
             path = self.dir / name
             if not path.is_file():
@@ -414,10 +504,15 @@ class Artifact:
 
     def slot_digest(self, regions: list[tuple[str, int, int]]) -> str:
         """Digest of the bytes of ``regions`` ``(tensor, first row, rows)`` in slots.bin."""
-        chunks = []
-        with open(self.dir / SLOTS_FILE, "rb") as f:
-            for name, row, rows in regions:
-                s = self.tensors[name]
-                f.seek(s.offset + row * s.row_bytes)
-                chunks.append(f.read(rows * s.row_bytes))
-        return _digest(chunks)
+        return regions_digest(self.dir / SLOTS_FILE, self.tensors, regions)
+
+
+def regions_digest(path: Path, specs: dict[str, TensorSpec], regions: list[tuple[str, int, int]]) -> str:
+    """Digest of the bytes of ``regions`` ``(tensor, first row, rows)`` in the tensor file ``path``."""
+    chunks = []
+    with open(path, "rb") as f:
+        for name, row, rows in regions:
+            s = specs[name]
+            f.seek(s.offset + row * s.row_bytes)
+            chunks.append(f.read(rows * s.row_bytes))
+    return _digest(chunks)

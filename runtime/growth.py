@@ -33,6 +33,7 @@ from .artifact import (
     STATE_FILE,
     Artifact,
     Patch,
+    as_stored,
     fsync_dir,
     patches_digest,
     tensor_file_bytes,
@@ -71,6 +72,20 @@ def checkpoint_fields(ckpt: dict, slot_digests: list[str]) -> dict:
 def load_state_sources(ckpt_dir: Path, ckpt: dict) -> tuple[dict, dict]:
     """The checkpoint's shared experts and head, verified."""
     return load_tensors(ckpt_dir, ckpt["shared"]), load_tensors(ckpt_dir, ckpt["head"])
+
+
+# Precisions whose growth tensors hold plain values, so that new tasks are packed as for FP32.
+# INT8 artifacts are not among them: their activation scales were calibrated on the old tasks.
+GROWABLE = ("fp32", "fp16")
+
+
+def check_growable(art: Artifact) -> None:
+    """Refuse growth of an artifact whose precision cannot take new tasks (INT8)."""
+    precision = art.manifest["precision"]
+    if precision not in GROWABLE:
+        raise ArtifactError(f"{art.dir} is a {precision.upper()} artifact and cannot take new tasks (its scales "
+                            f"were calibrated on the old ones): run care-export add-task on the FP32 artifact it "
+                            f"came from, then care-export quantize again")
 
 
 @dataclass
@@ -112,6 +127,7 @@ def plan_growth(art: Artifact, ckpt_dir: str | Path) -> Growth | None:
     a task larger than a slot) and CheckpointError (unreadable files) before anything is written.
     """
     ckpt_dir = Path(ckpt_dir)
+    check_growable(art)
     ckpt = read_checkpoint_manifest(ckpt_dir)
     _check_belongs(art, ckpt, ckpt_dir)
     old, dims = len(art.manifest["tasks"]), art.dims
@@ -128,11 +144,14 @@ def plan_growth(art: Artifact, ckpt_dir: str | Path) -> Growth | None:
     patches, digests = [], [t["slot_sha256"] for t in art.manifest["tasks"]]
     for t, e in enumerate(ckpt["tasks"][old:], start=old):
         packed = pack_task(load_tensors(ckpt_dir, e), t, int(e["classes"]), dims, str(ckpt_dir / e["file"]))
+        # Values as the artifact stores them (FP16 artifacts: half precision), for files and sessions alike.
+        packed = [Patch(p.name, p.row, as_stored(p.data, art.tensors[p.name].dtype)) for p in packed]
         patches += packed
         digests.append(patches_digest(packed, art.tensors))
     shared, head = load_state_sources(ckpt_dir, ckpt)
     classes = [int(e["classes"]) for e in ckpt["tasks"]]
     state = pack_state(shared, head, classes, dims, str(ckpt_dir))
+    state = {name: as_stored(value, art.tensors[name].dtype) for name, value in state.items()}
     manifest = dict(art.manifest, **checkpoint_fields(ckpt, digests))
     return Growth(list(range(old, len(classes))), patches, state, manifest)
 

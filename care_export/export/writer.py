@@ -7,8 +7,6 @@ directory into place.
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -28,17 +26,18 @@ from runtime.artifact import (
     STATE_FILE,
     Dims,
     backbone_shapes,
+    check_target,
     file_entry,
     file_size,
-    fsync_dir,
     layout,
+    staged_dir,
     tensor_file_bytes,
     write_bytes,
     write_json,
     write_patches,
 )
 from runtime.checkpoint_files import load_tensors, read_checkpoint_manifest
-from runtime.errors import ArtifactError, CapacityError, CareError
+from runtime.errors import CapacityError, CareError
 from runtime.growth import backbone_fields, brmoe_fields, checkpoint_fields, load_state_sources
 from runtime.packing import pack_state, pack_task
 
@@ -122,24 +121,6 @@ def _write_graph(directory: Path, dims: Dims, specs, opset: int, batch: int | No
     onnx.checker.check_model(str(path), full_check=True)  # the path form: external data is not loaded
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
-    fsync_dir(out.parent)
-
-
-def _check_target(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise ArtifactError(f"{out} already exists; pass --force to replace it")
-    if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()):
-        raise ArtifactError(f"{out} is a non-empty directory that is not an artifact; refusing to replace it")
-
-
 def first_tasks(ckpt: dict, tasks: int) -> dict:
     """The checkpoint manifest as if it held its first ``tasks`` tasks (head and shared experts
     stay those of the full checkpoint, as ``load_checkpoint(..., tasks=)`` does)."""
@@ -165,13 +146,9 @@ def export_artifact(ckpt_dir: str | Path, out: str | Path, capacity: int, *, ops
     dims = export_dims(ckpt, capacity, slot_classes)
     if opset < MIN_OPSET:
         raise CareError(f"opset {opset} is below {MIN_OPSET} (LayerNormalization)")
-    _check_target(out, force)
+    check_target(out, force)
     specs = layout(dims)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_dir(out) as tmp:
         where = str(ckpt_dir / ckpt["backbone"]["file"])
         vit = backbone_arrays(load_tensors(ckpt_dir, ckpt["backbone"]), dims, where)
         write_bytes(tmp / BACKBONE_FILE, tensor_file_bytes(BACKBONE_FILE, specs, vit))
@@ -220,11 +197,6 @@ def export_artifact(ckpt_dir: str | Path, out: str | Path, capacity: int, *, ops
             "tensors": {name: s.to_dict() for name, s in specs.items()},
         }
         write_json(tmp / MANIFEST, manifest)
-        fsync_dir(tmp)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 

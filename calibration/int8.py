@@ -1,0 +1,168 @@
+"""INT8: symmetric Q/DQ (zero point 0) with per-channel weights, activations calibrated.
+
+Two steps:
+
+1. :func:`store_growth_int8`: the large growth tensors (expert stacks, the router table, the
+   cosine head) are stored as int8 with one float32 scale per row (per output channel of the
+   head), symmetric, and dequantized in the graph: a ``Gather`` of a stack takes int8 rows and
+   their scales (``Cast`` + ``Mul``: only the selected rows are widened), any other use reads
+   the whole tensor widened once. The routing path still *computes* in float32 from them.
+2. :func:`quantize_qdq`: ONNX Runtime's static quantization (QDQ format, QInt8 activations and
+   weights, symmetric, weights per channel) of the MatMul, Gemm and Conv nodes outside the
+   routing path and outside the int8-stored tensors' uses (their weights are already int8 and
+   their scales per row), with activation ranges from the calibration set.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+SCALE_SUFFIX = ".scale"
+# Growth tensors stored in int8, by the last part of their name, and the axes a scale spans
+# (the scale varies along the others). Rows along axis 0 are what growth writes per task.
+INT8_STORED = {
+    "experts.down": (1,),  # (cap*r, d): one scale per row
+    "experts.up": (2,),  # (cap, r, d): one scale per (slot, hidden unit)
+    "experts.up_bias": (1, 2),  # (cap, 1, d): one scale per slot
+    "routers.weight": (1,),  # (router rows, r): one scale per scored expert
+    "shared.down": (2,),  # (1, r_s, d): one scale per row
+    "shared.up": (2,),  # (1, r_s, d): one scale per hidden unit
+    "head.weight": (0,),  # (d, classes): one scale per class (output channel)
+}
+QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
+METHODS = ("minmax", "entropy", "percentile")
+
+
+def stored_kind(name: str) -> tuple[int, ...] | None:
+    for suffix, axes in INT8_STORED.items():
+        if name == suffix or name.endswith("." + suffix):
+            return axes
+    return None
+
+
+def quantize_symmetric(a: np.ndarray, axes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """``(q int8, scale float32)`` with ``a ~ q * scale``, ``|q| <= 127``, one scale per slice
+    along ``axes`` (kept as size-1 dims so that it broadcasts and gathers with ``q``)."""
+    a = np.asarray(a, np.float32)
+    amax = np.abs(a).max(axis=axes, keepdims=True)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    q = np.clip(np.rint(a / scale), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def store_growth_int8(model: onnx.ModelProto, growth: set[str]) -> set[str]:
+    """Rewrite ``model`` in place: the growth tensors named in ``INT8_STORED`` become int8 plus
+    ``NAME.scale``. Returns the names of the nodes added (they dequantize; keep them float)."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    consumers = defaultdict(list)
+    for n in graph.node:
+        for j, i in enumerate(n.input):
+            consumers[i].append((n, j))
+    added: list[onnx.NodeProto] = []
+    before: dict[str, list[onnx.NodeProto]] = defaultdict(list)  # node name -> nodes to insert before it
+    for name in sorted(growth):
+        axes = stored_kind(name)
+        if axes is None or name not in inits:
+            continue
+        q, scale = quantize_symmetric(numpy_helper.to_array(inits[name]), axes)
+        inits[name].CopyFrom(numpy_helper.from_array(q, name))
+        graph.initializer.append(numpy_helper.from_array(scale, name + SCALE_SUFFIX))
+        whole = None
+        for node, j in consumers[name]:
+            gather_rows = node.op_type == "Gather" and j == 0 and _attr(node, "axis", 0) == 0
+            if gather_rows:
+                # Gather int8 rows and their scales; widen only those.
+                base = f"{node.name}/int8"
+                rows, srows = f"{base}/rows", f"{base}/scales"
+                new = [helper.make_node("Gather", [name, node.input[1]], [rows], name=f"{base}/gather", axis=0),
+                       helper.make_node("Gather", [name + SCALE_SUFFIX, node.input[1]], [srows],
+                                        name=f"{base}/gather_scale", axis=0),
+                       helper.make_node("Cast", [rows], [rows + "_f"], name=f"{base}/cast", to=TensorProto.FLOAT)]
+                node.op_type = "Mul"
+                del node.input[:]
+                node.input.extend([rows + "_f", srows])
+                del node.attribute[:]
+                before[node.name] += new
+                added += new + [node]
+            else:
+                if whole is None:
+                    whole = f"{name}/dequant"
+                    cast = helper.make_node("Cast", [name], [whole + "/cast"], name=whole + "/cast",
+                                            to=TensorProto.FLOAT)
+                    mul = helper.make_node("Mul", [whole + "/cast", name + SCALE_SUFFIX], [whole], name=whole)
+                    before[node.name] += [cast, mul]
+                    added += [cast, mul]
+                node.input[j] = whole
+    nodes = []
+    for n in graph.node:
+        nodes += before.get(n.name, []) + [n]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return {n.name for n in added}
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def weight_nodes(model: onnx.ModelProto, growth: set[str]) -> set[str]:
+    """MatMul, Gemm and Conv nodes whose weight (second input) is a float initializer other than
+    a growth tensor: the backbone's linear layers. Products of two activations (attention
+    scores, the gathered experts of the token path, whose weights are int8 already) stay float."""
+    floats = {t.name for t in model.graph.initializer if t.data_type == TensorProto.FLOAT} - growth
+    return {n.name for n in model.graph.node
+            if n.op_type in QUANTIZED_OPS and len(n.input) > 1 and n.input[1] in floats}
+
+
+class ListReader:
+    """An ONNX Runtime ``CalibrationDataReader`` over batches of preprocessed images."""
+
+    def __init__(self, input_name: str, batches, progress=None):
+        self._it = iter(batches)
+        self.input_name = input_name
+        self.progress = progress
+
+    def get_next(self):
+        batch = next(self._it, None)
+        if batch is None:
+            return None
+        if self.progress:
+            self.progress(len(batch))
+        return {self.input_name: np.ascontiguousarray(batch, np.float32)}
+
+    def __len__(self):  # some ORT versions ask
+        return 0
+
+
+def quantize_qdq(model: onnx.ModelProto, batches, targets: set[str], method: str, input_name: str,
+                 progress=None) -> onnx.ModelProto:
+    """Static QDQ quantization of the nodes named in ``targets`` of ``model`` (weights in memory)."""
+    import tempfile
+    from pathlib import Path
+
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if not targets:  # quantize_static would take an empty list for "every node"
+        return model
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    with tempfile.TemporaryDirectory(prefix="care-quantize-") as tmp:
+        src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
+        large = model.ByteSize() > (1 << 31) - (1 << 24)
+        onnx.save_model(model, str(src), save_as_external_data=large, location="in.bin" if large else None)
+        quantize_static(
+            str(src), str(dst), ListReader(input_name, batches, progress), quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(QUANTIZED_OPS), nodes_to_quantize=sorted(targets), per_channel=True,
+            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=methods[method],
+            use_external_data_format=large,
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+        )
+        return onnx.load(str(dst))

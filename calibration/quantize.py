@@ -1,0 +1,141 @@
+"""``quantize_artifact``: an FP32 artifact -> an FP16 or INT8 artifact of the same format, with a report.
+
+The source is only read. The result is written under a temporary name beside ``out``, measured
+against the source there (``calibration.report``), and renamed into place with its
+``calibration_report.json``; a failure leaves nothing at ``out``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from runtime.artifact import INPUT, Artifact, check_target
+from runtime.errors import ArtifactError, InputError
+from runtime.preprocess import Preprocessing, to_input
+
+from . import calib_data
+from .artifact_out import write_artifact
+from .report import REPORT_FILE, compare
+
+PRECISIONS = ("fp16", "int8")
+ROUTING_MODES = ("fp32", "reduced")
+CALIB_BATCH = 1  # equal batches: the histogram methods stack per-batch outputs
+
+
+@dataclass
+class Images:
+    """Labelled images to calibrate with or to evaluate on; ``describe`` names where they came from."""
+
+    items: list
+    labels: np.ndarray
+    tasks_covered: int
+    describe: str
+
+
+def source_digest(art: Artifact) -> str:
+    """Names an artifact's content: the digest of its manifest (which holds its files' digests)."""
+    return hashlib.sha256(json.dumps(art.manifest, sort_keys=True).encode()).hexdigest()
+
+
+def open_source(artifact_dir: str | Path) -> Artifact:
+    art = Artifact(artifact_dir)
+    if art.manifest["precision"] != "fp32":
+        raise ArtifactError(f"{art.dir} is already quantized ({art.manifest['precision'].upper()}); quantize the "
+                            f"FP32 artifact it came from")
+    return art
+
+
+def draw_images(art: Artifact, calib_pool: calib_data.Pool, eval_pool: calib_data.Pool, per_task: int,
+                eval_samples: int, seed: int, calib_name: str, eval_name: str) -> tuple[Images, Images]:
+    """Calibration images (``per_task`` per learned task) and held-out evaluation images
+    (``eval_samples`` in all, spread over the tasks), never the same image twice."""
+    tasks = calib_data.task_classes(art.manifest)
+    items, labels, covered, chosen = calib_data.sample(calib_pool, tasks, per_task, seed)
+    if not items:
+        raise InputError(f"{calib_name}: no calibration images of the artifact's classes")
+    skip = chosen if eval_pool is calib_pool else None
+    per_eval = -(-eval_samples // len(tasks))
+    e_items, e_labels, e_covered, _ = calib_data.sample(eval_pool, tasks, per_eval, seed + 1, skip)
+    if not e_items:
+        raise InputError(f"{eval_name}: no held-out images left for the report (calibration used them all)")
+    return (Images(items, labels, covered, calib_name), Images(e_items[:eval_samples], e_labels[:eval_samples],
+                                                               e_covered, eval_name))
+
+
+def quantize_artifact(src_dir: str | Path, out: str | Path, precision: str, calib: Images, held_out: Images, *,
+                      routing: str = "fp32", method: str = "percentile", seed: int = 0, force: bool = False,
+                      progress: Callable[[int], None] | None = None, latency_runs: int = 7) -> tuple[dict, dict]:
+    """Write the ``precision`` rewrite of the FP32 artifact ``src_dir`` to ``out``.
+
+    ``calib``: images the INT8 activation ranges are taken from (FP16 needs none). ``held_out``:
+    labelled images for the report. ``progress(n)``: called as calibration images are used.
+    Returns ``(manifest, report)``.
+    """
+    from .routing_nodes import routing_nodes
+
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if routing not in ROUTING_MODES:
+        raise InputError(f"unknown routing mode {routing!r}: choose one of {', '.join(ROUTING_MODES)}")
+    src = open_source(src_dir)
+    out = Path(out)
+    if out.resolve() == src.dir.resolve():
+        raise ArtifactError(f"{out} is the source artifact; write the {precision.upper()} artifact elsewhere")
+    check_target(out, force)
+    pre = Preprocessing.from_dict(src.manifest["preprocessing"])
+    x_eval = to_input(calib_data.load(held_out.items), pre)
+
+    model = onnx.load(str(src.model_path))  # with its weights
+    keep = routing_nodes(model) if routing == "fp32" else set()
+    info = {"routing": routing, "routing_nodes": len(keep), "source_artifact_digest": source_digest(src),
+            "onnxruntime": _ort_version(), "seed": seed,
+            "evaluation": {"data": held_out.describe, "samples": int(len(held_out.labels))}}
+    growth_values = None
+    if precision == "fp16":
+        from .fp16 import fp16_growth_values, to_fp16
+
+        model = to_fp16(model, keep, reduced=routing == "reduced")
+        growth_values = fp16_growth_values(model, src)
+        info.update(method=None, calibration=None)
+    else:
+        from .int8 import QUANTIZED_OPS, quantize_qdq, store_growth_int8, weight_nodes
+
+        growth = {name for name, s in src.tensors.items() if s.role != "backbone"}
+        targets = weight_nodes(model, growth) - keep
+        if routing == "reduced":  # the routing path's products too, but for those reading float growth tensors
+            path = routing_nodes(model)
+            targets |= {n.name for n in model.graph.node
+                        if n.op_type in QUANTIZED_OPS and n.name in path and not growth & set(n.input)}
+        store_growth_int8(model, growth)
+        x_calib = to_input(calib_data.load(calib.items), pre)
+        model = quantize_qdq(model, calib_data.batches(x_calib, CALIB_BATCH), targets, method, INPUT, progress)
+        info.update(method=method, calibration={"data": calib.describe, "samples": int(len(calib.labels)),
+                                                "per_task": int(np.bincount(_task_of(src, calib.labels)).max()),
+                                                "tasks_covered": calib.tasks_covered, "tasks": src.num_tasks})
+    report: dict = {}
+
+    def measure(tmp: Path) -> None:
+        report.update(compare(src.dir, tmp, x_eval, held_out.labels, latency_runs=latency_runs))
+        report.update(precision=precision, routing=routing, method=info["method"], source=str(src.dir))
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
+
+    manifest = write_artifact(model, src, out, precision, info, growth_values, force=force, finish=measure)
+    return manifest, report
+
+
+def _task_of(art: Artifact, labels: np.ndarray) -> np.ndarray:
+    bounds = np.cumsum([t["classes"] for t in art.manifest["tasks"]])
+    return np.searchsorted(bounds, labels, side="right")
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__

@@ -1,0 +1,117 @@
+"""``care-export quantize``: an FP32 artifact -> FP16 or INT8 (calibration/), with a report.
+
+Imports no PyTorch: the built-in dataset is drawn with numpy and PIL.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import click
+
+BUILTIN = "builtin"
+# The built-in dataset as ``care-export train`` uses it: train images calibrate, test images evaluate.
+BUILTIN_PER_CLASS = {"train": 60, "test": 20}
+
+
+def builtin_pool(class_names: list[str], image_size: int, split: str, seed: int = 0) -> dict[int, list]:
+    """The built-in dataset's images of the artifact's classes (drawn on demand), by class id.
+
+    A built-in class is named ``<shape>-on-<texture>-<id>``; the name must match the dataset's."""
+    from runtime.errors import InputError
+
+    from .builtin_data import MAX_CLASSES, BuiltinSource
+
+    ids = []
+    for name in class_names:
+        m = re.fullmatch(r".*-(\d+)", name)
+        if not m or int(m.group(1)) >= MAX_CLASSES:
+            raise InputError(f"class {name!r} is not a built-in dataset class; pass --calib-data DIR")
+        ids.append(int(m.group(1)))
+    per = BUILTIN_PER_CLASS[split]
+    source = BuiltinSource(max(ids) + 1, train_per_class=per, test_per_class=per, image_size=image_size, seed=seed)
+    for name, i in zip(class_names, ids):
+        if source.class_names[i] != name:
+            raise InputError(f"class {name!r} is not the built-in dataset's class {i} ({source.class_names[i]}); "
+                             f"pass --calib-data DIR")
+    return {g: [(lambda i=i, k=k: source.load(split, (i, k))) for k in range(per)] for g, i in enumerate(ids)}
+
+
+def _pool(data: str, art, split: str):
+    from calibration.calib_data import folder_pool
+
+    names = art.manifest["classes"]["names"]
+    if data == BUILTIN:
+        return builtin_pool(names, art.dims.img_size, split), f"builtin ({split} images)"
+    return folder_pool(data, names), str(Path(data))
+
+
+@click.command("quantize")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True,
+              help="Directory of the new artifact.")
+@click.option("--precision", type=click.Choice(["fp16", "int8"]), required=True, help="Target precision.")
+@click.option("--calib-data", default=None, metavar="DIR|builtin",
+              help="Calibration images: a folder with one sub-folder per class (named as the artifact's classes), "
+                   "or 'builtin'. Needed for int8; also the default source of held-out images.")
+@click.option("--method", type=click.Choice(["minmax", "entropy", "percentile"]), default="percentile",
+              show_default=True,
+              help="INT8 activation range calibration.")
+@click.option("--per-task", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Calibration images per learned task.")
+@click.option("--seed", type=int, default=1993, show_default=True, help="Seed of the image sampling.")
+@click.option("--routing", type=click.Choice(["fp32", "reduced"]), default="fp32", show_default=True,
+              help="fp32: the routing path (perceptors, entropies, routers, TopKs) computes in float32; "
+                   "reduced: in the target precision too, for comparison.")
+@click.option("--eval-data", default=None, metavar="DIR|builtin",
+              help="Held-out labelled images for the report [default: --calib-data, other images].")
+@click.option("--eval-samples", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Held-out images in the report, spread over the tasks.")
+@click.option("--force", is_flag=True, help="Replace an existing OUTPUT artifact.")
+def quantize_command(artifact, out, precision, calib_data, method, per_task, seed, routing, eval_data, eval_samples,
+                     force):
+    """Rewrite an FP32 artifact to FP16 or INT8, keeping its routing decisions in float32.
+
+    The result is an artifact of the same format (runtime.Session and `care-export run` load it)
+    with calibration_report.json: accuracy and top-1 agreement with FP32 on held-out images,
+    routing flips per block, max |dlogit|, size and CPU latency against FP32. The source artifact
+    is only read. INT8 artifacts cannot take new tasks: add them to the FP32 artifact and
+    quantize again; FP16 artifacts take them with `care-export add-task`.
+
+    \b
+    Example:
+      care-export quantize model/ -o model-int8/ --precision int8 --calib-data builtin
+      care-export quantize model/ -o model-fp16/ --precision fp16 --eval-data photos/
+    """
+    from tqdm import tqdm
+
+    from calibration.quantize import draw_images, open_source, quantize_artifact
+    from calibration.report import REPORT_FILE, table
+    from runtime.artifact import check_target
+
+    if precision == "int8" and calib_data is None:
+        raise click.UsageError("--precision int8 needs --calib-data DIR|builtin")
+    if calib_data is None and eval_data is None:
+        raise click.UsageError("give --eval-data (or --calib-data) for the report's held-out images")
+    src = open_source(artifact)
+    check_target(out, force)
+    calib_pool, calib_name = _pool(calib_data, src, "train") if calib_data else _pool(eval_data, src, "test")
+    if eval_data is None or eval_data == calib_data:
+        eval_pool, eval_name = (_pool(BUILTIN, src, "test") if calib_data == BUILTIN else (calib_pool, calib_name))
+    else:
+        eval_pool, eval_name = _pool(eval_data, src, "test")
+    calib, held_out = draw_images(src, calib_pool, eval_pool, per_task, eval_samples, seed, calib_name, eval_name)
+    bar = tqdm(total=len(calib.labels), desc="calibrating", unit="image", leave=False,
+               disable=None if precision == "int8" else True)
+    try:
+        manifest, report = quantize_artifact(artifact, out, precision, calib, held_out, routing=routing,
+                                             method=method, seed=seed, force=force, progress=bar.update)
+    finally:
+        bar.close()
+    q = manifest["quantization"]
+    how = f"routing {routing}" + (f", {method} on {q['calibration']['samples']} images of "
+                                  f"{q['calibration']['tasks_covered']}/{q['calibration']['tasks']} tasks"
+                                  if precision == "int8" else "")
+    click.echo(f"wrote {out}: {precision.upper()} ({how}); report in {out / REPORT_FILE}")
+    click.echo(table(report, precision))

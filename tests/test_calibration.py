@@ -1,0 +1,226 @@
+"""FP16 and INT8 rewrites of an artifact (calibration/): they keep top-1 and routing decisions of
+FP32 on a small model trained on the built-in dataset, load where FP32 loads, follow the growth
+rule (FP16 grows like FP32, INT8 refuses) and turn bad input into one-line errors."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from calibration.calib_data import sample, task_classes
+from calibration.quantize import draw_images, quantize_artifact
+from calibration.report import REPORT_FILE
+from calibration.routing_nodes import routing_nodes
+from care_export.cli import main
+from care_export.config import Preprocessing, backbone_config
+from care_export.continual import train_sequence
+from care_export.export.writer import export_artifact
+from care_export.pretrain import PretrainConfig, pretrained_backbone
+from care_export.quantize_cli import builtin_pool
+from care_export.train import TrainConfig
+from runtime import Session
+from runtime.artifact import Artifact
+from runtime.errors import ArtifactError, InputError
+from runtime.growth import add_tasks
+
+BACKBONE = backbone_config("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
+CAPACITY = 16
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 3-task model on the built-in dataset: a small ViT pre-trained on other built-in classes,
+    then CaRE; exported whole and after its first two tasks (for growth)."""
+    d = tmp_path_factory.mktemp("calib")
+    weights = pretrained_backbone(PretrainConfig(backbone=BACKBONE, classes=40, images_per_class=24, epochs=3),
+                                  cache_dir=d / "cache", progress=False)
+    ckpt = train_sequence(d / "ckpt", builtin=dict(num_classes=15, train_per_class=16, test_per_class=20),
+                          init_cls=5, increment=5, tasks=3, backbone=BACKBONE, weights=str(weights),
+                          cfg=TrainConfig(epochs=2, ca_epochs=1),
+                          preprocessing=Preprocessing.for_input(32, (0.5,) * 3, (0.5,) * 3), progress=False)
+    export_artifact(ckpt, d / "fp32", CAPACITY)
+    export_artifact(ckpt, d / "fp32-2", CAPACITY, tasks=2)
+    return {"dir": d, "ckpt": ckpt, "fp32": d / "fp32", "fp32-2": d / "fp32-2"}
+
+
+def images_for(art_dir, per_task=16, eval_samples=300):
+    art = Artifact(art_dir)
+    names = art.manifest["classes"]["names"]
+    return draw_images(art, builtin_pool(names, art.dims.img_size, "train"),
+                       builtin_pool(names, art.dims.img_size, "test"), per_task, eval_samples, 1993,
+                       "builtin train", "builtin test")
+
+
+@pytest.fixture(scope="module")
+def quantized(trained):
+    calib, held_out = images_for(trained["fp32"])
+    out = {}
+    for precision in ("fp16", "int8"):
+        path = trained["dir"] / precision
+        _, report = quantize_artifact(trained["fp32"], path, precision, calib, held_out, routing="fp32")
+        out[precision] = (path, report)
+    return out
+
+
+# ---------------------------------------------------------------------- routing path
+def test_routing_nodes_are_the_routing_path(trained):
+    model = onnx.load(str(trained["fp32"] / "model.onnx"), load_external_data=False)
+    routing = routing_nodes(model)
+    nodes = {n.name: n for n in model.graph.node}
+    reads = lambda n, suffix: any(i.endswith(suffix) for i in n.input)  # noqa: E731
+    topk = [n for n in nodes.values() if n.op_type == "TopK"]
+    assert len(topk) == 2 * BACKBONE.depth and all(n.name in routing for n in topk)
+    for suffix in ("perceptor0.proj", "perceptors.proj", "experts.down"):  # perceptor MatMuls, CLS expert pass
+        users = [n for n in nodes.values() if reads(n, suffix) and n.op_type in ("MatMul", "Gemm")]
+        assert users and all(n.name in routing for n in users), suffix
+    # Router logits: the MatMul over the gathered rows of the router table.
+    gathered = {n.output[0] for n in nodes.values() if n.op_type == "Gather" and reads(n, "routers.weight")}
+    router_mm = [n for n in nodes.values() if n.op_type == "MatMul" and gathered & set(n.input)]
+    assert len(router_mm) == BACKBONE.depth and all(n.name in routing for n in router_mm)
+    # Nothing of the backbone (attention, MLP, norms, embedding, head) nor the token path's products.
+    backbone = [n for n in nodes.values() if any(i.startswith("vit.") for i in n.input)]
+    assert backbone and not any(n.name in routing for n in backbone)
+    assert not any(nodes[name].op_type == "LayerNormalization" for name in routing)
+    assert "head/logits" not in routing
+
+
+# ---------------------------------------------------------------------- the must-show thresholds
+def test_fp16_keeps_top1(quantized):
+    path, report = quantized["fp16"]
+    assert report["top1_agreement"] >= 0.995, report
+    assert report["accuracy"]["fp32"] > 0.5  # a trained model, not chance (15 classes)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["precision"] == "fp16" and manifest["quantization"]["routing"] == "fp32"
+    t = manifest["tensors"]
+    assert t["moe.0.experts.up"]["dtype"] == "float16" and t["vit.blocks.0.mlp.fc1"]["dtype"] == "float16"
+    assert t["moe.0.routers.weight"]["dtype"] == "float32" and t["moe.0.perceptors.proj"]["dtype"] == "float32"
+    assert json.loads((path / REPORT_FILE).read_text())["top1_agreement"] == report["top1_agreement"]
+
+
+def test_int8_keeps_top1_and_routing_and_is_small(quantized):
+    path, report = quantized["int8"]
+    assert report["top1_agreement"] >= 0.99, report
+    assert max(report["routing_flip_rate"]) <= 0.01, report
+    assert report["bytes"]["ratio"] <= 0.35, report
+    model = onnx.load(str(path / "model.onnx"), load_external_data=False)
+    ops = {n.op_type for n in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    zero_points = [t for t in model.graph.initializer
+                   if t.data_type == onnx.TensorProto.INT8 and "zero_point" in t.name]
+    assert zero_points and all(not onnx.numpy_helper.to_array(z).any() for z in zero_points)  # symmetric
+    m = json.loads((path / "manifest.json").read_text())
+    t = m["tensors"]
+    assert t["moe.0.experts.up"]["dtype"] == "int8" and t["moe.0.routers.weight"]["dtype"] == "int8"
+    assert m["quantization"]["method"] == "percentile"
+    assert m["quantization"]["calibration"]["tasks_covered"] == 3
+
+
+def test_quantized_artifacts_run_in_session_and_cli(quantized, trained, tmp_path):
+    img = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(img)
+    for precision in ("fp16", "int8"):
+        path = quantized[precision][0]
+        with Session(path, device="cpu", verify=True) as s:
+            pred = s.predict(str(img), top_k=3, return_routing=True)
+            assert pred.classes.shape == (1, 3) and s.num_classes == 15
+        res = CliRunner().invoke(main, ["run", str(path), str(img), "--device", "cpu"])
+        assert res.exit_code == 0, res.output
+
+
+# ---------------------------------------------------------------------- growth
+def test_fp16_grows_like_fp32_and_int8_refuses(trained, quantized, tmp_path):
+    calib, held_out = images_for(trained["fp32-2"], eval_samples=40)
+    small = tmp_path / "fp16-2"
+    quantize_artifact(trained["fp32-2"], small, "fp16", calib, held_out)
+    assert add_tasks(small, trained["ckpt"])[0] == [2]
+    whole = quantized["fp16"][0]
+    for name in ("model.onnx", "slots.bin", "state.bin"):
+        assert (small / name).read_bytes() == (whole / name).read_bytes(), name
+    assert [t["slot_sha256"] for t in Artifact(small, verify=True).manifest["tasks"]] == \
+        [t["slot_sha256"] for t in Artifact(whole).manifest["tasks"]]
+
+    int8 = tmp_path / "int8"
+    shutil.copytree(quantized["int8"][0], int8)
+    before = {p.name: p.read_bytes() for p in int8.iterdir()}
+    with pytest.raises(ArtifactError, match="care-export quantize again"):
+        add_tasks(int8, trained["ckpt"])
+    with Session(int8, device="cpu") as s, pytest.raises(ArtifactError, match="cannot take new tasks"):
+        s.add_task(trained["ckpt"])
+    assert {p.name: p.read_bytes() for p in int8.iterdir()} == before
+    res = CliRunner().invoke(main, ["add-task", str(int8), str(trained["ckpt"])])
+    assert res.exit_code == 1 and res.output.count("\n") == 1 and "FP32 artifact" in res.output
+
+
+# ---------------------------------------------------------------------- bad input
+def test_bad_input_gives_one_line_errors(trained, quantized, tmp_path):
+    def run(*args):
+        return CliRunner().invoke(main, ["quantize", *map(str, args)])
+
+    res = run(tmp_path / "missing", "-o", tmp_path / "o", "--precision", "fp16", "--calib-data", "builtin")
+    assert res.exit_code == 1 and "artifact not found" in res.output and res.output.count("\n") == 1
+    res = run(trained["fp32"], "-o", quantized["fp16"][0], "--precision", "fp16", "--calib-data", "builtin")
+    assert res.exit_code == 1 and "already exists; pass --force" in res.output
+    res = run(trained["fp32"], "-o", tmp_path / "o", "--precision", "int4", "--calib-data", "builtin")
+    assert res.exit_code == 2 and "int4" in res.output
+    (tmp_path / "empty").mkdir()
+    res = run(trained["fp32"], "-o", tmp_path / "o", "--precision", "int8", "--calib-data", tmp_path / "empty")
+    assert res.exit_code == 1 and "no images of the artifact's classes" in res.output
+    res = run(quantized["int8"][0], "-o", tmp_path / "o", "--precision", "fp16", "--calib-data", "builtin")
+    assert res.exit_code == 1 and "already quantized (INT8)" in res.output
+    res = run(trained["fp32"], "-o", trained["fp32"], "--precision", "fp16", "--calib-data", "builtin", "--force")
+    assert res.exit_code == 1 and "is the source artifact" in res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_quantize_with_an_image_folder(trained, tmp_path):
+    """Calibration from a folder of images named by class; the output is a complete artifact."""
+    art = Artifact(trained["fp32"])
+    names = art.manifest["classes"]["names"]
+    pool = builtin_pool(names, 32, "test")
+    for c, name in enumerate(names):
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        for i in range(4):
+            pool[c][i]().save(tmp_path / "imgs" / name / f"{i}.png")
+    out = tmp_path / "q"
+    res = CliRunner().invoke(main, ["quantize", str(trained["fp32"]), "-o", str(out), "--precision", "int8",
+                                    "--calib-data", str(tmp_path / "imgs"), "--per-task", "6", "--method", "minmax",
+                                    ])
+    assert res.exit_code == 0, res.output
+    assert "routing flips" in res.output and (out / REPORT_FILE).is_file()
+    m = json.loads((out / "manifest.json").read_text())["quantization"]
+    assert m["calibration"]["samples"] == 18 and m["evaluation"]["samples"] == 60 - 18
+    assert not list(tmp_path.glob(".q.tmp-*"))
+
+
+def test_sampling_covers_every_task_and_is_disjoint():
+    manifest = {"tasks": [{"classes": 3}, {"classes": 2}]}
+    pool = {c: [f"{c}-{i}" for i in range(5)] for c in range(5)}
+    tasks = task_classes(manifest)
+    items, labels, covered, chosen = sample(pool, tasks, 4, seed=1)
+    assert covered == 2 and len(items) == 8 and sorted(np.bincount(labels)) == [1, 1, 2, 2, 2]
+    again = sample(pool, tasks, 4, seed=1)
+    assert again[0] == items
+    rest, *_ = sample(pool, tasks, 100, seed=2, skip=chosen)
+    assert len(rest) == 25 - 8 and not set(rest) & set(items)
+    with pytest.raises(InputError):
+        from calibration.calib_data import folder_pool
+
+        folder_pool("/nonexistent-dir", ["a"])
+
+
+def test_calibration_imports_without_torch():
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "import importlib, pkgutil, calibration\n"
+            "for m in pkgutil.walk_packages(calibration.__path__): importlib.import_module('calibration.' + m.name)\n"
+            "import care_export.quantize_cli\n"
+            "assert sys.modules.get('torch') is None\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
