@@ -139,7 +139,13 @@ def test_fp16_grows_like_fp32_and_int8_refuses(trained, quantized, tmp_path):
     calib, held_out = images_for(trained["fp32-2"], eval_samples=40)
     small = tmp_path / "fp16-2"
     quantize_artifact(trained["fp32-2"], small, "fp16", calib, held_out)
+    in_memory = Session(shutil.copytree(small, tmp_path / "fp16-mem"), device="cpu")
     assert add_tasks(small, trained["ckpt"])[0] == [2]
+    assert in_memory.add_task(trained["ckpt"]) == [2]
+    x = np.random.default_rng(1).standard_normal((6, 3, 32, 32), dtype=np.float32)
+    with Session(quantized["fp16"][0], device="cpu") as whole_session:
+        assert np.array_equal(in_memory.logits(x), whole_session.logits(x))
+    in_memory.close()
     whole = quantized["fp16"][0]
     for name in ("model.onnx", "slots.bin", "state.bin"):
         assert (small / name).read_bytes() == (whole / name).read_bytes(), name
@@ -224,3 +230,27 @@ def test_calibration_imports_without_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr
+
+
+def test_reduced_routing_rewrites_the_routing_path_too(trained, tmp_path):
+    """``--routing reduced``: FP16 runs the TopKs in half precision, INT8 puts the router logits
+    under Q/DQ; both still load and answer."""
+    calib, held_out = images_for(trained["fp32"], per_task=4, eval_samples=60)
+    for precision in ("fp16", "int8"):
+        out = tmp_path / precision
+        manifest, report = quantize_artifact(trained["fp32"], out, precision, calib, held_out, routing="reduced")
+        assert manifest["quantization"]["routing"] == "reduced" and report["top1_agreement"] >= 0.9
+        model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+        nodes = {n.name: n for n in model.graph.node}
+        producers = {o: n for n in model.graph.node for o in n.output}
+        if precision == "fp16":
+            assert manifest["tensors"]["moe.0.routers.weight"]["dtype"] == "float16"
+            # No Cast back to float32 in front of a TopK: it runs in float16.
+            assert not any(producers[n.input[0]].op_type == "Cast" for n in nodes.values() if n.op_type == "TopK")
+        else:
+            src = onnx.load(str(trained["fp32"] / "model.onnx"), load_external_data=False)
+            gathered = {n.output[0] for n in src.graph.node if n.op_type == "Gather" and "routers.weight" in n.input[0]}
+            router_mm = [n.name for n in src.graph.node if n.op_type == "MatMul" and gathered & set(n.input)]
+            assert len(router_mm) == BACKBONE.depth
+            for name in router_mm:
+                assert all(producers[i].op_type == "DequantizeLinear" for i in nodes[name].input), name
