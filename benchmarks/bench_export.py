@@ -1,7 +1,7 @@
 """The exporter benchmark (same as ``care-export bench``): eager PyTorch reference, exported
 artifact and plain backbone, interleaved, for ViT-B/16 at T in {1, 10, 100, 301}, batch 1 and 8.
 
-    python benchmarks/bench_export.py --ckpt /work/scratch/ckpt301
+    python benchmarks/bench_export.py --ckpt big/   # care-export synth-ckpt -o big/ --tasks 301 ...
 """
 
 from care_export.export_bench import bench_command

@@ -29,7 +29,6 @@ import numpy as np
 
 from runtime.artifact import INPUT
 
-DEFAULT_CKPT = "/work/scratch/ckpt301"
 INPUTS = 4  # distinct inputs cycled over rounds (different routing), the same for every engine
 # Idle time before each call: ORT's and OpenMP's worker threads spin for a while after a call
 # and would slow whichever engine runs next.
@@ -169,7 +168,7 @@ def _ints(text: str) -> list[int]:
 
 
 @click.command("bench")
-@click.option("--ckpt", type=click.Path(path_type=Path), default=DEFAULT_CKPT, show_default=True,
+@click.option("--ckpt", type=click.Path(path_type=Path), required=True,
               help="Checkpoint; the first T tasks are used for each T.")
 @click.option("--tasks", "task_list", default="1,10,100,301", show_default=True, help="Task counts T.")
 @click.option("--batch", "batch_list", default="1,8", show_default=True, help="Batch sizes.")
@@ -184,8 +183,9 @@ def bench_command(ckpt, task_list, batch_list, capacity, rounds, eager_rounds, e
     """Time the artifact, the eager PyTorch reference and the plain backbone, interleaved.
 
     \b
-    Example (ViT-B/16, B100-Inc3, the figures of the closing note):
-      care-export bench --ckpt /work/scratch/ckpt301 --tasks 1,10,100,301 --batch 1,8
+    Example (ViT-B/16, B100-Inc3, 301 tasks of random weights):
+      care-export synth-ckpt -o big/ --init-cls 100 --increment 3 --tasks 301
+      care-export bench --ckpt big/ --tasks 1,10,100,301 --batch 1,8
     """
     import os
 
