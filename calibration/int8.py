@@ -10,7 +10,9 @@ Two steps:
 2. :func:`quantize_qdq`: ONNX Runtime's static quantization (QDQ format, QInt8 activations and
    weights, symmetric, weights per channel) of the MatMul, Gemm and Conv nodes outside the
    routing path and outside the int8-stored tensors' uses (their weights are already int8 and
-   their scales per row), with activation ranges from the calibration set.
+   their scales per row), with activation ranges from the calibration set. Only the inputs of
+   those nodes get Q/DQ, never their outputs; the most routing-sensitive layers then fall back to
+   weight-only int8 (``calibration.fallback``).
 """
 
 from __future__ import annotations
@@ -163,6 +165,9 @@ def quantize_qdq(model: onnx.ModelProto, batches, targets: set[str], method: str
             op_types_to_quantize=list(QUANTIZED_OPS), nodes_to_quantize=sorted(targets), per_channel=True,
             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=methods[method],
             use_external_data_format=large,
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+            # Q/DQ on the inputs of the quantized nodes only: their outputs (the residual branch
+            # before its bias) stay float, as TensorRT's int8 GEMMs write them.
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                           "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OPS)},
         )
         return onnx.load(str(dst))

@@ -27,6 +27,7 @@ from .report import REPORT_FILE, compare
 PRECISIONS = ("fp16", "int8")
 ROUTING_MODES = ("fp32", "reduced")
 CALIB_BATCH = 1  # equal batches: the histogram methods stack per-batch outputs
+FALLBACK_TARGET = 0.01  # routing flips per block that activation quantization may add (calibration set)
 
 
 @dataclass
@@ -71,11 +72,14 @@ def draw_images(art: Artifact, calib_pool: calib_data.Pool, eval_pool: calib_dat
 
 def quantize_artifact(src_dir: str | Path, out: str | Path, precision: str, calib: Images, held_out: Images, *,
                       routing: str = "fp32", method: str = "percentile", seed: int = 0, force: bool = False,
+                      fallback_target: float | None = FALLBACK_TARGET,
                       progress: Callable[[int], None] | None = None, latency_runs: int = 7) -> tuple[dict, dict]:
     """Write the ``precision`` rewrite of the FP32 artifact ``src_dir`` to ``out``.
 
     ``calib``: images the INT8 activation ranges are taken from (FP16 needs none). ``held_out``:
     labelled images for the report. ``progress(n)``: called as calibration images are used.
+    ``fallback_target``: INT8 layers fall back to weight-only until the calibration images' routing
+    flips per block are at most this above what the int8 weights alone flip (``None``: no fallback).
     Returns ``(manifest, report)``.
     """
     from .routing_nodes import routing_nodes
@@ -116,6 +120,14 @@ def quantize_artifact(src_dir: str | Path, out: str | Path, precision: str, cali
         store_growth_int8(model, growth)
         x_calib = to_input(calib_data.load(calib.items), pre)
         model = quantize_qdq(model, calib_data.batches(x_calib, CALIB_BATCH), targets, method, INPUT, progress)
+        from .fallback import Evaluator, only_targets_read_qdq, sensitivity_fallback
+
+        model = only_targets_read_qdq(model, targets)
+        if fallback_target is not None:
+
+            backbone = weight_nodes(onnx.load(str(src.model_path), load_external_data=False), growth) - keep
+            model, info["fallback"] = sensitivity_fallback(model, backbone, Evaluator(x_calib, onnx.load(
+                str(src.model_path))), fallback_target)
         info.update(method=method, calibration={"data": calib.describe, "samples": int(len(calib.labels)),
                                                 "per_task": int(np.bincount(_task_of(src, calib.labels)).max()),
                                                 "tasks_covered": calib.tasks_covered, "tasks": src.num_tasks})
@@ -124,6 +136,8 @@ def quantize_artifact(src_dir: str | Path, out: str | Path, precision: str, cali
     def measure(tmp: Path) -> None:
         report.update(compare(src.dir, tmp, x_eval, held_out.labels, latency_runs=latency_runs))
         report.update(precision=precision, routing=routing, method=info["method"], source=str(src.dir))
+        if info.get("fallback") is not None:  # layers kept at weight-only int8 (float activations)
+            report["weight_only"] = info["fallback"]["weight_only"]
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
 
     manifest = write_artifact(model, src, out, precision, info, growth_values, force=force, finish=measure)

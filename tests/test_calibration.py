@@ -122,6 +122,25 @@ def test_int8_keeps_top1_and_routing_and_is_small(quantized):
     assert m["quantization"]["calibration"]["tasks_covered"] == 3
 
 
+def test_int8_quantizes_only_weight_layer_inputs_and_records_the_fallback(quantized):
+    """Activation Q/DQ feeds only MatMul / Gemm / Conv; layers that fell back read a float
+    activation and an int8 weight; the manifest and the report name them."""
+    path, report = quantized["int8"]
+    model = onnx.load(str(path / "model.onnx"), load_external_data=False)
+    inits = {t.name for t in model.graph.initializer}
+    nodes = {n.name: n for n in model.graph.node}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    readers = {c.op_type for c in model.graph.node for i in c.input
+               if i in producer and producer[i].op_type == "DequantizeLinear" and producer[i].input[0] not in inits}
+    assert readers and readers <= {"MatMul", "Gemm", "Conv"}, readers
+    fb = json.loads((path / "manifest.json").read_text())["quantization"]["fallback"]
+    assert {"floor", "w8a8", "calibration_flips", "weight_only", "target"} <= set(fb)
+    assert fb["calibration_flips"] <= fb["floor"] + fb["target"] and report["weight_only"] == fb["weight_only"]
+    for name in fb["weight_only"]:
+        x, w = (producer.get(i) for i in nodes[name].input[:2])
+        assert (x is None or x.op_type != "DequantizeLinear") and w.op_type == "DequantizeLinear", name
+
+
 def test_quantized_artifacts_run_in_session_and_cli(quantized, trained, tmp_path):
     img = tmp_path / "x.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(img)

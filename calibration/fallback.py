@@ -1,0 +1,171 @@
+"""Sensitivity-ranked fallback of INT8 activations to weight-only INT8, measured on the calibration set.
+
+After static quantization every backbone MatMul / Gemm / Conv reads ``DQ(Q(activation))`` and
+``DQ(int8 weight)``. Routing decisions of a CaRE model are near ties (perceptor entropies a few
+1e-3 apart), so some layers' activation rounding flips them far more than others. As TensorRT
+ModelOpt and Polygraphy do, each layer's sensitivity is measured alone and the most sensitive
+layers fall back, in that order, until the calibration set's routing holds:
+
+1. reference: the FP32 source graph's routing and logits on the calibration images;
+2. floor: every layer weight-only (int8 weights, float activations): what the int8 weights of the
+   backbone and the growth tensors flip by themselves, which no activation choice can remove;
+3. sensitivity of layer L: routing flips on the calibration images (summed over blocks, then
+   max |dlogit| to break ties) with only L's activations quantized, every other layer weight-only;
+4. starting from all activations quantized, layers fall back in decreasing sensitivity until the
+   largest per-block flip rate on the calibration images is at most ``floor + target``.
+
+A fallen-back layer keeps its int8 weight and its DequantizeLinear (the artifact's size does not
+change); only the activation's QuantizeLinear / DequantizeLinear pair in front of it goes.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from runtime.artifact import INPUT, LOGITS, ROUTING_EXPERTS, ROUTING_TASKS
+from runtime.routing import canonical_routing
+
+EVAL_BATCH = 64
+
+
+def activation_qdq(model: onnx.ModelProto, targets: set[str]) -> dict[str, tuple[int, str]]:
+    """For each target node whose input is ``DQ(Q(x))`` of an activation: ``(input index, x)``."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    inits = {t.name for t in model.graph.initializer}
+    found = {}
+    for n in model.graph.node:
+        if n.name not in targets:
+            continue
+        for j, i in enumerate(n.input):
+            dq = producer.get(i)
+            if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] in inits:
+                continue
+            q = producer.get(dq.input[0])
+            if q is not None and q.op_type == "QuantizeLinear":
+                found[n.name] = (j, q.input[0])
+    return found
+
+
+def only_targets_read_qdq(model: onnx.ModelProto, targets: set[str]) -> onnx.ModelProto:
+    """In place: nodes other than ``targets`` that read ``DQ(Q(x))`` of an activation (ONNX
+    Runtime lets e.g. a ``Shape`` of the image read it) read ``x`` itself."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    inits = {t.name for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.name in targets:
+            continue
+        for j, i in enumerate(n.input):
+            dq = producer.get(i)
+            if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] not in inits:
+                q = producer.get(dq.input[0])
+                if q is not None and q.op_type == "QuantizeLinear":
+                    n.input[j] = q.input[0]
+    return prune(model)
+
+
+def weight_only(model: onnx.ModelProto, nodes: set[str], act: dict[str, tuple[int, str]]) -> onnx.ModelProto:
+    """A copy of ``model`` where ``nodes`` read their float activation (their weights stay int8);
+    Q/DQ nodes left without consumers are removed."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for n in m.graph.node:
+        if n.name in nodes and n.name in act:
+            j, x = act[n.name]
+            n.input[j] = x
+    return prune(m)
+
+
+def prune(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Remove QuantizeLinear / DequantizeLinear nodes whose outputs nothing reads (in place)."""
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    while True:
+        used = {i for n in graph.node for i in n.input} | outputs
+        dead = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                and not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+    used = {i for n in graph.node for i in n.input}
+    for t in [t for t in graph.initializer if t.name not in used and t.name.endswith(("_scale", "_zero_point"))]:
+        graph.initializer.remove(t)
+    return model
+
+
+class Evaluator:
+    """Routing and logits of graphs on the calibration images, compared with the FP32 source's."""
+
+    def __init__(self, x: np.ndarray, reference: onnx.ModelProto, threads: int | None = None):
+        self.x = x
+        self.threads = threads
+        self.ref = self.outputs(reference)
+
+    def outputs(self, model: onnx.ModelProto):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if self.threads:
+            so.intra_op_num_threads = self.threads
+        with tempfile.TemporaryDirectory(prefix="care-fallback-") as tmp:
+            if model.ByteSize() > (1 << 31) - (1 << 24):
+                path = Path(tmp) / "m.onnx"
+                onnx.save_model(model, str(path), save_as_external_data=True, location="m.bin")
+                sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+            else:
+                sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            parts = [sess.run([LOGITS, ROUTING_TASKS, ROUTING_EXPERTS], {INPUT: self.x[i: i + EVAL_BATCH]})
+                     for i in range(0, len(self.x), EVAL_BATCH)]
+        logits, tasks, experts = (np.concatenate(p) for p in zip(*parts))
+        tasks, experts = canonical_routing(tasks, experts)
+        return logits.astype(np.float64), tasks, experts
+
+    def score(self, model: onnx.ModelProto) -> tuple[np.ndarray, float]:
+        """``(flip rate per block, max |dlogit|)`` of ``model`` against the reference."""
+        rl, rt, re = self.ref
+        cl, ct, ce = self.outputs(model)
+        same = (rt == ct).all(-1) & (re == ce).all((-1, -2))
+        learned = np.isfinite(rl) & np.isfinite(cl)  # classes not learned yet are -inf in both
+        return (~same).mean(0), float(np.abs(cl[learned] - rl[learned]).max())
+
+
+def sensitivity_fallback(model: onnx.ModelProto, targets: set[str], evaluator: Evaluator, target: float,
+                         progress=None) -> tuple[onnx.ModelProto, dict]:
+    """``model`` (after static quantization of ``targets``) with its most routing-sensitive layers
+    at weight-only INT8 (module doc), and a JSON-ready record of the decision."""
+    act = activation_qdq(model, targets)
+    layers = sorted(act)
+    floor, _ = evaluator.score(weight_only(model, set(layers), act))
+    full, full_dlogit = evaluator.score(model)
+    record = {"rule": "layers fall back to weight-only int8 in decreasing routing sensitivity (calibration "
+                      "images) until max per-block flips <= floor + target",
+              "target": target, "floor": float(floor.max()), "w8a8": float(full.max()),
+              "calibration_images": int(len(evaluator.x))}
+    limit = float(floor.max()) + target
+    if full.max() <= limit:
+        return prune(model), dict(record, weight_only=[], calibration_flips=float(full.max()))
+    sensitivity = {}
+    for name in layers:
+        flips, dlogit = evaluator.score(weight_only(model, set(layers) - {name}, act))
+        sensitivity[name] = (float(flips.sum()), dlogit)
+        if progress:
+            progress(name)
+    ranked = sorted(layers, key=lambda n: sensitivity[n], reverse=True)
+    # Fewest fallen-back layers that hold: bisect over the prefix length of the ranking.
+    lo, hi, best = 1, len(ranked), (len(ranked), floor)
+    while lo <= hi:
+        k = (lo + hi) // 2
+        flips, _ = evaluator.score(weight_only(model, set(ranked[:k]), act))
+        if flips.max() <= limit:
+            best, hi = (k, flips), k - 1
+        else:
+            lo = k + 1
+    k, flips = best
+    record.update(weight_only=ranked[:k], calibration_flips=float(flips.max()),
+                  sensitivity={n: round(sensitivity[n][0], 4) for n in ranked})
+    return weight_only(model, set(ranked[:k]), act), record
