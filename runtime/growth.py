@@ -83,7 +83,7 @@ def check_growable(art: Artifact) -> None:
     """Refuse growth of an artifact whose precision cannot take new tasks (INT8)."""
     precision = art.manifest["precision"]
     if precision not in GROWABLE:
-        raise ArtifactError(f"{art.dir} is a {precision.upper()} artifact and cannot take new tasks (its scales "
+        raise ArtifactError(f"{art.dir} is an {precision.upper()} artifact and cannot take new tasks (its scales "
                             f"were calibrated on the old ones): run care-export add-task on the FP32 artifact it "
                             f"came from, then care-export quantize again")
 
