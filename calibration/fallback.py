@@ -27,43 +27,39 @@ import numpy as np
 import onnx
 
 from runtime.artifact import INPUT, LOGITS, ROUTING_EXPERTS, ROUTING_TASKS
-from runtime.routing import canonical_routing
+from runtime.routing import canonical_routing, same_routing
+
+from .int8 import PROTO_LIMIT, save_model
 
 EVAL_BATCH = 64
 
 
-def activation_qdq(model: onnx.ModelProto, targets: set[str]) -> dict[str, tuple[int, str]]:
-    """For each target node whose input is ``DQ(Q(x))`` of an activation: ``(input index, x)``."""
+def _qdq_reads(model: onnx.ModelProto):
+    """``(node, input index, x)`` for every input of a node that is ``DQ(Q(x))`` of an activation
+    ``x`` (not of a weight initializer)."""
     producer = {o: n for n in model.graph.node for o in n.output}
     inits = {t.name for t in model.graph.initializer}
-    found = {}
     for n in model.graph.node:
-        if n.name not in targets:
-            continue
         for j, i in enumerate(n.input):
             dq = producer.get(i)
             if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] in inits:
                 continue
             q = producer.get(dq.input[0])
             if q is not None and q.op_type == "QuantizeLinear":
-                found[n.name] = (j, q.input[0])
-    return found
+                yield n, j, q.input[0]
+
+
+def activation_qdq(model: onnx.ModelProto, targets: set[str]) -> dict[str, tuple[int, str]]:
+    """For each target node whose input is ``DQ(Q(x))`` of an activation: ``(input index, x)``."""
+    return {n.name: (j, x) for n, j, x in _qdq_reads(model) if n.name in targets}
 
 
 def only_targets_read_qdq(model: onnx.ModelProto, targets: set[str]) -> onnx.ModelProto:
     """In place: nodes other than ``targets`` that read ``DQ(Q(x))`` of an activation (ONNX
     Runtime lets e.g. a ``Shape`` of the image read it) read ``x`` itself."""
-    producer = {o: n for n in model.graph.node for o in n.output}
-    inits = {t.name for t in model.graph.initializer}
-    for n in model.graph.node:
-        if n.name in targets:
-            continue
-        for j, i in enumerate(n.input):
-            dq = producer.get(i)
-            if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] not in inits:
-                q = producer.get(dq.input[0])
-                if q is not None and q.op_type == "QuantizeLinear":
-                    n.input[j] = q.input[0]
+    for n, j, x in list(_qdq_reads(model)):
+        if n.name not in targets:
+            n.input[j] = x
     return prune(model)
 
 
@@ -113,12 +109,11 @@ class Evaluator:
         if self.threads:
             so.intra_op_num_threads = self.threads
         with tempfile.TemporaryDirectory(prefix="care-fallback-") as tmp:
-            if model.ByteSize() > (1 << 31) - (1 << 24):
-                path = Path(tmp) / "m.onnx"
-                onnx.save_model(model, str(path), save_as_external_data=True, location="m.bin")
-                sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-            else:
-                sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            large = model.ByteSize() > PROTO_LIMIT
+            if large:
+                save_model(model, Path(tmp) / "m.onnx")
+            source = str(Path(tmp) / "m.onnx") if large else model.SerializeToString()
+            sess = ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
             parts = [sess.run([LOGITS, ROUTING_TASKS, ROUTING_EXPERTS], {INPUT: self.x[i: i + EVAL_BATCH]})
                      for i in range(0, len(self.x), EVAL_BATCH)]
         logits, tasks, experts = (np.concatenate(p) for p in zip(*parts))
@@ -129,7 +124,7 @@ class Evaluator:
         """``(flip rate per block, max |dlogit|)`` of ``model`` against the reference."""
         rl, rt, re = self.ref
         cl, ct, ce = self.outputs(model)
-        same = (rt == ct).all(-1) & (re == ce).all((-1, -2))
+        same = same_routing((rt, re), (ct, ce))
         learned = np.isfinite(rl) & np.isfinite(cl)  # classes not learned yet are -inf in both
         return (~same).mean(0), float(np.abs(cl[learned] - rl[learned]).max())
 

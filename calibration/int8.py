@@ -18,6 +18,7 @@ Two steps:
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -36,6 +37,8 @@ INT8_STORED = {
     "head.weight": (0,),  # (d, classes): one scale per class (output channel)
 }
 QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
+# Protobuf refuses messages of 2 GiB; larger models keep their weights in a file beside them.
+PROTO_LIMIT = (1 << 31) - (1 << 24)
 METHODS = ("minmax", "entropy", "percentile")
 
 
@@ -144,11 +147,18 @@ class ListReader:
         return 0
 
 
+def save_model(model: onnx.ModelProto, path) -> bool:
+    """Write ``model`` to ``path``, its weights as external data beside it when one protobuf
+    cannot hold them; returns whether it did that."""
+    large = model.ByteSize() > PROTO_LIMIT
+    onnx.save_model(model, str(path), save_as_external_data=large, location=f"{Path(path).stem}.bin" if large else None)
+    return large
+
+
 def quantize_qdq(model: onnx.ModelProto, batches, targets: set[str], method: str, input_name: str,
                  progress=None) -> onnx.ModelProto:
     """Static QDQ quantization of the nodes named in ``targets`` of ``model`` (weights in memory)."""
     import tempfile
-    from pathlib import Path
 
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -158,8 +168,7 @@ def quantize_qdq(model: onnx.ModelProto, batches, targets: set[str], method: str
                "percentile": CalibrationMethod.Percentile}
     with tempfile.TemporaryDirectory(prefix="care-quantize-") as tmp:
         src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
-        large = model.ByteSize() > (1 << 31) - (1 << 24)
-        onnx.save_model(model, str(src), save_as_external_data=large, location="in.bin" if large else None)
+        large = save_model(model, src)
         quantize_static(
             str(src), str(dst), ListReader(input_name, batches, progress), quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(QUANTIZED_OPS), nodes_to_quantize=sorted(targets), per_channel=True,

@@ -109,25 +109,24 @@ def quantize_artifact(src_dir: str | Path, out: str | Path, precision: str, cali
         growth_values = fp16_growth_values(model, src)
         info.update(method=None, calibration=None)
     else:
+        from .fallback import Evaluator, only_targets_read_qdq, sensitivity_fallback
         from .int8 import QUANTIZED_OPS, quantize_qdq, store_growth_int8, weight_nodes
 
         growth = {name for name, s in src.tensors.items() if s.role != "backbone"}
-        targets = weight_nodes(model, growth) - keep
+        backbone = weight_nodes(model, growth) - keep
+        targets = set(backbone)
         if routing == "reduced":  # the routing path's products too, but for those reading float growth tensors
             path = routing_nodes(model)
             targets |= {n.name for n in model.graph.node
                         if n.op_type in QUANTIZED_OPS and n.name in path and not growth & set(n.input)}
-        store_growth_int8(model, growth)
         x_calib = to_input(calib_data.load(calib.items), pre)
+        # The fallback compares with the FP32 graph: measure it before the rewrite changes it in place.
+        evaluator = Evaluator(x_calib, model) if fallback_target is not None else None
+        store_growth_int8(model, growth)
         model = quantize_qdq(model, calib_data.batches(x_calib, CALIB_BATCH), targets, method, INPUT, progress)
-        from .fallback import Evaluator, only_targets_read_qdq, sensitivity_fallback
-
         model = only_targets_read_qdq(model, targets)
-        if fallback_target is not None:
-
-            backbone = weight_nodes(onnx.load(str(src.model_path), load_external_data=False), growth) - keep
-            model, info["fallback"] = sensitivity_fallback(model, backbone, Evaluator(x_calib, onnx.load(
-                str(src.model_path))), fallback_target)
+        if evaluator is not None:
+            model, info["fallback"] = sensitivity_fallback(model, backbone, evaluator, fallback_target)
         info.update(method=method, calibration={"data": calib.describe, "samples": int(len(calib.labels)),
                                                 "per_task": int(np.bincount(_task_of(src, calib.labels)).max()),
                                                 "tasks_covered": calib.tasks_covered, "tasks": src.num_tasks})

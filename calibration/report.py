@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.artifact import MANIFEST, read_manifest
+from runtime.routing import same_routing
 
 REPORT_FILE = "calibration_report.json"
 
@@ -42,7 +43,7 @@ def compare(reference_dir: str | Path, candidate_dir: str | Path, x: np.ndarray,
     cand = Session(candidate_dir, device="cpu", threads=threads)
     rl, rt, re = _outputs(ref, x)
     cl, ct, ce = _outputs(cand, x)
-    same = (rt == ct).all(-1) & (re == ce).all((-1, -2))  # (N, depth)
+    same = same_routing((rt, re), (ct, ce))  # (N, depth)
     r_top, c_top = rl.argmax(1), cl.argmax(1)
 
     batch = x[:latency_batch]

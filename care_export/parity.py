@@ -14,7 +14,7 @@ import numpy as np
 
 from runtime.artifact import INPUT, LOGITS, ROUTING_EXPERTS, ROUTING_TASKS, Artifact
 from runtime.errors import AtolError, RoutingError, ShapeError
-from runtime.routing import canonical_routing, pad_routing
+from runtime.routing import canonical_routing, pad_routing, same_routing
 
 
 def ort_session(model_path: str | Path, threads: int = 0):
@@ -102,7 +102,7 @@ def compare(ref: tuple, got: tuple, atol: float, same_checkpoint: bool = True) -
     diff = np.abs(gl.astype(np.float64) - rl)
     rt, re = canonical_routing(rt, re)
     gt, ge = canonical_routing(gt, ge)
-    same = (rt == gt).all(-1) & (re == ge).all((-1, -2))  # (B, L)
+    same = same_routing((rt, re), (gt, ge))  # (B, L)
     return ParityReport(
         samples=len(rl), classes=classes, max_abs=float(diff.max()), mean_abs=float(diff.mean()),
         top1=float((gl.argmax(1) == rl.argmax(1)).mean()), routing=same.mean(0).tolist(), atol=atol,

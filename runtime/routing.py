@@ -29,6 +29,13 @@ def canonical_routing(tasks: np.ndarray, experts: np.ndarray) -> tuple[np.ndarra
     return tasks, _sort_invalid_last(experts)
 
 
+def same_routing(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Per sample and block ``(N, L)``: whether two routings ``(tasks, experts)`` select the same
+    tasks and keep the same experts (both in canonical form)."""
+    (ta, ea), (tb, eb) = a, b
+    return (ta == tb).all(-1) & (ea == eb).all((-1, -2))
+
+
 def pad_routing(tasks: np.ndarray, experts: np.ndarray, m: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Pad ``tasks (..., m')`` and ``experts (..., m', k')`` with ``-1`` to ``m`` tasks of ``k`` experts."""
     tasks, experts = np.asarray(tasks, np.int64), np.asarray(experts, np.int64)
