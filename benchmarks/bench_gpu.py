@@ -12,13 +12,13 @@ PyTorch with CUDA; builds a random ViT-B/16 B100-Inc3 checkpoint when none is gi
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from interleave import median_times
 
 
 def synth(ckpt: Path, tasks: int) -> None:
@@ -106,21 +106,10 @@ def main() -> None:
                 return run
             runs["PyTorch eager, sparse"] = eager("sparse")
             runs["PyTorch eager, reference"] = eager("reference")
-        times = {name: [] for name in runs}
-        for fn in runs.values():  # warm-up (engine selection, cuDNN/cuBLAS autotuning)
-            for _ in range(3):
-                fn()
-        for r in range(args.rounds):
-            names = list(runs)
-            names = names[r % len(names):] + names[: r % len(names)]  # rotate the order each round
-            for name in names:
-                t = time.perf_counter()
-                runs[name]()
-                times[name].append(time.perf_counter() - t)
-        base = statistics.median(times["backbone (ORT CUDA EP)"])
-        for name, ts in times.items():
-            med = statistics.median(ts)
-            print(f"{b:>5} {name:<28} {1e3 * med:>10.2f} {b / med:>8.0f} {med / base:>10.3f}")
+        med = median_times(runs, args.rounds)
+        base = med["backbone (ORT CUDA EP)"]
+        for name, t in med.items():
+            print(f"{b:>5} {name:<28} {1e3 * t:>10.2f} {b / t:>8.0f} {t / base:>10.3f}")
 
 
 if __name__ == "__main__":

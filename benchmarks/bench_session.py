@@ -14,17 +14,16 @@ constants, fed with numpy and asked for the logits only.
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+from interleave import median_times
 
-# Idle time before each call: the two sessions' ONNX Runtime thread pools spin for a while after
-# a call and would slow whichever runs next.
+# Idle time before each timed call: the two sessions' ONNX Runtime thread pools would otherwise
+# still spin into each other's calls (interleave.median_times).
 PAUSE_S = 0.05
 
 
@@ -83,20 +82,7 @@ def main() -> None:
                 "predict_uint8": lambda: session.predict(images),
                 "logits": lambda: session.logits(x),
             }
-            times = {k: [] for k in calls}
-            for _ in range(3):  # warm-up
-                for f in calls.values():
-                    f()
-            names = list(calls)
-            for r in range(args.repeats):
-                # Interleaved, and the order rotates: drift, and a thread pool still spinning from
-                # the call before, hit every row alike.
-                for k in names[r % len(names):] + names[: r % len(names)]:
-                    time.sleep(PAUSE_S)
-                    t0 = time.perf_counter()
-                    calls[k]()
-                    times[k].append(time.perf_counter() - t0)
-            med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+            med = {k: t * 1e3 for k, t in median_times(calls, args.repeats, pause_s=PAUSE_S).items()}
             b = med["bare"]
             print(f"{batch:>5} {b:>12.2f} {med['predict']:>11.2f} {med['predict'] / b:>6.3f} "
                   f"{med['predict_uint8']:>17.2f} {med['predict_uint8'] / b:>6.3f} {med['logits']:>10.2f} "
