@@ -33,9 +33,9 @@ class BoundOrt:
     def __init__(self, path: Path, output: str):
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.sess = ort.InferenceSession(str(path), opts, providers=["CUDAExecutionProvider"])
+        from runtime.backends.onnxrt import session_options
+
+        self.sess = ort.InferenceSession(str(path), session_options(), providers=["CUDAExecutionProvider"])
         if self.sess.get_providers()[0] != "CUDAExecutionProvider":
             raise SystemExit("onnxruntime has no CUDA EP here")
         self.output = output

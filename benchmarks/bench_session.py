@@ -42,9 +42,9 @@ def build_artifact(directory: Path, tasks: int, capacity: int) -> Path:
 def bare_session(art: Path, providers: list[str], threads: int | None):
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
+    from runtime.backends.onnxrt import session_options
+
+    opts = session_options(threads)
     options = [{"use_tf32": 0} if p == "CUDAExecutionProvider" else {} for p in providers]
     return ort.InferenceSession(str(art / "model.onnx"), opts, providers=providers, provider_options=options)
 

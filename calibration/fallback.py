@@ -12,7 +12,8 @@ layers fall back, in that order, until the calibration set's routing holds:
 3. sensitivity of layer L: routing flips on the calibration images (summed over blocks, then
    max |dlogit| to break ties) with only L's activations quantized, every other layer weight-only;
 4. starting from all activations quantized, layers fall back in decreasing sensitivity until the
-   largest per-block flip rate on the calibration images is at most ``floor + target``.
+   largest per-block flip rate on the calibration images is at most ``target``; where the weights
+   alone flip more than that, every layer falls back (activations can only add flips).
 
 A fallen-back layer keeps its int8 weight and its DequantizeLinear (the artifact's size does not
 change); only the activation's QuantizeLinear / DequantizeLinear pair in front of it goes.
@@ -104,10 +105,9 @@ class Evaluator:
     def outputs(self, model: onnx.ModelProto):
         import onnxruntime as ort
 
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        if self.threads:
-            so.intra_op_num_threads = self.threads
+        from runtime.backends.onnxrt import session_options
+
+        so = session_options(self.threads, quiet=True)
         with tempfile.TemporaryDirectory(prefix="care-fallback-") as tmp:
             large = model.ByteSize() > PROTO_LIMIT
             if large:
@@ -138,10 +138,10 @@ def sensitivity_fallback(model: onnx.ModelProto, targets: set[str], evaluator: E
     floor, _ = evaluator.score(weight_only(model, set(layers), act))
     full, full_dlogit = evaluator.score(model)
     record = {"rule": "layers fall back to weight-only int8 in decreasing routing sensitivity (calibration "
-                      "images) until max per-block flips <= floor + target",
+                      "images) until max per-block flips <= target (all of them if the floor is above it)",
               "target": target, "floor": float(floor.max()), "w8a8": float(full.max()),
               "calibration_images": int(len(evaluator.x))}
-    limit = float(floor.max()) + target
+    limit = target
     if full.max() <= limit:
         return prune(model), dict(record, weight_only=[], calibration_flips=float(full.max()))
     sensitivity = {}

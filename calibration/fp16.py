@@ -27,8 +27,32 @@ def to_fp16(model: onnx.ModelProto, keep: set[str], reduced: bool) -> onnx.Model
     # The converter keeps TopK in float32 by default; "reduced" routing means all of it.
     blocked = [op for op in DEFAULT_OP_BLOCK_LIST if not (reduced and op == "TopK")]
     model = convert_float_to_float16(model, keep_io_types=True, node_block_list=sorted(keep), op_block_list=blocked)
+    drop_duplicate_casts(model)
     drop_round_trips(model)
     return model
+
+
+def drop_duplicate_casts(model: onnx.ModelProto) -> int:
+    """Remove ``Cast`` nodes that repeat an earlier one's output name; returns how many.
+
+    ONNX Runtime's converter before 1.32 gives a float32 initializer read by several kept nodes
+    one ``NAME_cast_to_fp32`` Cast per reader, all with the same output: not SSA, and the
+    checker refuses it. They are identical, so the first (earliest in node order) serves all."""
+    seen: dict[str, onnx.NodeProto] = {}
+    keep = []
+    for n in model.graph.node:
+        first = seen.get(n.output[0]) if n.output else None
+        if first is None:
+            seen.update((o, n) for o in n.output)
+        elif n.op_type == first.op_type == "Cast" and n.input == first.input and n.attribute == first.attribute:
+            continue
+        keep.append(n)
+    dropped = len(model.graph.node) - len(keep)
+    if dropped:  # by position: protobuf's remove() would take the first equal node
+        kept = [onnx.NodeProto.FromString(n.SerializeToString()) for n in keep]
+        del model.graph.node[:]
+        model.graph.node.extend(kept)
+    return dropped
 
 
 def drop_round_trips(model: onnx.ModelProto) -> int:

@@ -2,17 +2,19 @@
 
 Two steps:
 
-1. :func:`store_growth_int8`: the large growth tensors (expert stacks, the router table, the
+1. :func:`store_growth_int8`: the large growth tensors (expert stacks, the shared experts, the
    cosine head) are stored as int8 with one float32 scale per row (per output channel of the
    head), symmetric, and dequantized in the graph: a ``Gather`` of a stack takes int8 rows and
    their scales (``Cast`` + ``Mul``: only the selected rows are widened), any other use reads
-   the whole tensor widened once. The routing path still *computes* in float32 from them.
+   the whole tensor widened once. The router table, read by the routing path only, is stored as
+   float16 unless routing is reduced too. The routing path still *computes* in float32.
 2. :func:`quantize_qdq`: ONNX Runtime's static quantization (QDQ format, QInt8 activations and
    weights, symmetric, weights per channel) of the MatMul, Gemm and Conv nodes outside the
    routing path and outside the int8-stored tensors' uses (their weights are already int8 and
    their scales per row), with activation ranges from the calibration set. Only the inputs of
-   those nodes get Q/DQ, never their outputs; the most routing-sensitive layers then fall back to
-   weight-only int8 (``calibration.fallback``).
+   those nodes get Q/DQ, never their outputs; the int8 weight values are then re-rounded by
+   ``calibration.gptq`` and the most routing-sensitive layers fall back to weight-only int8
+   (``calibration.fallback``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from runtime.artifact import as_stored
 
 SCALE_SUFFIX = ".scale"
 # Growth tensors stored in int8, by the last part of their name, and the axes a scale spans
@@ -36,6 +40,10 @@ INT8_STORED = {
     "shared.up": (2,),  # (1, r_s, d): one scale per hidden unit
     "head.weight": (0,),  # (d, classes): one scale per class (output channel)
 }
+# Growth tensors that only the routing path reads and that are stored float16 when routing stays
+# FP32: 8-bit router rows alone flip 0.5-1.4 % of the demo model's expert choices per block
+# (docs/CALIBRATION.md). The perceptors stay float32: float16 ones flip more than that.
+ROUTING_FP16 = ("routers.weight",)
 QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
 # Protobuf refuses messages of 2 GiB; larger models keep their weights in a file beside them.
 PROTO_LIMIT = (1 << 31) - (1 << 24)
@@ -49,6 +57,10 @@ def stored_kind(name: str) -> tuple[int, ...] | None:
     return None
 
 
+def routing_fp16(growth: set[str]) -> set[str]:
+    return {g for g in growth if any(g == k or g.endswith("." + k) for k in ROUTING_FP16)}
+
+
 def quantize_symmetric(a: np.ndarray, axes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """``(q int8, scale float32)`` with ``a ~ q * scale``, ``|q| <= 127``, one scale per slice
     along ``axes`` (kept as size-1 dims so that it broadcasts and gathers with ``q``)."""
@@ -59,9 +71,14 @@ def quantize_symmetric(a: np.ndarray, axes: tuple[int, ...]) -> tuple[np.ndarray
     return q, scale
 
 
-def store_growth_int8(model: onnx.ModelProto, growth: set[str]) -> set[str]:
+def store_growth_int8(model: onnx.ModelProto, growth: set[str], fp16: set[str] = frozenset(),
+                      moments: dict[str, np.ndarray] | None = None) -> set[str]:
     """Rewrite ``model`` in place: the growth tensors named in ``INT8_STORED`` become int8 plus
-    ``NAME.scale``. Returns the names of the nodes added (they dequantize; keep them float)."""
+    ``NAME.scale`` (rounded by :func:`~calibration.gptq.gptq_round` where ``moments`` has their
+    readers' input moments), the tensors in ``fp16`` float16. Returns the names of the nodes
+    added (they widen to float32; keep them float)."""
+    from .gptq import gptq_round
+
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     consumers = defaultdict(list)
@@ -72,36 +89,52 @@ def store_growth_int8(model: onnx.ModelProto, growth: set[str]) -> set[str]:
     before: dict[str, list[onnx.NodeProto]] = defaultdict(list)  # node name -> nodes to insert before it
     for name in sorted(growth):
         axes = stored_kind(name)
-        if axes is None or name not in inits:
+        if name not in inits or (axes is None and name not in fp16):
             continue
-        q, scale = quantize_symmetric(numpy_helper.to_array(inits[name]), axes)
-        inits[name].CopyFrom(numpy_helper.from_array(q, name))
-        graph.initializer.append(numpy_helper.from_array(scale, name + SCALE_SUFFIX))
+        a = numpy_helper.to_array(inits[name])
+        if name in fp16:
+            inits[name].CopyFrom(numpy_helper.from_array(as_stored(a, "float16"), name))
+            scale = None
+        else:
+            q, scale = quantize_symmetric(a, axes)
+            if moments and name in moments and a.ndim == 2 and axes == (1,):  # rows along axis 0
+                q = gptq_round(a, scale, moments[name])
+            inits[name].CopyFrom(numpy_helper.from_array(q, name))
+            graph.initializer.append(numpy_helper.from_array(scale, name + SCALE_SUFFIX))
         whole = None
         for node, j in consumers[name]:
-            gather_rows = node.op_type == "Gather" and j == 0 and _attr(node, "axis", 0) == 0
-            if gather_rows:
-                # Gather int8 rows and their scales; widen only those.
-                base = f"{node.name}/int8"
-                rows, srows = f"{base}/rows", f"{base}/scales"
-                new = [helper.make_node("Gather", [name, node.input[1]], [rows], name=f"{base}/gather", axis=0),
-                       helper.make_node("Gather", [name + SCALE_SUFFIX, node.input[1]], [srows],
-                                        name=f"{base}/gather_scale", axis=0),
-                       helper.make_node("Cast", [rows], [rows + "_f"], name=f"{base}/cast", to=TensorProto.FLOAT)]
-                node.op_type = "Mul"
-                del node.input[:]
-                node.input.extend([rows + "_f", srows])
-                del node.attribute[:]
+            if node.op_type == "Gather" and j == 0 and node_attr(node, "axis", 0) == 0:
+                # Gather the stored rows (and their scales); widen only those.
+                base = f"{node.name}/stored"
+                rows = f"{base}/rows"
+                new = [helper.make_node("Gather", [name, node.input[1]], [rows], name=f"{base}/gather", axis=0)]
+                if scale is None:  # the Gather itself becomes the Cast
+                    node.op_type = "Cast"
+                    del node.input[:]
+                    node.input.append(rows)
+                    del node.attribute[:]
+                    node.attribute.append(helper.make_attribute("to", TensorProto.FLOAT))
+                else:
+                    srows = f"{base}/scales"
+                    new += [helper.make_node("Gather", [name + SCALE_SUFFIX, node.input[1]], [srows],
+                                             name=f"{base}/gather_scale", axis=0),
+                            helper.make_node("Cast", [rows], [rows + "_f"], name=f"{base}/cast",
+                                             to=TensorProto.FLOAT)]
+                    node.op_type = "Mul"
+                    del node.input[:]
+                    node.input.extend([rows + "_f", srows])
+                    del node.attribute[:]
                 before[node.name] += new
                 added += new + [node]
             else:
                 if whole is None:
                     whole = f"{name}/dequant"
-                    cast = helper.make_node("Cast", [name], [whole + "/cast"], name=whole + "/cast",
-                                            to=TensorProto.FLOAT)
-                    mul = helper.make_node("Mul", [whole + "/cast", name + SCALE_SUFFIX], [whole], name=whole)
-                    before[node.name] += [cast, mul]
-                    added += [cast, mul]
+                    cast = helper.make_node("Cast", [name], [whole + "/cast" if scale is not None else whole],
+                                            name=whole + "/cast", to=TensorProto.FLOAT)
+                    new = [cast] if scale is None else \
+                        [cast, helper.make_node("Mul", [whole + "/cast", name + SCALE_SUFFIX], [whole], name=whole)]
+                    before[node.name] += new
+                    added += new
                 node.input[j] = whole
     nodes = []
     for n in graph.node:
@@ -111,7 +144,7 @@ def store_growth_int8(model: onnx.ModelProto, growth: set[str]) -> set[str]:
     return {n.name for n in added}
 
 
-def _attr(node: onnx.NodeProto, name: str, default):
+def node_attr(node: onnx.NodeProto, name: str, default):
     for a in node.attribute:
         if a.name == name:
             return helper.get_attribute_value(a)

@@ -21,10 +21,9 @@ def ort_session(model_path: str | Path, threads: int = 0):
     """An ONNX Runtime CPU session with every graph optimisation on."""
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = threads
-    return ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+    from runtime.backends.onnxrt import session_options
+
+    return ort.InferenceSession(str(model_path), session_options(threads), providers=["CPUExecutionProvider"])
 
 
 def run_artifact(session, images: np.ndarray, batch: int, fixed: bool = False) -> tuple[np.ndarray, ...]:

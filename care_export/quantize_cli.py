@@ -64,17 +64,20 @@ def _pool(data: str, art, split: str):
 @click.option("--routing", type=click.Choice(["fp32", "reduced"]), default="fp32", show_default=True,
               help="fp32: the routing path (perceptors, entropies, routers, TopKs) computes in float32; "
                    "reduced: in the target precision too, for comparison.")
-@click.option("--fallback-target", type=click.FloatRange(min=0), default=0.01, show_default=True,
+@click.option("--fallback-target", type=click.FloatRange(min=0), default=None,
               help="INT8: the most routing-sensitive layers fall back to weight-only int8 until the calibration "
-                   "images' routing flips per block exceed what the int8 weights alone flip by at most this "
-                   "(share of images); 1 keeps every layer W8A8.")
+                   "images' routing flips per block are at most this share of images (all of them if the int8 "
+                   "weights alone flip more); 1 keeps every layer W8A8.  [default: 0.005]")
+@click.option("--rounding", type=click.Choice(["gptq", "nearest"]), default="gptq", show_default=True,
+              help="INT8 weights: gptq rounds each row against the calibration images' layer inputs "
+                   "(error-compensated, same scales); nearest rounds each weight to nearest.")
 @click.option("--eval-data", default=None, metavar="DIR|builtin",
               help="Held-out labelled images for the report [default: --calib-data, other images].")
 @click.option("--eval-samples", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Held-out images in the report, spread over the tasks.")
 @click.option("--force", is_flag=True, help="Replace an existing OUTPUT artifact.")
-def quantize_command(artifact, out, precision, calib_data, method, per_task, seed, routing, fallback_target, eval_data,
-                     eval_samples, force):
+def quantize_command(artifact, out, precision, calib_data, method, per_task, seed, routing, fallback_target, rounding,
+                     eval_data, eval_samples, force):
     """Rewrite an FP32 artifact to FP16 or INT8, keeping its routing decisions in float32.
 
     The result is an artifact of the same format (runtime.Session and `care-export run` load it)
@@ -111,13 +114,14 @@ def quantize_command(artifact, out, precision, calib_data, method, per_task, see
     try:
         manifest, report = quantize_artifact(artifact, out, precision, calib, held_out, routing=routing,
                                              method=method, seed=seed, force=force, progress=bar.update,
-                                             fallback_target=fallback_target)
+                                             rounding=rounding, **({} if fallback_target is None else
+                                                                   {"fallback_target": fallback_target}))
     finally:
         bar.close()
     q = manifest["quantization"]
     how = f"routing {routing}" + (f", {method} on {q['calibration']['samples']} images of "
                                   f"{q['calibration']['tasks_covered']}/{q['calibration']['tasks']} tasks"
-                                  if precision == "int8" else "")
+                                  f", {rounding} rounding" if precision == "int8" else "")
     if q.get("fallback") is not None:
         fb = q["fallback"]
         how += (f"; {len(fb['weight_only'])} layer(s) weight-only int8 (calibration flips "

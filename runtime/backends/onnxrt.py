@@ -26,6 +26,23 @@ def _ort():
     return onnxruntime
 
 
+def session_options(threads: int | None = None, quiet: bool = False):
+    """The ONNX Runtime session options every session of an artifact gets: all graph optimisations,
+    ``threads`` intra-op threads (``None``: ORT's default), warnings off when ``quiet``."""
+    ort = _ort()
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # ORT fuses DequantizeLinear(int8 weight) -> MatMul into MatMulNBits, by default at accuracy
+    # level 4: the activation is then quantized to int8 on the fly. A weight-only int8 layer
+    # must compute in float32 as its graph says; the int8 activations flip routing choices.
+    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+    if quiet:
+        opts.log_severity_level = 3
+    return opts
+
+
 def tensorrt_version() -> str | None:
     """The version of the ``tensorrt`` package (whose libraries the TensorRT EP loads), or None."""
     try:
@@ -86,10 +103,7 @@ class OrtRunner:
         ort = _ort()
         self.graph = graph
         self.device_index = device_index
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            opts.intra_op_num_threads = int(threads)
+        opts = session_options(threads)
         opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(graph.directory))
         self.cache_dir = None
         options = []
