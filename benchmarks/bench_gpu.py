@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from interleave import median_times
+
+from runtime.timing import median_times
 
 
 def synth(ckpt: Path, tasks: int) -> None:

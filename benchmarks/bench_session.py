@@ -20,10 +20,11 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from interleave import median_times
+
+from runtime.timing import median_times
 
 # Idle time before each timed call: the two sessions' ONNX Runtime thread pools would otherwise
-# still spin into each other's calls (interleave.median_times).
+# still spin into each other's calls (runtime.timing.median_times).
 PAUSE_S = 0.05
 
 

@@ -21,8 +21,6 @@ change); only the activation's QuantizeLinear / DequantizeLinear pair in front o
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -30,7 +28,7 @@ import onnx
 from runtime.artifact import INPUT, LOGITS, ROUTING_EXPERTS, ROUTING_TASKS
 from runtime.routing import canonical_routing, same_routing
 
-from .int8 import PROTO_LIMIT, save_model
+from .int8 import model_session
 
 EVAL_BATCH = 64
 
@@ -103,17 +101,7 @@ class Evaluator:
         self.ref = self.outputs(reference)
 
     def outputs(self, model: onnx.ModelProto):
-        import onnxruntime as ort
-
-        from runtime.backends.onnxrt import session_options
-
-        so = session_options(self.threads, quiet=True)
-        with tempfile.TemporaryDirectory(prefix="care-fallback-") as tmp:
-            large = model.ByteSize() > PROTO_LIMIT
-            if large:
-                save_model(model, Path(tmp) / "m.onnx")
-            source = str(Path(tmp) / "m.onnx") if large else model.SerializeToString()
-            sess = ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
+        with model_session(model, self.threads) as sess:
             parts = [sess.run([LOGITS, ROUTING_TASKS, ROUTING_EXPERTS], {INPUT: self.x[i: i + EVAL_BATCH]})
                      for i in range(0, len(self.x), EVAL_BATCH)]
         logits, tasks, experts = (np.concatenate(p) for p in zip(*parts))

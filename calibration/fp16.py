@@ -19,6 +19,8 @@ from onnx import TensorProto
 
 from runtime.artifact import Artifact, as_stored
 
+from .int8 import node_attr
+
 
 def to_fp16(model: onnx.ModelProto, keep: set[str], reduced: bool) -> onnx.ModelProto:
     """The float16 rewrite of ``model`` (weights loaded), nodes named in ``keep`` left in float32."""
@@ -67,13 +69,12 @@ def drop_round_trips(model: onnx.ModelProto) -> int:
            if v.type.tensor_type.elem_type == TensorProto.FLOAT}
     f32 |= {t.name for t in graph.initializer if t.data_type == TensorProto.FLOAT}
     producer = {o: n for n in graph.node for o in n.output}
-    to = lambda n: next(a.i for a in n.attribute if a.name == "to")  # noqa: E731
     replace = {}
     for n in graph.node:
-        if n.op_type == "Cast" and to(n) == TensorProto.FLOAT:
+        if _cast_to(n, TensorProto.FLOAT):
             first = producer.get(n.input[0])
-            if first is not None and first.op_type == "Cast" and to(first) == TensorProto.FLOAT16 and \
-                    (first.input[0] in f32 or _float32_output(producer.get(first.input[0]), first.input[0])):
+            if _cast_to(first, TensorProto.FLOAT16) and \
+                    (first.input[0] in f32 or _cast_to(producer.get(first.input[0]), TensorProto.FLOAT)):
                 replace[n.output[0]] = first.input[0]
     outputs = {o.name for o in graph.output}
     for n in graph.node:
@@ -90,10 +91,9 @@ def drop_round_trips(model: onnx.ModelProto) -> int:
             graph.node.remove(n)
 
 
-def _float32_output(node, name: str) -> bool:
-    """Whether ``name``, an output of ``node``, is float32 by construction (a Cast to float)."""
-    return node is not None and node.op_type == "Cast" and \
-        next(a.i for a in node.attribute if a.name == "to") == TensorProto.FLOAT
+def _cast_to(node: onnx.NodeProto | None, dtype: int) -> bool:
+    """Whether ``node`` is a Cast to ``dtype``."""
+    return node is not None and node.op_type == "Cast" and node_attr(node, "to", None) == dtype
 
 
 def fp16_growth_values(model: onnx.ModelProto, src: Artifact) -> dict[str, np.ndarray]:

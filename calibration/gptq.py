@@ -8,19 +8,16 @@ The scales stay those of round-to-nearest (``max |row| / 127``), so the stored f
 reader are unchanged; only the int8 values differ. With ``H`` diagonal it is round-to-nearest.
 
 CaRE's routing decisions are near ties (docs/CALIBRATION.md); on the demo model this rounding
-takes the routing flips the int8 weights cause by themselves from 0.4-1.4 % to 0.1-0.7 % per block.
+takes the routing flips the int8 weights cause by themselves from 0.7-1.5 % to 0.2-0.7 % per block.
 """
 
 from __future__ import annotations
-
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .int8 import node_attr, save_model
+from .int8 import model_session, node_attr
 
 DAMP = 0.01  # share of the mean diagonal added to H: calibration sets are small next to the width
 BATCH = 16  # every layer input of a batch is held at once
@@ -81,23 +78,16 @@ def input_moments(model: onnx.ModelProto, nodes: dict[str, onnx.NodeProto], x: n
                   input_name: str) -> dict[str, np.ndarray]:
     """``E[a a^T]`` of the activation each of ``nodes`` (weight name -> MatMul / Gemm / patch
     Conv) reads, on images ``x`` run through ``model`` (float, unmodified): weight name -> H."""
-    import onnxruntime as ort
-
-    from runtime.backends.onnxrt import session_options
-
     acts = sorted({n.input[0] for n in nodes.values()})
     m = onnx.ModelProto()
     m.CopyFrom(model)
     fetch = [a for a in acts if a != input_name]  # the images come from the feed
     known = {o.name for o in m.graph.output}
     m.graph.output.extend(helper.make_tensor_value_info(a, TensorProto.FLOAT, None) for a in fetch if a not in known)
-    so = session_options(quiet=True)
     kernels = {n.input[0]: patch_conv(n) for n in nodes.values() if n.op_type == "Conv"}
     sums = {a: 0.0 for a in acts}
     count = {a: 0 for a in acts}
-    with tempfile.TemporaryDirectory(prefix="care-gptq-") as tmp:
-        save_model(m, Path(tmp) / "m.onnx")
-        sess = ort.InferenceSession(str(Path(tmp) / "m.onnx"), so, providers=["CPUExecutionProvider"])
+    with model_session(m) as sess:
         for i in range(0, len(x), BATCH):
             feed = {input_name: np.ascontiguousarray(x[i: i + BATCH], np.float32)}
             values = dict(zip(fetch, sess.run(fetch, feed)), **feed)
@@ -137,7 +127,7 @@ def from_rows(rows: np.ndarray, shape: tuple[int, ...], axis: int) -> np.ndarray
 
 
 def gptq_qdq_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray],
-                       moments: dict[str, np.ndarray]) -> list[str]:
+                     moments: dict[str, np.ndarray]) -> list[str]:
     """In place: the int8 weights ONNX Runtime's static quantization wrote (``W_quantized`` read
     by a per-channel ``DequantizeLinear``) re-rounded with :func:`gptq_round` from the float
     ``weights`` and their ``moments``, keeping ORT's scales. Returns the weights re-rounded."""

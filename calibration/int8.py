@@ -20,6 +20,7 @@ Two steps:
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -51,14 +52,16 @@ METHODS = ("minmax", "entropy", "percentile")
 
 
 def stored_kind(name: str) -> tuple[int, ...] | None:
-    for suffix, axes in INT8_STORED.items():
-        if name == suffix or name.endswith("." + suffix):
-            return axes
-    return None
+    return next((axes for suffix, axes in INT8_STORED.items() if _is(name, suffix)), None)
 
 
 def routing_fp16(growth: set[str]) -> set[str]:
-    return {g for g in growth if any(g == k or g.endswith("." + k) for k in ROUTING_FP16)}
+    return {g for g in growth if any(_is(g, k) for k in ROUTING_FP16)}
+
+
+def _is(name: str, kind: str) -> bool:
+    """Whether tensor ``name`` is a ``kind`` (``moe.3.experts.down`` is an ``experts.down``)."""
+    return name == kind or name.endswith("." + kind)
 
 
 def quantize_symmetric(a: np.ndarray, axes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -186,6 +189,25 @@ def save_model(model: onnx.ModelProto, path) -> bool:
     large = model.ByteSize() > PROTO_LIMIT
     onnx.save_model(model, str(path), save_as_external_data=large, location=f"{Path(path).stem}.bin" if large else None)
     return large
+
+
+@contextmanager
+def model_session(model: onnx.ModelProto, threads: int | None = None):
+    """A CPU ``InferenceSession`` of the in-memory ``model`` with the artifacts' session options;
+    a model too large for one protobuf goes through a temporary file."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    from runtime.backends.onnxrt import session_options
+
+    with tempfile.TemporaryDirectory(prefix="care-session-") as tmp:
+        if model.ByteSize() > PROTO_LIMIT:
+            source = str(Path(tmp) / "m.onnx")
+            save_model(model, source)
+        else:
+            source = model.SerializeToString()
+        yield ort.InferenceSession(source, session_options(threads, quiet=True), providers=["CPUExecutionProvider"])
 
 
 def quantize_qdq(model: onnx.ModelProto, batches, targets: set[str], method: str, input_name: str,

@@ -22,6 +22,7 @@ from runtime.preprocess import Preprocessing, to_input
 
 from . import calib_data
 from .artifact_out import write_artifact
+from .int8 import METHODS
 from .report import REPORT_FILE, compare
 
 PRECISIONS = ("fp16", "int8")
@@ -90,6 +91,8 @@ def quantize_artifact(src_dir: str | Path, out: str | Path, precision: str, cali
 
     if precision not in PRECISIONS:
         raise InputError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision == "int8" and method not in METHODS:
+        raise InputError(f"unknown calibration method {method!r}: choose one of {', '.join(METHODS)}")
     if rounding not in ROUNDINGS:
         raise InputError(f"unknown rounding {rounding!r}: choose one of {', '.join(ROUNDINGS)}")
     if routing not in ROUTING_MODES:
@@ -144,10 +147,10 @@ def quantize_artifact(src_dir: str | Path, out: str | Path, precision: str, cali
         model = only_targets_read_qdq(model, targets)
         if evaluator is not None:
             model, info["fallback"] = sensitivity_fallback(model, backbone, evaluator, fallback_target)
-        info.update(rounding=rounding, float16_routing_weights=sorted(fp16))
-        info.update(method=method, calibration={"data": calib.describe, "samples": int(len(calib.labels)),
-                                                "per_task": int(np.bincount(_task_of(src, calib.labels)).max()),
-                                                "tasks_covered": calib.tasks_covered, "tasks": src.num_tasks})
+        info.update(rounding=rounding, float16_routing_weights=sorted(fp16), method=method,
+                    calibration={"data": calib.describe, "samples": int(len(calib.labels)),
+                                 "per_task": int(np.bincount(_task_of(src, calib.labels)).max()),
+                                 "tasks_covered": calib.tasks_covered, "tasks": src.num_tasks})
     report: dict = {}
 
     def measure(tmp: Path) -> None:

@@ -9,13 +9,13 @@ batch, so that both see the same machine load).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 
 from runtime.artifact import MANIFEST, read_manifest
 from runtime.routing import same_routing
+from runtime.timing import median_times
 
 REPORT_FILE = "calibration_report.json"
 
@@ -28,9 +28,8 @@ def artifact_bytes(directory: str | Path) -> int:
 
 
 def _outputs(session, x: np.ndarray):
-    logits = session.logits(x).astype(np.float64)
     pred = session.predict(x, return_routing=True)
-    return logits, pred.tasks, pred.experts
+    return pred.logits.astype(np.float64), pred.tasks, pred.experts
 
 
 def compare(reference_dir: str | Path, candidate_dir: str | Path, x: np.ndarray, labels: np.ndarray, *,
@@ -47,16 +46,11 @@ def compare(reference_dir: str | Path, candidate_dir: str | Path, x: np.ndarray,
     r_top, c_top = rl.argmax(1), cl.argmax(1)
 
     batch = x[:latency_batch]
-    ref.logits(batch), cand.logits(batch)  # warm-up
-    times = {"ref": [], "cand": []}
-    for _ in range(latency_runs):
-        for key, s in (("ref", ref), ("cand", cand)):
-            t0 = time.perf_counter()
-            s.logits(batch)
-            times[key].append(time.perf_counter() - t0)
+    times = median_times({"ref": lambda: ref.logits(batch), "cand": lambda: cand.logits(batch)}, latency_runs,
+                         warmup=1)
     ref.close()
     cand.close()
-    lat_ref, lat_cand = float(np.median(times["ref"])), float(np.median(times["cand"]))
+    lat_ref, lat_cand = times["ref"], times["cand"]
     size_ref, size_cand = artifact_bytes(reference_dir), artifact_bytes(candidate_dir)
     return {
         "samples": int(len(x)),

@@ -43,9 +43,10 @@ def default_cache_dir() -> Path:
 
 @dataclass
 class Prediction:
-    """Top-k predictions of a batch, best first, and the routing when asked for.
+    """Top-k predictions of a batch, best first, the cosine logits behind them, and the routing
+    when asked for.
 
-    ``tasks`` (N, depth, M): the routers (tasks) selected in each block, ascending, -1 where
+    ``logits`` (N, learned classes) float32, as :meth:`Session.logits` returns them; ``tasks`` (N, depth, M): the routers (tasks) selected in each block, ascending, -1 where
     fewer than M tasks exist; ``experts`` (N, depth, M, K): the experts each kept, ascending,
     -1 where none.
     """
@@ -53,6 +54,7 @@ class Prediction:
     classes: np.ndarray  # (N, k) int64 class ids
     names: list[list[str]]  # (N, k) class names
     probs: np.ndarray  # (N, k) float32
+    logits: np.ndarray  # (N, learned classes) float32
     tasks: np.ndarray | None = None
     experts: np.ndarray | None = None
 
@@ -202,12 +204,13 @@ class Session:
         with self._lock.shared():
             results = self._run(x, outputs)
             num_classes, names = self.num_classes, self._artifact.manifest["classes"]["names"]
-        z = COS_SCALE * results[0][:, :num_classes].astype(np.float64)
+        logits = results[0][:, :num_classes]
+        z = COS_SCALE * logits.astype(np.float64)
         p = np.exp(z - z.max(axis=1, keepdims=True))
         p /= p.sum(axis=1, keepdims=True)
         top = np.argsort(-p, axis=1, kind="stable")[:, :top_k]
         pred = Prediction(top.astype(np.int64), [[names[c] for c in row] for row in top],
-                          np.take_along_axis(p, top, 1).astype(np.float32))
+                          np.take_along_axis(p, top, 1).astype(np.float32), logits)
         if return_routing:
             pred.tasks, pred.experts = canonical_routing(results[1], results[2])
         return pred

@@ -205,6 +205,10 @@ def test_bad_input_gives_one_line_errors(trained, quantized, tmp_path):
     assert res.exit_code == 1 and "already quantized (INT8)" in res.output
     res = run(trained["fp32"], "-o", trained["fp32"], "--precision", "fp16", "--calib-data", "builtin", "--force")
     assert res.exit_code == 1 and "is the source artifact" in res.output
+    calib, held_out = images_for(trained["fp32"], per_task=1, eval_samples=3)
+    for bad in (dict(method="mse"), dict(rounding="stochastic"), dict(routing="int4")):
+        with pytest.raises(InputError, match="unknown"):
+            quantize_artifact(trained["fp32"], tmp_path / "o", "int8", calib, held_out, **bad)
     assert not (tmp_path / "o").exists()
 
 

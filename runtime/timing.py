@@ -1,4 +1,5 @@
-"""Median latency of several calls timed side by side, the one timing loop of the benchmark scripts."""
+"""Median latency of several calls timed side by side: the one timing loop of the benchmark scripts
+and of the calibration report."""
 
 from __future__ import annotations
 
