@@ -27,15 +27,14 @@ from runtime.artifact import (
     STATE_FILE,
     Artifact,
     TensorSpec,
-    check_target,
     file_entry,
     regions_digest,
-    staged_dir,
     task_regions,
     tensor_file_bytes,
     write_bytes,
     write_json,
 )
+from runtime.outdir import ARTIFACT, output_dir
 
 # New weights of a rewrite (quantized backbone tensors) go to backbone.bin from this size on;
 # smaller ones (scales, zero points) stay inline in model.onnx.
@@ -108,7 +107,6 @@ def write_artifact(model: onnx.ModelProto, src: Artifact, out: Path, precision: 
     packing code's own rounding, see ``runtime.artifact.as_stored``); same dtype and shape.
     ``finish(tmp)``: called with the finished temporary directory before it is renamed to ``out``.
     """
-    check_target(out, force)
     graph = model.graph
     sort_nodes(graph)
     inline = {t.name for t in onnx.load(str(src.model_path), load_external_data=False).graph.initializer
@@ -138,7 +136,7 @@ def write_artifact(model: onnx.ModelProto, src: Artifact, out: Path, precision: 
         if t.name in specs:
             _external(t, specs[t.name])
 
-    with staged_dir(out) as tmp:
+    with output_dir(out, ARTIFACT, force=force, inputs=[src.dir]) as tmp:
         for file in by_file:
             write_bytes(tmp / file, tensor_file_bytes(file, specs, arrays))
         write_bytes(tmp / MODEL_FILE, model.SerializeToString())

@@ -16,8 +16,9 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from runtime.artifact import INPUT, Artifact, check_target
+from runtime.artifact import INPUT, Artifact
 from runtime.errors import ArtifactError, InputError
+from runtime.outdir import ARTIFACT, check_output
 from runtime.preprocess import Preprocessing, to_input
 
 from . import calib_data
@@ -101,7 +102,7 @@ def quantize_artifact(src_dir: str | Path, out: str | Path, precision: str, cali
     out = Path(out)
     if out.resolve() == src.dir.resolve():
         raise ArtifactError(f"{out} is the source artifact; write the {precision.upper()} artifact elsewhere")
-    check_target(out, force)
+    check_output(out, ARTIFACT, force, inputs=[src.dir])
     pre = Preprocessing.from_dict(src.manifest["preprocessing"])
     x_eval = to_input(calib_data.load(held_out.items), pre)
 

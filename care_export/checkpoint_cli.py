@@ -8,18 +8,35 @@ from pathlib import Path
 
 import click
 
+from runtime.errors import CareError
+from runtime.outdir import CHECKPOINT, output_dir
+
 from .checkpoint import read_manifest, save_checkpoint
 from .config import MoEConfig, Preprocessing, backbone_config
+
+POSITIVE = click.IntRange(min=1)
+
+
+def _backbone(name: str, **overrides):
+    """``backbone_config`` with an unknown name or impossible sizes as a one-line error."""
+    try:
+        return backbone_config(name, **overrides)
+    except (ValueError, RuntimeError) as exc:
+        raise CareError(f"--backbone {name}: {exc}") from None
 
 
 def moe_options(f):
     """The BR-MoE options shared by the commands that create a model."""
     for opt in reversed(
         [
-            click.option("--topk-routers", "-M", default=2, show_default=True, help="Routers selected per sample (M)."),
-            click.option("--topk-experts", "-K", default=3, show_default=True, help="Experts kept per router (K)."),
-            click.option("--expert-dim", default=16, show_default=True, help="Expert bottleneck r."),
-            click.option("--shared-dim", default=64, show_default=True, help="Shared expert bottleneck r_s."),
+            click.option("--topk-routers", "-M", default=2, show_default=True, type=POSITIVE,
+                         help="Routers selected per sample (M)."),
+            click.option("--topk-experts", "-K", default=3, show_default=True, type=POSITIVE,
+                         help="Experts kept per router (K)."),
+            click.option("--expert-dim", default=16, show_default=True, type=POSITIVE,
+                         help="Expert bottleneck r."),
+            click.option("--shared-dim", default=64, show_default=True, type=POSITIVE,
+                         help="Shared expert bottleneck r_s."),
         ]
     ):
         f = opt(f)
@@ -31,33 +48,25 @@ def backbone_options(f):
     for opt in reversed(
         [
             click.option("--backbone", default="vit_base_patch16_224", show_default=True, help="timm ViT name."),
-            click.option("--img-size", type=int, default=None, help="Override the input size."),
-            click.option("--patch-size", type=int, default=None, help="Override the patch size."),
-            click.option("--embed-dim", type=int, default=None, help="Override the embedding width."),
-            click.option("--depth", type=int, default=None, help="Override the number of blocks."),
-            click.option("--num-heads", type=int, default=None, help="Override the number of attention heads."),
+            click.option("--img-size", type=POSITIVE, default=None, help="Override the input size."),
+            click.option("--patch-size", type=POSITIVE, default=None, help="Override the patch size."),
+            click.option("--embed-dim", type=POSITIVE, default=None, help="Override the embedding width."),
+            click.option("--depth", type=POSITIVE, default=None, help="Override the number of blocks."),
+            click.option("--num-heads", type=POSITIVE, default=None, help="Override the number of attention heads."),
         ]
     ):
         f = opt(f)
     return f
 
 
-def _refuse_existing(out: Path, force: bool) -> None:
-    if (out / "manifest.json").exists() and not force:
-        raise click.UsageError(f"{out} already holds a checkpoint; pass --force to replace it")
-    if out.exists() and force:
-        import shutil
-
-        shutil.rmtree(out)
-
-
 @click.command("synth-ckpt")
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True, help="Checkpoint directory.")
 @backbone_options
 @moe_options
-@click.option("--init-cls", default=10, show_default=True, help="Classes of the first task.")
-@click.option("--increment", default=10, show_default=True, help="Classes of every later task.")
-@click.option("--tasks", default=10, show_default=True, type=click.IntRange(min=1), help="Number of tasks.")
+@click.option("--init-cls", default=10, show_default=True, type=POSITIVE, help="Classes of the first task.")
+@click.option("--increment", default=10, show_default=True, type=POSITIVE, help="Classes of every later task.")
+@click.option("--tasks", default=10, show_default=True, type=POSITIVE,
+                         help="Number of tasks.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing checkpoint.")
 def synth_ckpt_command(out, backbone, img_size, patch_size, embed_dim, depth, num_heads, topk_routers, topk_experts,
@@ -71,18 +80,18 @@ def synth_ckpt_command(out, backbone, img_size, patch_size, embed_dim, depth, nu
     """
     from .synth import synth_model, task_sizes
 
-    _refuse_existing(out, force)
-    cfg = backbone_config(backbone, img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
-                          num_heads=num_heads)
-    moe = MoEConfig(topk_routers, topk_experts, expert_dim, shared_dim)
-    t0 = time.perf_counter()
-    model = synth_model(cfg, moe, task_sizes(init_cls, increment, tasks), seed=seed, progress=True)
-    t1 = time.perf_counter()
-    manifest = save_checkpoint(
-        model, out, preprocessing=Preprocessing.for_input(cfg.img_size, (0.5,) * 3, (0.5,) * 3),
-        extra={"sequence": {"init_cls": init_cls, "increment": increment, "seed": seed, "synthetic": True}},
-    )
-    t2 = time.perf_counter()
+    with output_dir(out, CHECKPOINT, force=force) as tmp:
+        cfg = _backbone(backbone, img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                        num_heads=num_heads)
+        moe = MoEConfig(topk_routers, topk_experts, expert_dim, shared_dim)
+        t0 = time.perf_counter()
+        model = synth_model(cfg, moe, task_sizes(init_cls, increment, tasks), seed=seed, progress=True)
+        t1 = time.perf_counter()
+        manifest = save_checkpoint(
+            model, tmp, preprocessing=Preprocessing.for_input(cfg.img_size, (0.5,) * 3, (0.5,) * 3),
+            extra={"sequence": {"init_cls": init_cls, "increment": increment, "seed": seed, "synthetic": True}},
+        )
+        t2 = time.perf_counter()
     nbytes = sum(e["bytes"] for e in [manifest["backbone"], manifest["shared"], manifest["head"], *manifest["tasks"]])
     params = sum(p.numel() for p in model.parameters())
     click.echo(f"wrote {out}: {tasks} tasks, {model.num_classes} classes, {params / 1e6:.1f} M parameters, "
@@ -92,10 +101,12 @@ def synth_ckpt_command(out, backbone, img_size, patch_size, embed_dim, depth, nu
 @click.command("import-official")
 @click.argument("state_dict_path", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True, help="Checkpoint directory.")
-@click.option("--topk-routers", "-M", default=2, show_default=True, help="M, from the reference's JSON config.")
-@click.option("--topk-experts", "-K", default=3, show_default=True, help="K, from the reference's JSON config.")
+@click.option("--topk-routers", "-M", default=2, show_default=True, type=POSITIVE,
+                         help="M, from the reference's JSON config.")
+@click.option("--topk-experts", "-K", default=3, show_default=True, type=POSITIVE,
+                         help="K, from the reference's JSON config.")
 @click.option("--backbone", default="vit_base_patch16_224", show_default=True, help="timm name recorded for the ViT.")
-@click.option("--num-heads", type=int, default=None, help="Attention heads (default: width / 64).")
+@click.option("--num-heads", type=POSITIVE, default=None, help="Attention heads (default: width / 64).")
 @click.option("--mean", nargs=3, type=float, default=(0.0, 0.0, 0.0), show_default=True, help="Input normalisation mean.")
 @click.option("--std", nargs=3, type=float, default=(1.0, 1.0, 1.0), show_default=True, help="Input normalisation std.")
 @click.option("--class-names", type=click.Path(exists=True, path_type=Path), help="Text file, one class name a line.")
@@ -113,13 +124,13 @@ def import_official_command(state_dict_path, out, topk_routers, topk_experts, ba
     """
     from .official import convert_state_dict, read_state_dict
 
-    _refuse_existing(out, force)
-    model = convert_state_dict(read_state_dict(state_dict_path), topk_routers=topk_routers, topk_experts=topk_experts,
-                               backbone_name=backbone, num_heads=num_heads)
-    names = class_names.read_text().splitlines() if class_names else None
-    save_checkpoint(model, out, class_names=names,
-                    preprocessing=Preprocessing.for_input(model.backbone_cfg.img_size, mean, std),
-                    extra={"source": {"kind": "reference-state-dict", "path": str(state_dict_path)}})
+    with output_dir(out, CHECKPOINT, force=force, inputs=[state_dict_path]) as tmp:
+        model = convert_state_dict(read_state_dict(state_dict_path), topk_routers=topk_routers,
+                                   topk_experts=topk_experts, backbone_name=backbone, num_heads=num_heads)
+        names = class_names.read_text().splitlines() if class_names else None
+        save_checkpoint(model, tmp, class_names=names,
+                        preprocessing=Preprocessing.for_input(model.backbone_cfg.img_size, mean, std),
+                        extra={"source": {"kind": "reference-state-dict", "path": str(state_dict_path)}})
     click.echo(f"wrote {out}: {model.num_tasks} tasks, {model.num_classes} classes, depth {model.backbone_cfg.depth}, "
                f"width {model.backbone_cfg.embed_dim}")
 

@@ -22,11 +22,9 @@ completes that last rename (:func:`read_manifest`).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -34,6 +32,7 @@ import numpy as np
 
 from .checkpoint_files import sha256_file
 from .errors import ArtifactError
+from .outdir import fsync_dir  # noqa: F401 - growth imports it from here
 
 FORMAT = "care-export-artifact"
 FORMAT_VERSION = 1
@@ -249,55 +248,6 @@ def file_size(specs: dict[str, TensorSpec], file: str) -> int:
 
 
 # ---------------------------------------------------------------------- files
-def fsync_dir(directory: Path) -> None:
-    """Make renames in ``directory`` durable (POSIX; Windows cannot open a directory)."""
-    if os.name == "nt":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def check_target(out: Path, force: bool) -> None:
-    """Refuse to write an artifact over an existing ``out`` without ``force``, and over anything
-    that is not an artifact."""
-    if out.exists() and not force:
-        raise ArtifactError(f"{out} already exists; pass --force to replace it")
-    if out.exists() and (not out.is_dir() or (not (out / MANIFEST).is_file() and any(out.iterdir()))):
-        raise ArtifactError(f"{out} is a non-empty directory that is not an artifact; refusing to replace it")
-
-
-def replace_dir(tmp: Path, out: Path) -> None:
-    """Rename the finished directory ``tmp`` to ``out``, replacing what was there."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
-    fsync_dir(out.parent)
-
-
-@contextlib.contextmanager
-def staged_dir(out: Path):
-    """A fresh temporary directory beside ``out``; it replaces ``out`` when the block ends, and
-    is removed instead when the block raises."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        fsync_dir(tmp)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def write_json(path: Path, obj) -> None:
     """Write JSON to ``path`` and fsync it (callers rename it into place)."""
     write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())

@@ -26,17 +26,16 @@ from runtime.artifact import (
     STATE_FILE,
     Dims,
     backbone_shapes,
-    check_target,
     file_entry,
     file_size,
     layout,
-    staged_dir,
     tensor_file_bytes,
     write_bytes,
     write_json,
     write_patches,
 )
 from runtime.checkpoint_files import load_tensors, read_checkpoint_manifest
+from runtime.outdir import ARTIFACT, output_dir
 from runtime.errors import CapacityError, CareError
 from runtime.growth import backbone_fields, brmoe_fields, checkpoint_fields, load_state_sources
 from runtime.packing import pack_state, pack_task
@@ -146,9 +145,8 @@ def export_artifact(ckpt_dir: str | Path, out: str | Path, capacity: int, *, ops
     dims = export_dims(ckpt, capacity, slot_classes)
     if opset < MIN_OPSET:
         raise CareError(f"opset {opset} is below {MIN_OPSET} (LayerNormalization)")
-    check_target(out, force)
     specs = layout(dims)
-    with staged_dir(out) as tmp:
+    with output_dir(out, ARTIFACT, force=force, inputs=[ckpt_dir]) as tmp:
         where = str(ckpt_dir / ckpt["backbone"]["file"])
         vit = backbone_arrays(load_tensors(ckpt_dir, ckpt["backbone"]), dims, where)
         write_bytes(tmp / BACKBONE_FILE, tensor_file_bytes(BACKBONE_FILE, specs, vit))
