@@ -22,9 +22,11 @@ completes that last rename (:func:`read_manifest`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -55,6 +57,9 @@ FEATURES = "features"  # output of a plain-backbone graph (benchmarks)
 ALIGN = 1 << 16
 # Reduced-precision artifacts pack tensors smaller than ALIGN at this alignment instead.
 SMALL_ALIGN = 64
+
+# Reads of the manifest and state.bin before a mismatch is reported (module doc, Artifact).
+SNAPSHOT_TRIES = 20
 
 # Perceptor logits of padded classes: exp(-1e30 - max) is exactly 0 in the softmax, and unlike
 # -inf an all-padding (unused) slot still gives finite numbers.
@@ -358,22 +363,81 @@ def read_manifest(directory: str | Path) -> dict:
     if manifest is None:
         raise ArtifactError(f"{path}: manifest missing or not valid JSON (not a care-export artifact?)")
     pending = _load_json(directory / PENDING_MANIFEST)
-    if pending is not None and STATE_FILE in pending.get("files", {}):
+    want = pending.get("files", {}).get(STATE_FILE) if pending is not None and isinstance(pending.get("files"), dict) \
+        else None
+    if isinstance(want, dict) and _is_int(want.get("bytes"), 0) and isinstance(want.get("sha256"), str):
         state = directory / STATE_FILE
-        want = pending["files"][STATE_FILE]
         if state.is_file() and state.stat().st_size == want["bytes"] and sha256_file(state) == want["sha256"]:
             if os.access(directory, os.W_OK):
-                os.replace(directory / PENDING_MANIFEST, path)
+                with contextlib.suppress(FileNotFoundError):  # the growing process got there first
+                    os.replace(directory / PENDING_MANIFEST, path)
             manifest = pending
     if manifest.get("format") != FORMAT:
         raise ArtifactError(f"{path}: not a care-export artifact manifest")
     version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not _is_int(version):
+        raise ArtifactError(f"{path}: format_version {version!r} is not an integer")
+    if version > FORMAT_VERSION:
         raise ArtifactError(f"{path}: artifact format version {version} is newer than this reader ({FORMAT_VERSION})")
     missing = [k for k in _REQUIRED if k not in manifest]
     if missing:
         raise ArtifactError(f"{path}: manifest lacks '{missing[0]}'")
+    check_manifest(manifest, path)
     return manifest
+
+
+def _is_int(v, low: int = -(1 << 62)) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def check_manifest(m: dict, where: Path) -> None:
+    """The manifest's fields hold values of the right types, and agree with each other
+    (tasks with dims and class names; every file named with its size, the graph and the state
+    with their digests). The state itself is held against ``tasks`` by :class:`Artifact`."""
+    def bad(what: str):
+        raise ArtifactError(f"{where}: manifest {what}")
+
+    dims, names = m["dims"], {f.name for f in fields(Dims)}
+    if not isinstance(dims, dict):
+        bad("'dims' is not an object")
+    for k in sorted(names - {"in_chans"}):
+        if not _is_int(dims.get(k), 1):
+            bad(f"dims.{k} is missing or not a positive integer ({dims.get(k)!r})")
+    if not _is_int(dims.get("in_chans", 3), 1):
+        bad("dims.in_chans is not a positive integer")
+    if not (m["batch"] == "dynamic" or _is_int(m["batch"], 1)):
+        bad(f"'batch' must be \"dynamic\" or a positive integer, not {m['batch']!r}")
+    if not _is_int(m["opset"], 1):
+        bad(f"'opset' is not a positive integer ({m['opset']!r})")
+    tasks = m["tasks"]
+    if not isinstance(tasks, list) or not tasks:
+        bad("'tasks' is not a non-empty list")
+    for t, e in enumerate(tasks):
+        if not isinstance(e, dict) or not _is_int(e.get("classes"), 1) or \
+                not all(isinstance(e.get(k), str) for k in ("slot_sha256", "source_sha256")):
+            bad(f"task {t} lacks a positive 'classes' or its digests")
+    if len(tasks) > dims["capacity"]:
+        bad(f"lists {len(tasks)} tasks, more than the capacity {dims['capacity']}")
+    if tasks[0]["classes"] != dims["first_classes"] or any(e["classes"] > dims["slot_classes"] for e in tasks[1:]):
+        bad("task class counts do not fit dims.first_classes / dims.slot_classes")
+    classes = m["classes"]
+    if not isinstance(classes, dict) or not isinstance(classes.get("names"), list) or \
+            not all(isinstance(n, str) for n in classes["names"]):
+        bad("'classes.names' is not a list of names")
+    if len(classes["names"]) != sum(e["classes"] for e in tasks):
+        bad(f"has {len(classes['names'])} class names for {sum(e['classes'] for e in tasks)} classes")
+    files = m["files"]
+    if not isinstance(files, dict) or set(files) != {MODEL_FILE, BACKBONE_FILE, SLOTS_FILE, STATE_FILE}:
+        bad(f"'files' must name exactly {MODEL_FILE}, {BACKBONE_FILE}, {SLOTS_FILE} and {STATE_FILE}")
+    for name, e in files.items():
+        if not isinstance(e, dict) or not _is_int(e.get("bytes"), 0):
+            bad(f"files.{name} lacks a size in bytes")
+        if (name in (MODEL_FILE, STATE_FILE) or "sha256" in e) and not isinstance(e.get("sha256"), str):
+            bad(f"files.{name} lacks its sha256")
+    if not isinstance(m["tensors"], dict) or not isinstance(m["preprocessing"], dict):
+        bad("'tensors' or 'preprocessing' is not an object")
+    if not isinstance(m["precision"], str):
+        bad("'precision' is not a string")
 
 
 def read_layout(manifest: dict, dims: Dims, where: Path) -> dict[str, TensorSpec]:
@@ -413,12 +477,26 @@ class Artifact:
     """An artifact directory opened for reading: manifest, sizes and tensor layout."""
 
     def __init__(self, directory: str | Path, verify: bool = False):
-        """Checks every file's presence and size, and the digests of the graph and the state.
-        ``verify`` also hashes the backbone and every active task slot (reads the whole artifact)."""
+        """Checks every file's presence and size, the digests of the graph and the state, and the
+        state's task and class counts against the manifest. ``verify`` also hashes the backbone
+        and every active task slot (reads the whole artifact; docs/ARTIFACT.md, "Verification").
+
+        The manifest and the state are read as one snapshot: ``state.bin`` is read into memory
+        once and must match the manifest just read; a mismatch while another process grows the
+        directory (it renames the new state in, then the new manifest) is read again."""
         self.dir = Path(directory)
-        self.manifest = read_manifest(self.dir)
-        self.dims = Dims.from_dict(self.manifest["dims"])
-        self.tensors = read_layout(self.manifest, self.dims, self.dir)
+        for attempt in range(SNAPSHOT_TRIES):
+            self.manifest = read_manifest(self.dir)
+            self.dims = Dims.from_dict(self.manifest["dims"])
+            self.tensors = read_layout(self.manifest, self.dims, self.dir)
+            state, problem = self._read_state()
+            if problem is None:
+                break
+            time.sleep(0.005 * (attempt + 1))
+        if problem is not None:
+            raise ArtifactError(problem)
+        self._state = state
+        self._check_counts()
         for name, entry in self.manifest["files"].items():
             path = self.dir / name
             if not path.is_file():
@@ -426,13 +504,34 @@ class Artifact:
             if path.stat().st_size != entry["bytes"]:
                 raise ArtifactError(f"{path}: truncated or altered ({path.stat().st_size} bytes, "
                                     f"manifest says {entry['bytes']})")
-            if "sha256" in entry and (verify or name in (MODEL_FILE, STATE_FILE)):
+            if name != STATE_FILE and "sha256" in entry and (verify or name == MODEL_FILE):
                 if sha256_file(path) != entry["sha256"]:
                     raise ArtifactError(f"{path}: corrupt (sha256 differs from the manifest)")
         if verify:
             for t, task in enumerate(self.manifest["tasks"]):
                 if self.slot_digest(task_regions(t, self.dims)) != task["slot_sha256"]:
                     raise ArtifactError(f"{self.dir / SLOTS_FILE}: slot of task {t} is corrupt")
+
+    def _read_state(self) -> tuple[bytes | None, str | None]:
+        """state.bin's bytes, or the reason they do not match the manifest."""
+        path, entry = self.dir / STATE_FILE, self.manifest["files"][STATE_FILE]
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None, f"{path}: file missing"
+        except OSError as exc:
+            return None, f"{path}: unreadable ({exc.strerror or exc})"
+        if len(data) != entry["bytes"]:
+            return None, f"{path}: truncated or altered ({len(data)} bytes, manifest says {entry['bytes']})"
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            return None, f"{path}: corrupt (sha256 differs from the manifest)"
+        return data, None
+
+    def _check_counts(self) -> None:
+        tasks, classes = int(self.read("active_tasks")), int(self.read("active_classes"))
+        if (tasks, classes) != (self.num_tasks, self.num_classes):
+            raise ArtifactError(f"{self.dir / MANIFEST}: lists {self.num_tasks} tasks and {self.num_classes} classes, "
+                                f"state.bin holds {tasks} and {classes}")
 
     @property
     def num_tasks(self) -> int:
@@ -447,8 +546,11 @@ class Artifact:
         return self.dir / MODEL_FILE
 
     def read(self, name: str) -> np.ndarray:
-        """One initializer's current value (read-only memory map)."""
+        """One initializer's value (read-only: a memory map, or the state snapshot)."""
         s = self.tensors[name]
+        if s.file == STATE_FILE:  # the snapshot read with the manifest
+            return np.frombuffer(self._state, dtype=np.dtype(s.dtype).newbyteorder("<"), offset=s.offset,
+                                 count=int(np.prod(s.shape, dtype=np.int64))).reshape(s.shape)
         return np.memmap(self.dir / s.file, dtype=np.dtype(s.dtype).newbyteorder("<"), mode="r", offset=s.offset,
                          shape=s.shape)
 

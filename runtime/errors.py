@@ -26,6 +26,10 @@ class CapacityError(CareError):
     """An artifact has no room left for another task (or task size)."""
 
 
+class ClosedError(CareError):
+    """A Session was used after ``close()``."""
+
+
 class BackendError(CareError):
     """A requested device or backend is not available here."""
 

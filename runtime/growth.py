@@ -188,7 +188,8 @@ def apply_growth(art: Artifact, growth: Growth) -> dict:
                                                                 "bytes": len(state)}})
     write_json(d / PENDING_MANIFEST, manifest)
     os.replace(d / PENDING_STATE, d / STATE_FILE)
-    os.replace(d / PENDING_MANIFEST, d / MANIFEST)
+    with contextlib.suppress(FileNotFoundError):  # a reader completed it (runtime.artifact.read_manifest)
+        os.replace(d / PENDING_MANIFEST, d / MANIFEST)
     fsync_dir(d)
     return manifest
 
@@ -200,9 +201,16 @@ def add_tasks(artifact_dir: str | Path, ckpt_dir: str | Path) -> tuple[list[int]
     the artifact's manifest.
     """
     artifact_dir = Path(artifact_dir)
-    with _exclusive(artifact_dir):
-        art = Artifact(artifact_dir)
-        growth = plan_growth(art, ckpt_dir)
-        if growth is None:
-            return [], art.manifest
-        return growth.tasks, apply_growth(art, growth)
+    if not artifact_dir.is_dir():
+        raise ArtifactError(f"artifact not found or not a directory: {artifact_dir}")
+    try:
+        with _exclusive(artifact_dir):
+            art = Artifact(artifact_dir, verify=True)  # never build on a corrupt artifact
+            growth = plan_growth(art, ckpt_dir)
+            if growth is None:
+                return [], art.manifest
+            return growth.tasks, apply_growth(art, growth)
+    except OSError as exc:  # full disk, file-size limit, read-only mount: the old model is intact
+        where = exc.filename or artifact_dir
+        raise ArtifactError(f"cannot add tasks to {artifact_dir} ({where}: {exc.strerror or exc}); "
+                            f"the artifact still holds its old tasks") from None

@@ -38,8 +38,16 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocessing":
-        prep = cls(int(d["input_size"]), int(d["resize"]), str(d["interpolation"]).lower(),
-                   tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["std"]))
+        try:
+            prep = cls(int(d["input_size"]), int(d["resize"]), str(d["interpolation"]).lower(),
+                       tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["std"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"preprocessing is malformed ({type(exc).__name__}: {exc})") from None
+        if prep.input_size < 1 or prep.resize < 1:
+            raise InputError(f"preprocessing sizes must be positive, got input_size {prep.input_size} and "
+                             f"resize {prep.resize}")
+        if not all(np.isfinite(prep.mean + prep.std)):
+            raise InputError("preprocessing mean and std must be finite")
         if prep.interpolation not in _RESAMPLING:
             raise InputError(f"unknown interpolation {prep.interpolation!r} (known: {', '.join(_RESAMPLING)})")
         if len(prep.mean) != 3 or len(prep.std) != 3 or min(prep.std) <= 0:
@@ -74,6 +82,8 @@ def _pil():
 def _resize_crop(img, prep: Preprocessing) -> np.ndarray:
     """A PIL RGB image -> uint8 HWC array of the input size."""
     Image = _pil()
+    if not img.width or not img.height:
+        raise InputError(f"image of size {img.width}x{img.height}: nothing to classify")
     h, w = resized_size(img.height, img.width, prep.resize)
     resample = getattr(Image.Resampling, prep.interpolation.upper())
     return center_crop(np.asarray(img.resize((w, h), resample)), prep.input_size)
@@ -116,6 +126,8 @@ def _uint8_images(x: np.ndarray, what: str) -> np.ndarray:
         raise InputError(f"{what}: images must have 3 channels (RGB, channels last), got shape {x.shape}")
     if x.shape[0] == 0:
         raise InputError("empty batch: no image given")
+    if not x.shape[1] or not x.shape[2]:
+        raise InputError(f"{what}: images of size {x.shape[2]}x{x.shape[1]}: nothing to classify")
     return x
 
 
@@ -145,12 +157,13 @@ def _item_to_batch(item, prep: Preprocessing, what: str) -> np.ndarray:
     return _normalise(_resize_crop(img, prep)[None], prep)
 
 
-def to_input(images, prep: Preprocessing) -> np.ndarray:
-    """Any accepted image or batch -> float32 NCHW, normalised, at the input size (N >= 1)."""
+def to_input(images, prep: Preprocessing, first: int = 0) -> np.ndarray:
+    """Any accepted image or batch -> float32 NCHW, normalised, at the input size (N >= 1).
+    ``first``: the index of a list's first image in errors (a chunk of a longer list)."""
     if isinstance(images, (list, tuple)):
         if not images:
             raise InputError("empty batch: no image given")
-        parts = [_item_to_batch(im, prep, f"image {i}") for i, im in enumerate(images)]
+        parts = [_item_to_batch(im, prep, f"image {i}") for i, im in enumerate(images, start=first)]
         batch = parts[0] if len(parts) == 1 else np.concatenate(parts)
     else:
         batch = _item_to_batch(images, prep, "input")

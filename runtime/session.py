@@ -27,7 +27,7 @@ import numpy as np
 
 from .artifact import LOGITS, ROUTING_EXPERTS, ROUTING_TASKS, Artifact
 from .backends import open_runner
-from .errors import ArtifactError, InputError
+from .errors import ArtifactError, ClosedError, InputError
 from .graph import load_graph
 from .preprocess import Preprocessing, to_input
 from .routing import canonical_routing
@@ -140,6 +140,7 @@ class Session:
         self._chunk = self._graph.batch or max_batch
         self._lock = _SharedExclusiveLock()
         self._growing = threading.Lock()
+        self._closed = False
 
     # ------------------------------------------------------------------ what is loaded
     @property
@@ -172,11 +173,26 @@ class Session:
                 f"tasks={self.num_tasks}/{self.capacity}, classes={self.num_classes})")
 
     # ------------------------------------------------------------------ inference
-    def _run(self, x: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
-        """Run ``x`` in chunks (padding the last one for a static batch); caller holds the lock."""
+    def _chunks(self, images):
+        """The input in preprocessed chunks of at most one run each: uint8 images and files are
+        preprocessed a chunk at a time, so memory follows the chunk, not the batch."""
+        if isinstance(images, (list, tuple)) and images:
+            for start in range(0, len(images), self._chunk):
+                yield to_input(list(images[start: start + self._chunk]), self.preprocessing, first=start)
+        elif isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4 and len(images):
+            for start in range(0, len(images), self._chunk):
+                yield to_input(images[start: start + self._chunk], self.preprocessing)
+        else:
+            x = to_input(images, self.preprocessing)
+            for start in range(0, len(x), self._chunk):
+                yield x[start: start + self._chunk]
+
+    def _run(self, images, outputs: list[str]) -> list[np.ndarray]:
+        """Run ``images`` in chunks (padding the last one for a static batch); caller holds the lock."""
+        if self._closed:
+            raise ClosedError("this Session is closed; open a new one")
         parts = []
-        for start in range(0, len(x), self._chunk):
-            chunk = x[start: start + self._chunk]
+        for chunk in self._chunks(images):
             n = len(chunk)
             if self._graph.batch and n < self._graph.batch:
                 chunk = np.concatenate([chunk, np.zeros((self._graph.batch - n, *chunk.shape[1:]), chunk.dtype)])
@@ -185,9 +201,8 @@ class Session:
 
     def logits(self, images) -> np.ndarray:
         """Cosine logits (N, learned classes), float32; ``images`` as for :meth:`predict`."""
-        x = to_input(images, self.preprocessing)
         with self._lock.shared():
-            (logits,) = self._run(x, [LOGITS])
+            (logits,) = self._run(images, [LOGITS])
             return logits[:, : self.num_classes]
 
     def predict(self, images, top_k: int = 1, return_routing: bool = False) -> Prediction:
@@ -199,10 +214,9 @@ class Session:
         """
         if not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= self.num_classes:
             raise InputError(f"top_k must be between 1 and the {self.num_classes} learned classes, got {top_k}")
-        x = to_input(images, self.preprocessing)
         outputs = [LOGITS, ROUTING_TASKS, ROUTING_EXPERTS] if return_routing else [LOGITS]
         with self._lock.shared():
-            results = self._run(x, outputs)
+            results = self._run(images, outputs)
             num_classes, names = self.num_classes, self._artifact.manifest["classes"]["names"]
         logits = results[0][:, :num_classes]
         z = COS_SCALE * logits.astype(np.float64)
@@ -227,6 +241,8 @@ class Session:
         from .growth import add_tasks, plan_growth
 
         with self._growing:
+            if self._closed:
+                raise ClosedError("this Session is closed; open a new one")
             growth = plan_growth(self._artifact, checkpoint)
             if growth is None:
                 return []
@@ -252,7 +268,9 @@ class Session:
     def close(self) -> None:
         """Free the backend's memory (device buffers, sessions) now rather than at exit."""
         with self._lock.exclusive():
-            self._runner.close()
+            if not self._closed:
+                self._runner.close()
+            self._closed = True
 
     def __enter__(self):
         return self
