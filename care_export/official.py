@@ -9,11 +9,13 @@ cosine head's blocks as ``fc.heads.{t}.0.weight``. M and K are not in the weight
 
 from __future__ import annotations
 
+import pickle
 import re
 from pathlib import Path
 
 import torch
 
+from runtime.checkpoint_files import require_finite
 from runtime.errors import CheckpointError
 
 from .config import BackboneConfig, MoEConfig
@@ -65,12 +67,19 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - pickle/zip errors of every kind mean the same to a user
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if isinstance(exc, pickle.UnpicklingError) and unsafe:
+            raise CheckpointError(f"{path}: holds a Python object ({unsafe.group(1)}), not only tensors; refused "
+                                  f"(weights-only loading: re-save its state_dict() alone)") from None
+        why = "a pickle this loader refuses" if isinstance(exc, pickle.UnpicklingError) else \
+            (str(exc).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {why})") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected a state dict of tensors")
+    require_finite(state, str(path))
     return state
 
 

@@ -43,15 +43,57 @@ def read_checkpoint_manifest(directory: str | Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a care-export checkpoint manifest")
     version = manifest.get("format_version")
-    if not isinstance(version, int) or version > CHECKPOINT_FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CheckpointError(f"{path}: format_version {version!r} is not an integer")
+    if version > CHECKPOINT_FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format version {version} is newer than this reader "
                               f"({CHECKPOINT_FORMAT_VERSION})")
     missing = [k for k in _KEYS if k not in manifest]
     if missing:
         raise CheckpointError(f"{path}: manifest lacks '{missing[0]}'")
-    if not manifest["tasks"]:
+    if not isinstance(manifest["tasks"], list) or not manifest["tasks"]:
         raise CheckpointError(f"{directory}: checkpoint has no task")
+    _check_fields(manifest, path)
     return manifest
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _check_entry(entry, what: str, path: Path) -> None:
+    """A file entry: a plain file name inside the directory, its size and digest."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) or \
+            not isinstance(entry.get("sha256"), str) or not isinstance(entry.get("bytes"), int):
+        raise CheckpointError(f"{path}: {what} lacks its file, sha256 or bytes")
+    name = entry["file"]
+    if not name or name in (".", "..") or "/" in name or "\\" in name or Path(name).is_absolute():
+        raise CheckpointError(f"{path}: {what} names {name!r}, not a file of the checkpoint directory")
+
+
+def _check_fields(m: dict, path: Path) -> None:
+    """Types and agreement of the fields growth and export rely on (files, class counts, names)."""
+    for key in ("backbone", "brmoe", "head", "shared", "preprocessing", "classes"):
+        if not isinstance(m[key], dict):
+            raise CheckpointError(f"{path}: manifest '{key}' is not an object")
+    for key in ("backbone", "head", "shared"):
+        _check_entry(m[key], key, path)
+    for t, e in enumerate(m["tasks"]):
+        _check_entry(e, f"task {t}", path)
+        if not _is_count(e.get("classes")):
+            raise CheckpointError(f"{path}: task {t} 'classes' is not a positive integer ({e.get('classes')!r})")
+    for key in ("embed_dim", "depth", "num_heads", "img_size", "patch_size"):
+        if not _is_count(m["backbone"].get(key)):
+            raise CheckpointError(f"{path}: backbone.{key} is not a positive integer ({m['backbone'].get(key)!r})")
+    for key in ("topk_routers", "topk_experts", "expert_dim", "shared_dim"):
+        if not _is_count(m["brmoe"].get(key)):
+            raise CheckpointError(f"{path}: brmoe.{key} is not a positive integer ({m['brmoe'].get(key)!r})")
+    names = m["classes"].get("names")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise CheckpointError(f"{path}: classes.names is not a list of names")
+    total = sum(e["classes"] for e in m["tasks"])
+    if len(names) != total:
+        raise CheckpointError(f"{path}: {len(names)} class names for {total} classes")
 
 
 def checkpoint_digest(manifest: dict) -> str:
@@ -64,6 +106,8 @@ def checkpoint_digest(manifest: dict) -> str:
 def check_file(directory: str | Path, entry: dict, verify: bool = True) -> Path:
     """The path of a checkpoint file (a manifest entry), checked for presence, size and digest."""
     path = Path(directory) / entry["file"]
+    if path.resolve().parent != Path(directory).resolve():
+        raise CheckpointError(f"{path}: lies outside the checkpoint directory")
     if not path.is_file():
         raise CheckpointError(f"{path}: file missing")
     if path.stat().st_size != entry["bytes"]:
@@ -80,9 +124,22 @@ def load_tensors(directory: str | Path, entry: dict, verify: bool = True) -> dic
 
     path = check_file(directory, entry, verify)
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from None
+    require_finite(tensors, str(path))
+    return tensors
+
+
+def require_finite(tensors: dict, where: str) -> None:
+    """Refuse NaN or Inf weights, naming the first tensor that holds one (numpy or torch tensors)."""
+    for name, t in tensors.items():
+        if hasattr(t, "is_floating_point"):  # torch (duck-typed: the runtime never imports it)
+            bad = int((~t.isfinite()).sum()) if t.is_floating_point() else 0
+        else:
+            bad = int(np.size(t) - np.isfinite(t).sum()) if np.asarray(t).dtype.kind == "f" else 0
+        if bad:
+            raise CheckpointError(f"{where}: tensor {name} holds {bad} NaN or Inf values")
 
 
 def require(tensors: dict[str, np.ndarray], key: str, shape: tuple, where: str) -> np.ndarray:

@@ -118,6 +118,7 @@ def test_unreadable_file_when_digest_matches(ckpt):
 def test_wrong_shape(ckpt):
     m = json.loads((ckpt / "manifest.json").read_text())
     m["tasks"][2]["classes"] = 4  # the stored perceptor has 3 classes
+    m["classes"]["names"].insert(sum(t["classes"] for t in m["tasks"][:2]) + 3, "extra")  # names still agree
     (ckpt / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(CheckpointError, match=r"task-0002.safetensors: blocks.0.perceptors.fc.weight has shape"):
         load_checkpoint(ckpt)
