@@ -51,7 +51,7 @@ def source_digest(art: Artifact) -> str:
 
 
 def open_source(artifact_dir: str | Path) -> Artifact:
-    art = Artifact(artifact_dir)
+    art = Artifact(artifact_dir, verify=True)  # never build on a corrupt artifact
     if art.manifest["precision"] != "fp32":
         raise ArtifactError(f"{art.dir} is already quantized ({art.manifest['precision'].upper()}); quantize the "
                             f"FP32 artifact it came from")

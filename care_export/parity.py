@@ -121,7 +121,7 @@ def run_parity(ckpt_dir: str | Path, artifact_dir: str | Path, samples: int = 25
     from .checkpoint import load_checkpoint
     from .export.graph import routing_widths
 
-    art = Artifact(artifact_dir)
+    art = Artifact(artifact_dir, verify=True)  # never vouch for a corrupt artifact
     ckpt = read_checkpoint_manifest(ckpt_dir)
     if len(ckpt["tasks"]) != art.num_tasks:
         raise ShapeError(f"the checkpoint has {len(ckpt['tasks'])} tasks, the artifact {art.num_tasks}")

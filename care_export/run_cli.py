@@ -32,7 +32,8 @@ def _expand(paths: tuple[Path, ...]) -> list[Path]:
               show_default=True, help="auto/onnxruntime: TensorRT EP, CUDA EP, then CPU; tensorrt: native TensorRT.")
 @click.option("--routing", is_flag=True, help="Also print the tasks and experts each block selected.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image (JSON lines).")
-def run_command(artifact, images, top_k, device, backend, routing, as_json):
+@click.option("--verify", is_flag=True, help="Hash every weight file first (care-export verify).")
+def run_command(artifact, images, top_k, device, backend, routing, as_json, verify):
     """Predict the classes of image files with an exported artifact (no PyTorch needed).
 
     IMAGES are image files or directories of them. Each image is resized, centre-cropped and
@@ -44,18 +45,32 @@ def run_command(artifact, images, top_k, device, backend, routing, as_json):
       care-export run model/ photos/ --device cpu --json > predictions.jsonl
     """
     from runtime import Session
+    from runtime.errors import CareError, InputError
 
     files = _expand(images)
     if not files:
         raise click.UsageError("no image files found in the given directories")
-    session = Session(artifact, device=device, backend=backend)
+    session = Session(artifact, device=device, backend=backend, verify=verify)
     click.echo(f"{session.backend} on {session.device} ({', '.join(session.providers)}): {session.num_tasks} tasks, "
                f"{session.num_classes} classes", err=True)
     top_k = min(top_k, session.num_classes)
+    failed = 0
+
+    def predict(paths):
+        """(path, result) of each readable file; an unreadable one is reported and skipped."""
+        nonlocal failed
+        try:
+            return list(zip(paths, session.predict(paths, top_k=top_k, return_routing=routing).to_list()))
+        except InputError as exc:
+            if len(paths) > 1:  # find the bad files, keep the good ones
+                return [r for p in paths for r in predict([p])]
+            failed += 1
+            msg = str(exc).removeprefix("image 0: ")
+            click.echo(f"error: {msg if str(paths[0]) in msg else f'{paths[0]}: {msg}'}", err=True)
+            return []
+
     for start in range(0, len(files), CHUNK):
-        chunk = files[start: start + CHUNK]
-        pred = session.predict(chunk, top_k=top_k, return_routing=routing)
-        for path, item in zip(chunk, pred.to_list()):
+        for path, item in predict(files[start: start + CHUNK]):
             if as_json:
                 click.echo(json.dumps({"image": str(path), **item}))
                 continue
@@ -63,3 +78,36 @@ def run_command(artifact, images, top_k, device, backend, routing, as_json):
             if routing:
                 for b, (tasks, experts) in enumerate(zip(item["routing"]["tasks"], item["routing"]["experts"])):
                     click.echo(f"  block {b}: tasks {tasks} experts {experts}")
+    if failed:
+        raise CareError(f"{failed} of {len(files)} images could not be classified (see above)")
+
+
+@click.command("verify")
+@click.argument("directory", type=click.Path(path_type=Path))
+def verify_command(directory):
+    """Check every byte of an artifact (or a checkpoint) against its manifest's digests.
+
+    Hashes the graph, the backbone, the state and every learned task's slot; for a checkpoint,
+    every file, and refuses NaN or Inf weights. Exits 1 naming the first damaged part.
+    `add-task`, `parity` and `quantize` run the same check on what they build on.
+
+    \b
+    Example:
+      care-export verify model/
+    """
+    import time
+
+    from runtime.artifact import Artifact
+    from runtime.checkpoint_files import load_tensors, read_checkpoint_manifest
+    from runtime.outdir import CHECKPOINT, directory_kind
+
+    t0 = time.perf_counter()
+    if directory_kind(directory) == CHECKPOINT:
+        m = read_checkpoint_manifest(directory)
+        for e in [m["backbone"], m["shared"], m["head"], *m["tasks"]]:
+            load_tensors(directory, e)
+        what = f"checkpoint, {len(m['tasks'])} tasks"
+    else:
+        art = Artifact(directory, verify=True)
+        what = f"{art.manifest['precision'].upper()} artifact, {art.num_tasks} of {art.dims.capacity} tasks"
+    click.echo(f"ok: {directory} ({what}, every digest matches; {time.perf_counter() - t0:.2f} s)")

@@ -34,9 +34,9 @@ import numpy as np
 
 from .checkpoint_files import sha256_file
 from .errors import ArtifactError
-from .outdir import fsync_dir  # noqa: F401 - growth imports it from here
+from .outdir import ARTIFACT, fsync_dir  # noqa: F401 - growth imports fsync_dir from here
 
-FORMAT = "care-export-artifact"
+FORMAT = ARTIFACT
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PENDING_MANIFEST = "manifest.pending.json"

@@ -23,10 +23,11 @@ import os
 import shutil
 from pathlib import Path
 
+from .checkpoint_files import CHECKPOINT_FORMAT
 from .errors import ArtifactError, CheckpointError
 
-CHECKPOINT = "care-export-checkpoint"
-ARTIFACT = "care-export-artifact"
+CHECKPOINT = CHECKPOINT_FORMAT
+ARTIFACT = "care-export-artifact"  # runtime.artifact.FORMAT
 _NAMES = {CHECKPOINT: "checkpoint", ARTIFACT: "artifact"}
 _ERRORS = {CHECKPOINT: CheckpointError, ARTIFACT: ArtifactError}
 
@@ -42,9 +43,10 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _kind_of(directory: Path) -> str | None:
+def directory_kind(directory: str | Path) -> str | None:
+    """The ``format`` its ``manifest.json`` names (CHECKPOINT, ARTIFACT), or None."""
     try:
-        manifest = json.loads((directory / "manifest.json").read_text())
+        manifest = json.loads((Path(directory) / "manifest.json").read_text())
     except (OSError, ValueError):
         return None
     return manifest.get("format") if isinstance(manifest, dict) else None
@@ -67,7 +69,7 @@ def check_output(out: str | Path, kind: str, force: bool = False, inputs=()) -> 
         raise error(f"{out} already exists; pass --force to replace it")
     if out.is_symlink() or not out.is_dir():
         raise error(f"{out} is not a directory; refusing to replace it")
-    if _kind_of(out) != kind and any(out.iterdir()):
+    if directory_kind(out) != kind and any(out.iterdir()):
         raise error(f"{out} is a non-empty directory that is not a care-export {what}; refusing to replace it")
     return out
 

@@ -145,6 +145,8 @@ def export_artifact(ckpt_dir: str | Path, out: str | Path, capacity: int, *, ops
     dims = export_dims(ckpt, capacity, slot_classes)
     if opset < MIN_OPSET:
         raise CareError(f"opset {opset} is below {MIN_OPSET} (LayerNormalization)")
+    if opset > onnx.defs.onnx_opset_version():
+        raise CareError(f"opset {opset} is newer than this onnx package knows ({onnx.defs.onnx_opset_version()})")
     specs = layout(dims)
     with output_dir(out, ARTIFACT, force=force, inputs=[ckpt_dir]) as tmp:
         where = str(ckpt_dir / ckpt["backbone"]["file"])
