@@ -3,6 +3,8 @@ cosine classifier that grows by one weight block per task."""
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 
 import torch
@@ -39,6 +41,31 @@ class CosineHead(nn.Module):
         return F.linear(F.normalize(f, dim=-1), F.normalize(self.weight, dim=-1))
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection (False when offline mode is set)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on") for k in ("HF_HUB_OFFLINE", "TIMM_OFFLINE")):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def go_offline() -> None:
+    """Make huggingface_hub use its local cache only, in this process."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return
+    constants.HF_HUB_OFFLINE = True
+
+
 def build_backbone(cfg: BackboneConfig, weights: str | Path | None = None) -> nn.Module:
     """A timm VisionTransformer without classifier, frozen.
 
@@ -48,6 +75,8 @@ def build_backbone(cfg: BackboneConfig, weights: str | Path | None = None) -> nn
     import timm
 
     pretrained = weights == "hub"
+    if pretrained and not hub_reachable():
+        go_offline()  # weights already in the local cache still load; others fail at once, not after retries
     try:
         vit = timm.create_model(cfg.name, pretrained=pretrained, **cfg.timm_kwargs())
     except Exception as exc:  # noqa: BLE001 - timm raises many kinds here; the user needs one line
