@@ -32,7 +32,8 @@ def _expand(paths: tuple[Path, ...]) -> list[Path]:
               show_default=True, help="auto/onnxruntime: TensorRT EP, CUDA EP, then CPU; tensorrt: native TensorRT.")
 @click.option("--routing", is_flag=True, help="Also print the tasks and experts each block selected.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image (JSON lines).")
-@click.option("--verify", is_flag=True, help="Hash every weight file first (care-export verify).")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Hash every weight file first, as care-export verify does (docs/ARTIFACT.md, Verification).")
 def run_command(artifact, images, top_k, device, backend, routing, as_json, verify):
     """Predict the classes of image files with an exported artifact (no PyTorch needed).
 

@@ -105,9 +105,8 @@ def checkpoint_digest(manifest: dict) -> str:
 
 def check_file(directory: str | Path, entry: dict, verify: bool = True) -> Path:
     """The path of a checkpoint file (a manifest entry), checked for presence, size and digest."""
+    _check_entry(entry, "manifest entry", Path(directory) / "manifest.json")  # a plain name, never ../x
     path = Path(directory) / entry["file"]
-    if path.resolve().parent != Path(directory).resolve():
-        raise CheckpointError(f"{path}: lies outside the checkpoint directory")
     if not path.is_file():
         raise CheckpointError(f"{path}: file missing")
     if path.stat().st_size != entry["bytes"]:

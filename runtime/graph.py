@@ -60,6 +60,10 @@ def load_graph(art: Artifact) -> Graph:
         raise ArtifactError(f"{art.model_path}: not a readable ONNX model ({exc})") from None
     names = growth_tensors(art)
     graph = model.graph
+    dims = [d for i in graph.input if i.name == INPUT for d in i.type.tensor_type.shape.dim][:1]
+    batch = art.manifest["batch"]
+    if not dims or (dims[0].dim_value or "dynamic") != batch:
+        raise ArtifactError(f"{art.model_path}: the graph's batch differs from the manifest's ({batch!r})")
     inits = {t.name: t for t in graph.initializer}
     missing = [n for n in names if n not in inits]
     if missing:
