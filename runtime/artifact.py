@@ -23,8 +23,10 @@ completes that last rename (:func:`read_manifest`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, fields
@@ -136,11 +138,11 @@ class TensorSpec:
     dtype: str  # "float32" or "int64"; reduced-precision artifacts also "float16" and "int8"
     role: str  # backbone | first | slot | router | state
 
-    @property
+    @functools.cached_property  # read for every region a digest covers: tens of thousands at 301 tasks
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
 
-    @property
+    @functools.cached_property
     def row_bytes(self) -> int:
         """Bytes of one index along axis 0 (the slot axis of slot tensors)."""
         return self.nbytes // self.shape[0] if self.shape else self.nbytes
