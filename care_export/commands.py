@@ -15,5 +15,6 @@ COMMANDS = {
     "parity": "export_cli:parity_command",
     "bench": "export_bench:bench_command",
     "run": "run_cli:run_command",
+    "eval": "eval_cli:eval_command",
     "quantize": "quantize_cli:quantize_command",
 }

@@ -85,8 +85,12 @@ def onnx_command(ckpt, capacity, out, opset, batch, task_classes, force):
 @click.command("add-task")
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.argument("ckpt", type=click.Path(path_type=Path))
-def add_task_command(artifact, ckpt):
-    """Write the checkpoint's new tasks into ARTIFACT in place (the graph is not touched).
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path),
+              help="Write the grown model as this new artifact and leave ARTIFACT as it was (unchanged files are "
+                   "hard-linked where the file system allows).")
+def add_task_command(artifact, ckpt, out):
+    """Write the checkpoint's new tasks into ARTIFACT in place (the graph is not touched), or
+    into a new version with -o.
 
     CKPT must be the checkpoint the artifact was exported from, grown by later tasks. A refused
     checkpoint (no slot left, other backbone or settings, changed older tasks) leaves the
@@ -95,10 +99,19 @@ def add_task_command(artifact, ckpt):
     \b
     Example:
       care-export add-task model/ ckpt/
+      care-export add-task model-v1/ ckpt/ -o model-v2/
     """
-    from runtime.growth import add_tasks
+    from runtime.growth import add_tasks, add_tasks_to_copy
 
     t0 = time.perf_counter()
+    if out is not None:
+        added, m, how = add_tasks_to_copy(artifact, ckpt, out)
+        which = f"task {added[0]}" if len(added) == 1 else f"tasks {added[0]}-{added[-1]}"
+        click.echo(f"wrote {out}: {artifact} + {which}, {len(m['tasks'])} of {m['dims']['capacity']} tasks, "
+                   f"{sum(t['classes'] for t in m['tasks'])} classes; hard-linked {', '.join(how['linked']) or '-'}; "
+                   f"written {', '.join(how['written'])} ({_mib(how['written_bytes'])}) "
+                   f"({time.perf_counter() - t0:.1f} s)")
+        return
     added, m = add_tasks(artifact, ckpt)
     total = len(m["tasks"])
     if not added:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from .artifact import (
     as_stored,
     fsync_dir,
     patches_digest,
+    staged_dir,
     tensor_file_bytes,
     write_bytes,
     write_json,
@@ -206,3 +208,45 @@ def add_tasks(artifact_dir: str | Path, ckpt_dir: str | Path) -> tuple[list[int]
         if growth is None:
             return [], art.manifest
         return growth.tasks, apply_growth(art, growth)
+
+
+def link_or_copy(src: Path, dst: Path) -> bool:
+    """Hard-link ``src`` as ``dst`` where the file system allows (True), else copy it (False)."""
+    try:
+        os.link(src, dst)
+        return True
+    except OSError:
+        shutil.copyfile(src, dst)
+        return False
+
+
+def add_tasks_to_copy(artifact_dir: str | Path, ckpt_dir: str | Path, out: str | Path) -> tuple[list[int], dict, dict]:
+    """Write the artifact grown by the checkpoint's new tasks as a new artifact ``out``, leaving
+    ``artifact_dir`` as it was. Returns the tasks added, the new manifest, and which of its files
+    are hard links to the old version's (``linked``) and which were written, with their bytes
+    (``written``, ``written_bytes``).
+
+    Growth never writes into a file it does not own: the state and manifest are replaced by a
+    rename (so the new version's links to the old files are simply replaced), the backbone and
+    graph are never written; only slots.bin is patched in place, so it is copied. ``out`` is
+    built in a temporary sibling and renamed into place when complete.
+    """
+    artifact_dir, out = Path(artifact_dir), Path(out)
+    art = Artifact(artifact_dir)
+    growth = plan_growth(art, ckpt_dir)  # every check runs before anything is written
+    if growth is None:
+        raise ArtifactError(f"{artifact_dir} already holds every task of {ckpt_dir}: no new version to write")
+    if out.exists() or out.is_symlink():
+        raise ArtifactError(f"{out} already exists; choose a new directory for the new version")
+    with staged_dir(out) as tmp:
+        for name in [*art.manifest["files"], MANIFEST]:
+            if name == SLOTS_FILE:
+                shutil.copyfile(artifact_dir / name, tmp / name)
+            else:
+                link_or_copy(artifact_dir / name, tmp / name)
+        manifest = apply_growth(Artifact(tmp), growth)
+        names = sorted(p.name for p in tmp.iterdir())
+        linked = [n for n in names if (artifact_dir / n).exists() and os.path.samefile(artifact_dir / n, tmp / n)]
+        written = [n for n in names if n not in linked]
+        how = {"linked": linked, "written": written, "written_bytes": sum((tmp / n).stat().st_size for n in written)}
+    return growth.tasks, manifest, how
