@@ -123,14 +123,26 @@ def add_task_command(artifact, ckpt, out):
 
 
 @click.command("parity")
-@click.argument("ckpt", type=click.Path(path_type=Path))
-@click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--samples", type=click.IntRange(min=1), default=256, show_default=True, help="Random inputs.")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="[CKPT] ARTIFACT")
+@click.option("--samples", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Random inputs (or at most this many images with --images).")
+@click.option("--images", "images_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Compare on the image files under this directory instead of random inputs.")
+@click.option("--save-golden", "save_golden", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write a golden record (inputs, reference logits and routing, the artifact's identity).")
+@click.option("--golden", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Check ARTIFACT against this golden record, without PyTorch (no CKPT).")
+@click.option("--device", default="cpu", show_default=True,
+              help="With --golden: the backend to prove (cpu, cuda, tensorrt, auto).")
 @click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True, help="Batch size of both runs.")
-@click.option("--atol", type=float, default=1e-4, show_default=True, help="Tolerance on |dlogit|.")
+@click.option("--atol", type=float, default=None,
+              help="Tolerance on |dlogit| [default: 1e-4; with --golden per precision: fp32 1e-3, fp16 5e-2, "
+                   "int8 0.5].")
 @click.option("--seed", default=0, show_default=True)
-def parity_command(ckpt, artifact, samples, batch, atol, seed):
-    """Compare ARTIFACT (ONNX Runtime, CPU) with the PyTorch reference forward of CKPT.
+@click.option("--json", "as_json", is_flag=True, help="With --golden: one JSON object.")
+def parity_command(paths, samples, images_dir, save_golden, golden, device, batch, atol, seed, as_json):
+    """Compare ARTIFACT (ONNX Runtime, CPU) with the PyTorch reference forward of CKPT, or, with
+    --golden, a deployed ARTIFACT with a golden record on any backend (no PyTorch needed).
 
     Reports max and mean |dlogit|, top-1 agreement and routing agreement per block; exits 1
     when routing or top-1 differ or |dlogit| exceeds the tolerance.
@@ -138,11 +150,51 @@ def parity_command(ckpt, artifact, samples, batch, atol, seed):
     \b
     Example:
       care-export parity ckpt/ model/ --samples 256
+      care-export parity ckpt/ model/ --images photos/ --save-golden model.golden.npz
+      care-export parity model/ --golden model.golden.npz --device cuda     # on the GPU server
     """
+    if golden is not None:
+        if len(paths) != 1 or save_golden or images_dir:
+            raise click.UsageError("--golden checks one ARTIFACT (no CKPT, --images or --save-golden)")
+        return _check_golden(paths[0], golden, device, batch, atol, as_json)
+    if len(paths) != 2:
+        raise click.UsageError("give CKPT and ARTIFACT (or ARTIFACT --golden FILE)")
     from .parity import run_parity
 
-    report = run_parity(ckpt, artifact, samples=samples, batch=batch, atol=atol, seed=seed)
+    report = run_parity(*paths, samples=samples, batch=batch, atol=1e-4 if atol is None else atol, seed=seed,
+                        images_dir=images_dir, golden=save_golden)
     for line in report.lines():
         click.echo(line)
     report.check()
+    if save_golden:
+        click.echo(f"golden record {save_golden}: {report.samples} inputs")
     click.echo("parity ok")
+
+
+def _check_golden(artifact, golden, device, batch, atol, as_json):
+    import json
+
+    from runtime.errors import ValidationError
+
+    from .parity import GOLDEN_TOLERANCE, check_golden
+
+    report, identity, backend = check_golden(artifact, golden, device=device, batch=batch, atol=atol)
+    min_agree = GOLDEN_TOLERANCE[identity["precision"]][1]
+    try:
+        report.check(min_agree)
+        failure = None
+    except ValidationError as exc:
+        failure = str(exc)
+    if as_json:
+        click.echo(json.dumps({"artifact": str(artifact), "golden": str(golden), "backend": backend,
+                               "precision": identity["precision"], "ok": failure is None, "error": failure,
+                               "max_abs": report.max_abs, "mean_abs": report.mean_abs, "atol": report.atol,
+                               "top1": report.top1, "routing": report.routing, "min_agree": min_agree}))
+    else:
+        click.echo(f"{artifact} ({backend}, {identity['precision']}) against {golden}")
+        for line in report.lines():
+            click.echo(line)
+    if failure is not None:
+        raise ValidationError(failure)
+    if not as_json:
+        click.echo("golden parity ok")

@@ -44,12 +44,13 @@ def cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def eval_without_torch(*args) -> dict:
+def without_torch(*args, rc: int = 0) -> subprocess.CompletedProcess:
+    """Run the command line in a fresh interpreter where any ``import torch`` fails."""
     code = BLOCK_TORCH + "from care_export.cli import main\nmain(%r)\n" % [str(a) for a in args]
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+    assert proc.returncode == rc, proc.stderr
+    return proc
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +126,7 @@ def test_export_add_task_to_a_new_version_and_eval_without_torch(loop, tmp_path)
     res = cli("add-task", v1, ck, "-o", tmp_path / "v2")
     assert res.exit_code == 1 and "already exists" in res.output
 
-    art = eval_without_torch("eval", v2, folders["b"], "--json")
+    art = json.loads(without_torch("eval", v2, folders["b"], "--json").stdout)
     res = cli("eval", ck, folders["b"], "--json")
     assert res.exit_code == 0, res.output
     ref = json.loads(res.output)
@@ -150,3 +151,25 @@ def test_score_counts_task_confusion():
     s = score(logits, np.array([0, 1, 2, 3]), [3, 2])
     assert s["top1"] == 75.0 and s["task_confusion"] == 25.0 and s["per_task"] == pytest.approx([200 / 3, 100.0])
     assert score(logits, np.array([0, 1, 2, 3]), [3, 2, 1])["per_task"][2] is None  # a task without images
+
+
+def test_golden_record_proves_the_new_version_without_torch(loop, tmp_path):
+    root, folders, ck = loop
+    v2 = root / "v2-golden"
+    if len(read_manifest(ck)["tasks"]) < 4:
+        pytest.skip("needs the previous tests' tasks")
+    assert cli("add-task", root / "v1", ck, "-o", v2).exit_code == 0
+    golden = tmp_path / "v2.golden.npz"
+    res = cli("parity", ck, v2, "--images", folders["c"], "--save-golden", golden)
+    assert res.exit_code == 0 and "samples        18 (11 classes)" in res.output, res.output
+    out = json.loads(without_torch("parity", v2, "--golden", golden, "--json").stdout)
+    assert out["ok"] and out["precision"] == "fp32" and out["max_abs"] <= 1e-3 and out["routing"] == [1.0, 1.0]
+    proc = without_torch("parity", root / "v1", "--golden", golden, rc=1)  # the old version is not the one proven
+    assert proc.stderr.startswith("error: ") and "not the artifact" in proc.stderr and "tasks" in proc.stderr
+    # a record whose logits were altered beyond the tolerance fails
+    with np.load(golden) as z:
+        rec = {k: z[k] for k in z.files}
+    rec["logits"] = rec["logits"] + 0.01
+    np.savez(tmp_path / "bad.npz", **rec)
+    proc = without_torch("parity", v2, "--golden", tmp_path / "bad.npz", rc=1)
+    assert "exceeds atol" in proc.stderr
