@@ -16,5 +16,6 @@ COMMANDS = {
     "bench": "export_bench:bench_command",
     "run": "run_cli:run_command",
     "eval": "eval_cli:eval_command",
+    "triton": "triton_cli:triton_command",
     "quantize": "quantize_cli:quantize_command",
 }

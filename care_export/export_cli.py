@@ -88,7 +88,11 @@ def onnx_command(ckpt, capacity, out, opset, batch, task_classes, force):
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path),
               help="Write the grown model as this new artifact and leave ARTIFACT as it was (unchanged files are "
                    "hard-linked where the file system allows).")
-def add_task_command(artifact, ckpt, out):
+@click.option("--triton", is_flag=True, help="ARTIFACT is a Triton model (REPO/NAME, see care-export triton): add "
+              "version N+1, grown from the newest version N.")
+@click.option("--keep", type=click.IntRange(min=1), default=None,
+              help="With --triton: keep only the K newest versions [default: all].")
+def add_task_command(artifact, ckpt, out, triton, keep):
     """Write the checkpoint's new tasks into ARTIFACT in place (the graph is not touched), or
     into a new version with -o.
 
@@ -100,10 +104,23 @@ def add_task_command(artifact, ckpt, out):
     Example:
       care-export add-task model/ ckpt/
       care-export add-task model-v1/ ckpt/ -o model-v2/
+      care-export add-task --triton models/care ckpt/ --keep 2
     """
     from runtime.growth import add_tasks, add_tasks_to_copy
 
     t0 = time.perf_counter()
+    if keep is not None and not triton:
+        raise click.UsageError("--keep needs --triton")
+    if triton:
+        if out is not None:
+            raise click.UsageError("--triton writes the next version inside ARTIFACT; -o does not apply")
+        from .triton_cli import add_version
+
+        version, added, removed = add_version(artifact, ckpt, keep)
+        click.echo(f"wrote {artifact}/{version}: tasks {added[0]}-{added[-1]} added"
+                   + (f"; removed version(s) {', '.join(map(str, removed))}" if removed else "")
+                   + f" ({time.perf_counter() - t0:.1f} s)")
+        return
     if out is not None:
         added, m, how = add_tasks_to_copy(artifact, ckpt, out)
         which = f"task {added[0]}" if len(added) == 1 else f"tasks {added[0]}-{added[-1]}"

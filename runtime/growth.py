@@ -220,6 +220,17 @@ def link_or_copy(src: Path, dst: Path) -> bool:
         return False
 
 
+def clone_artifact(art: Artifact, dst: Path) -> None:
+    """Fill the empty directory ``dst`` with ``art``'s files: slots.bin, which growth patches in
+    place, is copied; every other file, which nothing writes in place, is hard-linked where the
+    file system allows."""
+    for name in [*art.manifest["files"], MANIFEST]:
+        if name == SLOTS_FILE:
+            shutil.copyfile(art.dir / name, dst / name)
+        else:
+            link_or_copy(art.dir / name, dst / name)
+
+
 def add_tasks_to_copy(artifact_dir: str | Path, ckpt_dir: str | Path, out: str | Path) -> tuple[list[int], dict, dict]:
     """Write the artifact grown by the checkpoint's new tasks as a new artifact ``out``, leaving
     ``artifact_dir`` as it was. Returns the tasks added, the new manifest, and which of its files
@@ -239,11 +250,7 @@ def add_tasks_to_copy(artifact_dir: str | Path, ckpt_dir: str | Path, out: str |
     if out.exists() or out.is_symlink():
         raise ArtifactError(f"{out} already exists; choose a new directory for the new version")
     with staged_dir(out) as tmp:
-        for name in [*art.manifest["files"], MANIFEST]:
-            if name == SLOTS_FILE:
-                shutil.copyfile(artifact_dir / name, tmp / name)
-            else:
-                link_or_copy(artifact_dir / name, tmp / name)
+        clone_artifact(art, tmp)
         manifest = apply_growth(Artifact(tmp), growth)
         names = sorted(p.name for p in tmp.iterdir())
         linked = [n for n in names if (artifact_dir / n).exists() and os.path.samefile(artifact_dir / n, tmp / n)]
