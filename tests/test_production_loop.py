@@ -77,6 +77,10 @@ def test_new_folders_become_new_tasks_with_their_provenance(loop, capsys):
         resume_sequence(ck, data=folders["a"], progress=False)  # the same classes: nothing new to learn
     with pytest.raises(CareError, match="class 'a0' of .* is already known"):
         resume_sequence(ck, data=folders["c"], progress=False)
+    res = cli("train", "--resume", ck, "--data", folders["c"])
+    assert res.exit_code == 1 and res.output.startswith("error: class 'a0'") and "--skip-known" in res.output
+    res = cli("train", "--resume", ck, "--skip-known")
+    assert res.exit_code == 2 and "--skip-known needs --data" in res.output
 
     resume_sequence(ck, data=folders["b"], progress=False)
     m = read_manifest(ck)
