@@ -70,7 +70,7 @@ def evaluate_recorded(model, records: list[dict], pre: Preprocessing, batch_size
     a skipped task), and one line per skipped task saying why. ``opened``: sources already open,
     keyed by :func:`_source_key`."""
     opened = dict(opened or {})
-    parts, skipped, first = [], [], 0
+    parts, skipped, first = [], {}, 0
     for t, rec in enumerate(records):
         classes = range(first, first + len(rec["classes"]))
         first = classes.stop
@@ -82,22 +82,21 @@ def evaluate_recorded(model, records: list[dict], pre: Preprocessing, batch_size
                 opened[key] = str(exc)
         source = opened[key]
         if isinstance(source, str):
-            skipped.append(f"task {t}: {source}")
+            skipped[t] = source
             continue
         index = {n: i for i, n in enumerate(source.class_names)}
         gone = [n for n in rec["classes"] if n not in index]
         if gone:
-            skipped.append(f"task {t}: class {gone[0]!r} is no longer in {rec['given']}")
+            skipped[t] = f"class {gone[0]!r} is no longer in {rec['given']}"
             continue
         order = {g: index[n] for g, n in zip(classes, rec["classes"])}
         parts.append(LabelledImages(source, "test", order, classes, eval_transform(pre)))
-    sizes = [len(r["classes"]) for r in records]
+    lines = [f"task {t}: {why}" for t, why in skipped.items()]
     if not parts:
-        return None, [None] * len(records), skipped
+        return None, [None] * len(records), lines
     test = DataLoader(ConcatDataset(parts), batch_size=batch_size, num_workers=workers)
-    top1, per_task = accuracy_by_task(model, test, sizes, device)
-    missing = {int(line.split(":")[0].split()[1]) for line in skipped}
-    return top1, [None if t in missing else a for t, a in enumerate(per_task)], skipped
+    top1, per_task = accuracy_by_task(model, test, [len(r["classes"]) for r in records], device)
+    return top1, [None if t in skipped else a for t, a in enumerate(per_task)], lines
 
 
 def _source_key(description: dict) -> str:
