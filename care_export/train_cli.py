@@ -71,16 +71,16 @@ _TRAINING = ("epochs", "lr", "min_lr", "batch_size", "weight_decay", "ca_lr", "c
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="Where the built-in pre-trained ViT is cached "
               "[default: $CARE_EXPORT_CACHE or ~/.cache/care-export].")
 @click.option("--quiet", is_flag=True, help="No progress bars (the per-task lines stay).")
-def train_command(out, resume, data, skip_known, builtin_classes, builtin_train, builtin_test, init_cls, increment, tasks, seed,
-                  backbone, img_size, patch_size, depth, backbone_weights, topk_routers, topk_experts, expert_dim,
+def train_command(out, resume, data, skip_known, builtin_classes, builtin_train, builtin_test, init_cls, increment,
+                  tasks, seed, backbone, img_size, patch_size, depth, backbone_weights, topk_routers, topk_experts, expert_dim,
                   shared_dim, epochs, lr, min_lr, batch_size, weight_decay, ca_lr, ca_epochs, ca_method, min_crop,
                   workers, mean, std, device, cache_dir, quiet):
     """Learn a class-incremental task sequence, task after task, into a checkpoint directory.
 
     After every task the checkpoint is saved and evaluated (top-1 over all classes seen so far,
     single-pass inference) on the test images of every task's recorded data (a task whose data
-    is gone is skipped, and named); the accuracy table goes to CKPT/metrics.json. An interrupted task
-    leaves the checkpoint as it was after the last finished task: --resume goes on from there.
+    is gone is skipped, and named); the accuracy table goes to CKPT/metrics.json. An interrupted
+    task leaves the checkpoint as it was after the last finished task: --resume goes on from there.
 
     \b
     Example (built-in data, 100 classes in tasks of 10; learn 8 tasks, then the 9th):
