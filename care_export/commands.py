@@ -16,5 +16,7 @@ COMMANDS = {
     "bench": "export_bench:bench_command",
     "run": "run_cli:run_command",
     "verify": "run_cli:verify_command",
+    "eval": "eval_cli:eval_command",
+    "triton": "triton_cli:triton_command",
     "quantize": "quantize_cli:quantize_command",
 }

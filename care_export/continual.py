@@ -8,12 +8,13 @@ learns the next task exactly as an uninterrupted run would.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import ConcatDataset, DataLoader
 from tqdm import tqdm
 
 from runtime.errors import CareError, CheckpointError
@@ -43,66 +44,145 @@ def _task_seed(seed: int, task: int) -> int:
     return seed * 100_003 + task
 
 
+# ---------------------------------------------------------------------- provenance
+def task_record(source, given: str, labels: list[int]) -> dict:
+    """Where a task's data came from: the source (as reopened, and as given), its classes, image
+    counts and, for a folder, a digest of its file list: enough to audit and repeat the task."""
+    record = {"data": source.describe(), "given": str(given),
+              "classes": [source.class_names[c] for c in labels],
+              "images": {split: len(source.samples(split, labels)) for split in ("train", "test")}}
+    if hasattr(source, "files_digest"):
+        record["files_sha256"] = source.files_digest(labels)
+    return record
+
+
+def sequence_records(stored: dict, tasks: range) -> list[dict]:
+    """Task records of a checkpoint that predates them, from its recorded sequence."""
+    seq = TaskSequence.from_dict(stored)
+    given = stored["data"].get("path", "builtin")
+    return [{"data": stored["data"], "given": given,
+             "classes": [stored["source_classes"][seq.order[g]] for g in seq.classes(t)]} for t in tasks]
+
+
+def evaluate_recorded(model, records: list[dict], pre: Preprocessing, batch_size: int, device, workers: int = 0,
+                      opened: dict | None = None) -> tuple[float | None, list[float | None], list[str]]:
+    """Top-1 over every task whose recorded source can still be read, accuracy per task (None for
+    a skipped task), and one line per skipped task saying why. ``opened``: sources already open,
+    keyed by :func:`_source_key`."""
+    opened = dict(opened or {})
+    parts, skipped, first = [], {}, 0
+    for t, rec in enumerate(records):
+        classes = range(first, first + len(rec["classes"]))
+        first = classes.stop
+        key = _source_key(rec["data"])
+        if key not in opened:
+            try:
+                opened[key] = source_from_dict(rec["data"])
+            except CareError as exc:
+                opened[key] = str(exc)
+        source = opened[key]
+        if isinstance(source, str):
+            skipped[t] = source
+            continue
+        index = {n: i for i, n in enumerate(source.class_names)}
+        gone = [n for n in rec["classes"] if n not in index]
+        if gone:
+            skipped[t] = f"class {gone[0]!r} is no longer in {rec['given']}"
+            continue
+        order = {g: index[n] for g, n in zip(classes, rec["classes"])}
+        parts.append(LabelledImages(source, "test", order, classes, eval_transform(pre)))
+    lines = [f"task {t}: {why}" for t, why in skipped.items()]
+    if not parts:
+        return None, [None] * len(records), lines
+    test = DataLoader(ConcatDataset(parts), batch_size=batch_size, num_workers=workers)
+    top1, per_task = accuracy_by_task(model, test, [len(r["classes"]) for r in records], device)
+    return top1, [None if t in skipped else a for t, a in enumerate(per_task)], lines
+
+
+def _source_key(description: dict) -> str:
+    return json.dumps(description, sort_keys=True)
+
+
 class ContinualRun:
     """A checkpoint directory being grown, with everything needed to learn its next task.
 
-    If learning a task fails, the model in memory holds a half-learned task: reopen the
-    checkpoint with :func:`resume_sequence` rather than calling :meth:`learn_next` again.
+    ``plan`` maps each task still to learn to ``(source, path as given, source labels)``; by
+    default the tasks of ``sequence`` on ``source``. A task learned from new data follows the
+    sequence's tasks. If learning a task fails, the model in memory holds a half-learned task:
+    reopen the checkpoint with :func:`resume_sequence` rather than calling :meth:`learn_next` again.
     """
 
     def __init__(self, directory, model, sequence: TaskSequence, source, preprocessing: Preprocessing,
                  cfg: TrainConfig, *, limit: int, weights: str, stats=None, metrics: Metrics | None = None,
-                 device="cpu"):
-        if not model.num_tasks < limit <= sequence.num_tasks:
-            raise CareError(f"cannot train up to task {limit}: the checkpoint has {model.num_tasks} tasks and the "
-                            f"sequence {sequence.num_tasks}")
+                 device="cpu", plan: dict | None = None, records: list[dict] | None = None,
+                 class_names: list[str] | None = None, sequence_record: dict | None = None):
+        if plan is None:
+            if not model.num_tasks < limit <= sequence.num_tasks:
+                raise CareError(f"cannot train up to task {limit}: the checkpoint has {model.num_tasks} tasks and "
+                                f"the sequence {sequence.num_tasks}")
+            given = str(getattr(source, "root", "builtin"))
+            plan = {t: (source, given, [sequence.order[g] for g in sequence.classes(t)])
+                    for t in range(model.num_tasks, limit)}
         self.directory = Path(directory)
         self.model = model.to(device)
         self.sequence, self.source, self.preprocessing, self.cfg = sequence, source, preprocessing, cfg
-        self.limit, self.weights, self.device = limit, weights, device
+        self.limit, self.weights, self.device, self.plan = limit, weights, device, plan
+        self.sequence_record = sequence_record or dict(data=source.describe(),
+                                                       source_classes=list(source.class_names))
+        self.records = list(records or [])
+        self.class_names = list(class_names or [])
         self.stats = list(stats or [])
         self.metrics = metrics or Metrics()
 
     # ------------------------------------------------------------------ one task
-    def _images(self, split: str, classes, transform):
-        return LabelledImages(self.source, split, self.sequence.order, classes, transform)
-
     def learn_next(self, progress: bool = True) -> None:
         task = self.model.num_tasks
         seq, cfg = self.sequence, self.cfg
+        source, given, labels = self.plan[task]
         t0 = time.perf_counter()
         torch.manual_seed(_task_seed(seq.seed, task))
-        self.model.add_task(seq.sizes[task])
-        classes = seq.classes(task)
-        data = TaskData(self._images("train", classes, train_transform(self.preprocessing, cfg.crop_scale)),
-                        self._images("train", classes, eval_transform(self.preprocessing)), cfg,
+        self.model.add_task(len(labels))
+        classes = range(self.model.num_classes - len(labels), self.model.num_classes)
+        order = dict(zip(classes, labels))
+
+        def images(transform):
+            return LabelledImages(source, "train", order, classes, transform)
+
+        data = TaskData(images(train_transform(self.preprocessing, cfg.crop_scale)),
+                        images(eval_transform(self.preprocessing)), cfg,
                         torch.Generator().manual_seed(_task_seed(seq.seed, task)))
         own = learn_task(self.model, task, data, self.stats, cfg, device=self.device, progress=progress)
         self.model.requires_grad_(False)
+        self.records.append(task_record(source, given, labels))
+        self.class_names += [source.class_names[c] for c in labels]
 
-        test = DataLoader(self._images("test", seq.seen(task), eval_transform(self.preprocessing)),
-                          batch_size=3 * cfg.batch_size, num_workers=cfg.workers)
-        top1, per_task = accuracy_by_task(self.model, test, list(seq.sizes[: task + 1]), self.device)
+        top1, per_task, skipped = evaluate_recorded(self.model, self.records, self.preprocessing,
+                                                    3 * cfg.batch_size, self.device, cfg.workers,
+                                                    {_source_key(source.describe()): source})
         self.metrics.add(top1, per_task)
         self.directory.mkdir(parents=True, exist_ok=True)
         save_statistics(own, self.directory / STATS_FILE.format(task))
         self.stats.append({k: v.to(self.device) for k, v in own.items()})
         self._save()
-        old = f", old tasks {sum(per_task[:-1]) / task:.1f}%" if task else ""
-        tqdm.write(f"task {task} ({task + 1}/{seq.num_tasks}): classes {classes.start}-{classes.stop - 1}, top-1 over "
-                   f"{len(seq.seen(task))} seen classes {top1:.2f}% (new task {per_task[-1]:.1f}%{old}) "
-                   f"in {time.perf_counter() - t0:.1f} s")
+        for line in skipped:
+            tqdm.write(f"evaluation skipped {line}")
+        old = [a for a in per_task[:-1] if a is not None]
+        old = f", old tasks {sum(old) / len(old):.1f}%" if old else ""
+        seen = "n/a" if top1 is None else f"{top1:.2f}%"
+        tqdm.write(f"task {task} ({task + 1}/{max(seq.num_tasks, self.limit)}): classes {classes.start}-"
+                   f"{classes.stop - 1}, top-1 over {self.model.num_classes} seen classes {seen} (new task "
+                   f"{per_task[-1]:.1f}%{old}) in {time.perf_counter() - t0:.1f} s")
 
     def _save(self) -> None:
         seq = self.sequence
-        names = [self.source.class_names[seq.order[g]] for g in range(self.model.num_classes)]
         extra = {
-            "sequence": dict(seq.to_dict(), tasks=self.limit, data=self.source.describe(),
-                             source_classes=list(self.source.class_names)),
+            "sequence": dict(seq.to_dict(), tasks=min(self.limit, seq.num_tasks), **self.sequence_record),
+            "task_data": self.records,
             "training": dict(self.cfg.to_dict(), backbone_weights=self.weights),
             "class_stats": [STATS_FILE.format(t) for t in range(self.model.num_tasks)],
             "metrics": self.metrics.to_dict(),
         }
+        names = self.class_names
         save_checkpoint(self.model, self.directory, class_names=names, preprocessing=self.preprocessing, extra=extra)
         write_metrics(self.directory, self.metrics)
 
@@ -176,12 +256,16 @@ def train_sequence(out: str | Path, *, data: str | Path = "builtin", builtin: di
 
 
 def resume_sequence(directory: str | Path, *, tasks: int | None = None, overrides: dict | None = None,
-                    data: str | Path | None = None, device: str = "auto", progress: bool = True) -> Path:
-    """Go on learning the sequence of a checkpoint made by :func:`train_sequence`.
+                    data: str | Path | None = None, skip_known: bool = False, device: str = "auto",
+                    progress: bool = True) -> Path:
+    """Go on learning a checkpoint made by :func:`train_sequence`.
 
-    Without ``tasks``: finish the run if it was interrupted, else learn one more task. With it:
-    learn until the checkpoint holds ``tasks`` tasks. ``overrides`` replace stored training
-    settings; ``data`` points to an image folder that has moved.
+    Without ``data``, or with ``data`` holding the classes of the recorded sequence (a folder
+    that has moved): finish the run if it was interrupted, else learn the sequence's next task;
+    with ``tasks``, learn until the checkpoint holds ``tasks`` tasks. With ``data`` holding other
+    classes (a finished sequence only): learn the classes the checkpoint does not know as one
+    new task; ``skip_known`` leaves known ones out instead of refusing. ``overrides`` replace
+    stored training settings.
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
@@ -189,33 +273,64 @@ def resume_sequence(directory: str | Path, *, tasks: int | None = None, override
         raise CheckpointError(f"{directory}: not written by care-export train (no task sequence); cannot resume it")
     stored = manifest["sequence"]
     sequence = TaskSequence.from_dict(stored)
-    source = source_from_dict(stored["data"]) if data is None else open_source(data)
-    if list(source.class_names) != stored["source_classes"]:
-        raise CareError(f"the data's classes differ from those {directory} was trained on")
     training = dict(manifest["training"])
     cfg = TrainConfig.from_dict(training)
     if overrides:
         if overrides.get("ca_method", cfg.ca_method) != cfg.ca_method:
             raise CareError(f"{directory} stores class statistics for --ca-method {cfg.ca_method}; it cannot change")
         cfg = replace(cfg, **overrides)
-    model, _ = load_checkpoint(directory)
-    learned = model.num_tasks
-    if list(model.task_classes) != list(sequence.sizes[:learned]):
+    learned = len(manifest["tasks"])
+    in_sequence = min(learned, sequence.num_tasks)
+    if [int(t["classes"]) for t in manifest["tasks"][:in_sequence]] != list(sequence.sizes[:in_sequence]):
         raise CheckpointError(f"{directory}: its tasks do not match its recorded sequence")
-    if learned == sequence.num_tasks:
-        raise CareError(f"{directory} already holds all {learned} tasks of its sequence")
-    if tasks is not None:
-        limit = tasks
+    source = open_source(data) if data is not None else None
+    new_data = source is not None and list(source.class_names) != stored["source_classes"]
+    if new_data:
+        if learned < sequence.num_tasks:
+            raise CareError(f"the data's classes differ from those {directory} was trained on, and its sequence is "
+                            f"not finished ({learned} of {sequence.num_tasks} tasks): finish it first with "
+                            f"care-export train --resume {directory}")
+        if tasks is not None and tasks != learned + 1:
+            raise CareError(f"--tasks {tasks}: new data is learned as one task (task {learned})")
+        labels = _new_labels(source, manifest["classes"]["names"], data, directory, skip_known)
+        plan, limit = {learned: (source, str(data), labels)}, learned + 1
     else:
-        limit = stored["tasks"] if stored["tasks"] > learned else learned + 1
-    if limit > sequence.num_tasks:
-        raise CareError(f"--tasks {limit}: the sequence of {directory} has only {sequence.num_tasks} tasks")
-    if limit <= learned:
-        raise CareError(f"--tasks {limit}: {directory} already holds {learned} tasks")
+        if learned >= sequence.num_tasks:
+            raise CareError(f"{directory} already holds all {sequence.num_tasks} tasks of its sequence; learn new "
+                            f"classes with --data NEW_FOLDER")
+        source = source or source_from_dict(stored["data"])
+        limit = tasks if tasks is not None else (stored["tasks"] if stored["tasks"] > learned else learned + 1)
+        if limit > sequence.num_tasks:
+            raise CareError(f"--tasks {limit}: the sequence of {directory} has only {sequence.num_tasks} tasks")
+        if limit <= learned:
+            raise CareError(f"--tasks {limit}: {directory} already holds {learned} tasks")
+        plan = {t: (source, str(data or stored["data"].get("path", "builtin")),
+                    [sequence.order[g] for g in sequence.classes(t)]) for t in range(learned, limit)}
+    model, _ = load_checkpoint(directory)
     dev = resolve_device(device)
     stats = [{k: v.to(dev) for k, v in load_statistics(directory / f).items()} for f in manifest["class_stats"]]
     run = ContinualRun(directory, model, sequence, source, Preprocessing.from_dict(manifest["preprocessing"]), cfg,
                        limit=limit, weights=training["backbone_weights"], stats=stats,
-                       metrics=Metrics.from_dict(manifest.get("metrics")), device=dev)
+                       metrics=Metrics.from_dict(manifest.get("metrics")), device=dev, plan=plan,
+                       records=manifest.get("task_data") or sequence_records(stored, range(learned)),
+                       class_names=manifest["classes"]["names"],
+                       sequence_record={k: stored[k] for k in ("data", "source_classes")})
     run.run(progress)
     return directory
+
+
+def _new_labels(source, known_names: list[str], data, directory: Path, skip_known: bool) -> list[int]:
+    """Labels of ``source``'s classes that the checkpoint does not know (refusing known ones
+    unless ``skip_known``)."""
+    known = set(known_names)
+    overlap = [n for n in source.class_names if n in known]
+    if overlap and not skip_known:
+        more = f" (and {len(overlap) - 1} more)" if len(overlap) > 1 else ""
+        raise CareError(f"class {overlap[0]!r} of {data} is already known to {directory}{more}; pass --skip-known "
+                        f"to leave known classes out")
+    labels = [i for i, n in enumerate(source.class_names) if n not in known]
+    if not labels:
+        raise CareError(f"{data} holds no class that {directory} does not know")
+    if overlap:
+        tqdm.write(f"skipping {len(overlap)} class(es) {directory} already knows: {', '.join(overlap)}")
+    return labels

@@ -29,20 +29,22 @@ def accuracy_by_task(model, loader, task_sizes: list[int], device) -> tuple[floa
 
 class Metrics:
     """Accuracy history of a sequence: ``top1[i]`` after task ``i`` over all seen classes,
-    ``matrix[i][j]`` on task ``j``'s classes after task ``i`` (j <= i)."""
+    ``matrix[i][j]`` on task ``j``'s classes after task ``i`` (j <= i). An entry is None where
+    the task's recorded data could not be read at that time (see ``continual.evaluate_recorded``)."""
 
     def __init__(self, top1: list[float] | None = None, matrix: list[list[float]] | None = None):
         self.top1 = list(top1 or [])
         self.matrix = [list(r) for r in (matrix or [])]
 
-    def add(self, top1: float, per_task: list[float]) -> None:
-        self.top1.append(round(top1, 4))
-        self.matrix.append([round(a, 4) for a in per_task])
+    def add(self, top1: float | None, per_task: list[float | None]) -> None:
+        self.top1.append(_round(top1))
+        self.matrix.append([_round(a) for a in per_task])
 
     @property
-    def a_bar(self) -> float:
+    def a_bar(self) -> float | None:
         """Mean over tasks of the accuracy after that task."""
-        return sum(self.top1) / len(self.top1)
+        known = [a for a in self.top1 if a is not None]
+        return sum(known) / len(known) if known else None
 
     @property
     def a_last(self) -> float:
@@ -55,12 +57,13 @@ class Metrics:
         n = len(self.matrix)
         if n < 2:
             return 0.0
-        drops = [max(self.matrix[i][j] for i in range(j, n)) - self.matrix[-1][j] for j in range(n - 1)]
-        return sum(drops) / len(drops)
+        drops = [max(a for i in range(j, n) if (a := self.matrix[i][j]) is not None) - self.matrix[-1][j]
+                 for j in range(n - 1) if self.matrix[-1][j] is not None]
+        return sum(drops) / len(drops) if drops else 0.0
 
     def to_dict(self) -> dict:
-        return {"top1": self.top1, "matrix": self.matrix, "a_bar": round(self.a_bar, 4),
-                "a_last": round(self.a_last, 4), "forgetting": round(self.forgetting, 4)}
+        return {"top1": self.top1, "matrix": self.matrix, "a_bar": _round(self.a_bar),
+                "a_last": self.a_last, "forgetting": round(self.forgetting, 4)}
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "Metrics":
@@ -73,12 +76,21 @@ class Metrics:
         head = f"{'task':>5} {'all seen':>9}" + ("".join(f" {'T' + str(j):>6}" for j in range(n)) if per_task else "")
         lines = [head]
         for i in range(n):
-            row = f"{i:>5} {self.top1[i]:>8.2f}%"
+            row = f"{i:>5} {_pct(self.top1[i], 8, 2)}%"
             if per_task:
-                row += "".join(f" {a:>6.1f}" for a in self.matrix[i])
+                row += "".join(f" {_pct(a, 6, 1)}" for a in self.matrix[i])
             lines.append(row)
-        lines.append(f"A-bar {self.a_bar:.2f}%  A_B {self.a_last:.2f}%  forgetting {self.forgetting:.2f}")
+        lines.append(f"A-bar {_pct(self.a_bar, 0, 2)}%  A_B {_pct(self.a_last, 0, 2)}%  "
+                     f"forgetting {self.forgetting:.2f}")
         return "\n".join(lines)
+
+
+def _round(a: float | None) -> float | None:
+    return None if a is None else round(a, 4)
+
+
+def _pct(a: float | None, width: int, digits: int) -> str:
+    return f"{'-':>{width}}" if a is None else f"{a:>{width}.{digits}f}"
 
 
 def write_metrics(directory: str | Path, metrics: Metrics, extra: dict | None = None) -> Path:

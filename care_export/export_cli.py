@@ -85,8 +85,16 @@ def onnx_command(ckpt, capacity, out, opset, batch, task_classes, force):
 @click.command("add-task")
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.argument("ckpt", type=click.Path(path_type=Path))
-def add_task_command(artifact, ckpt):
-    """Write the checkpoint's new tasks into ARTIFACT in place (the graph is not touched).
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path),
+              help="Write the grown model as this new artifact and leave ARTIFACT as it was (unchanged files are "
+                   "hard-linked where the file system allows).")
+@click.option("--triton", is_flag=True, help="ARTIFACT is a Triton model (REPO/NAME, see care-export triton): add "
+              "version N+1, grown from the newest version N.")
+@click.option("--keep", type=click.IntRange(min=1), default=None,
+              help="With --triton: keep only the K newest versions [default: all].")
+def add_task_command(artifact, ckpt, out, triton, keep):
+    """Write the checkpoint's new tasks into ARTIFACT in place (the graph is not touched), or
+    into a new version with -o.
 
     CKPT must be the checkpoint the artifact was exported from, grown by later tasks. A refused
     checkpoint (no slot left, other backbone or settings, changed older tasks) leaves the
@@ -95,10 +103,32 @@ def add_task_command(artifact, ckpt):
     \b
     Example:
       care-export add-task model/ ckpt/
+      care-export add-task model-v1/ ckpt/ -o model-v2/
+      care-export add-task --triton models/care ckpt/ --keep 2
     """
-    from runtime.growth import add_tasks
+    from runtime.growth import add_tasks, add_tasks_to_copy
 
     t0 = time.perf_counter()
+    if keep is not None and not triton:
+        raise click.UsageError("--keep needs --triton")
+    if triton:
+        if out is not None:
+            raise click.UsageError("--triton writes the next version inside ARTIFACT; -o does not apply")
+        from .triton_cli import add_version
+
+        version, added, removed = add_version(artifact, ckpt, keep)
+        click.echo(f"wrote {artifact}/{version}: tasks {added[0]}-{added[-1]} added"
+                   + (f"; removed version(s) {', '.join(map(str, removed))}" if removed else "")
+                   + f" ({time.perf_counter() - t0:.1f} s)")
+        return
+    if out is not None:
+        added, m, how = add_tasks_to_copy(artifact, ckpt, out)
+        which = f"task {added[0]}" if len(added) == 1 else f"tasks {added[0]}-{added[-1]}"
+        click.echo(f"wrote {out}: {artifact} + {which}, {len(m['tasks'])} of {m['dims']['capacity']} tasks, "
+                   f"{sum(t['classes'] for t in m['tasks'])} classes; hard-linked {', '.join(how['linked']) or '-'}; "
+                   f"written {', '.join(how['written'])} ({_mib(how['written_bytes'])}) "
+                   f"({time.perf_counter() - t0:.1f} s)")
+        return
     added, m = add_tasks(artifact, ckpt)
     total = len(m["tasks"])
     if not added:
@@ -110,14 +140,26 @@ def add_task_command(artifact, ckpt):
 
 
 @click.command("parity")
-@click.argument("ckpt", type=click.Path(path_type=Path))
-@click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--samples", type=click.IntRange(min=1), default=256, show_default=True, help="Random inputs.")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="[CKPT] ARTIFACT")
+@click.option("--samples", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Random inputs (or at most this many images with --images).")
+@click.option("--images", "images_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Compare on the image files under this directory instead of random inputs.")
+@click.option("--save-golden", "save_golden", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write a golden record (inputs, reference logits and routing, the artifact's identity).")
+@click.option("--golden", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Check ARTIFACT against this golden record, without PyTorch (no CKPT).")
+@click.option("--device", default="cpu", show_default=True,
+              help="With --golden: the backend to prove (cpu, cuda, tensorrt, auto).")
 @click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True, help="Batch size of both runs.")
-@click.option("--atol", type=float, default=1e-4, show_default=True, help="Tolerance on |dlogit|.")
+@click.option("--atol", type=float, default=None,
+              help="Tolerance on |dlogit| [default: 1e-4; with --golden per precision: fp32 1e-3, fp16 5e-2, "
+                   "int8 0.5].")
 @click.option("--seed", default=0, show_default=True)
-def parity_command(ckpt, artifact, samples, batch, atol, seed):
-    """Compare ARTIFACT (ONNX Runtime, CPU) with the PyTorch reference forward of CKPT.
+@click.option("--json", "as_json", is_flag=True, help="With --golden: one JSON object.")
+def parity_command(paths, samples, images_dir, save_golden, golden, device, batch, atol, seed, as_json):
+    """Compare ARTIFACT (ONNX Runtime, CPU) with the PyTorch reference forward of CKPT, or, with
+    --golden, a deployed ARTIFACT with a golden record on any backend (no PyTorch needed).
 
     Reports max and mean |dlogit|, top-1 agreement and routing agreement per block; exits 1
     when routing or top-1 differ or |dlogit| exceeds the tolerance.
@@ -125,11 +167,51 @@ def parity_command(ckpt, artifact, samples, batch, atol, seed):
     \b
     Example:
       care-export parity ckpt/ model/ --samples 256
+      care-export parity ckpt/ model/ --images photos/ --save-golden model.golden.npz
+      care-export parity model/ --golden model.golden.npz --device cuda     # on the GPU server
     """
+    if golden is not None:
+        if len(paths) != 1 or save_golden or images_dir:
+            raise click.UsageError("--golden checks one ARTIFACT (no CKPT, --images or --save-golden)")
+        return _check_golden(paths[0], golden, device, batch, atol, as_json)
+    if len(paths) != 2:
+        raise click.UsageError("give CKPT and ARTIFACT (or ARTIFACT --golden FILE)")
     from .parity import run_parity
 
-    report = run_parity(ckpt, artifact, samples=samples, batch=batch, atol=atol, seed=seed)
+    report = run_parity(*paths, samples=samples, batch=batch, atol=1e-4 if atol is None else atol, seed=seed,
+                        images_dir=images_dir, golden=save_golden)
     for line in report.lines():
         click.echo(line)
     report.check()
+    if save_golden:
+        click.echo(f"golden record {save_golden}: {report.samples} inputs")
     click.echo("parity ok")
+
+
+def _check_golden(artifact, golden, device, batch, atol, as_json):
+    import json
+
+    from runtime.errors import ValidationError
+
+    from .parity import GOLDEN_TOLERANCE, check_golden
+
+    report, identity, backend = check_golden(artifact, golden, device=device, batch=batch, atol=atol)
+    min_agree = GOLDEN_TOLERANCE[identity["precision"]][1]
+    try:
+        report.check(min_agree)
+        failure = None
+    except ValidationError as exc:
+        failure = str(exc)
+    if as_json:
+        click.echo(json.dumps({"artifact": str(artifact), "golden": str(golden), "backend": backend,
+                               "precision": identity["precision"], "ok": failure is None, "error": failure,
+                               "max_abs": report.max_abs, "mean_abs": report.mean_abs, "atol": report.atol,
+                               "top1": report.top1, "routing": report.routing, "min_agree": min_agree}))
+    else:
+        click.echo(f"{artifact} ({backend}, {identity['precision']}) against {golden}")
+        for line in report.lines():
+            click.echo(line)
+    if failure is not None:
+        raise ValidationError(failure)
+    if not as_json:
+        click.echo("golden parity ok")

@@ -25,7 +25,10 @@ _TRAINING = ("epochs", "lr", "min_lr", "batch_size", "weight_decay", "ca_lr", "c
 @click.option("--resume", type=click.Path(path_type=Path), help="Checkpoint whose sequence to continue.")
 @click.option("--data", default="builtin", show_default=True,
               help="'builtin' (procedural images) or an image folder: one sub-folder per class, or train/ and "
-                   "test/ each holding them.")
+                   "test/ each holding them. With --resume: a folder of classes the checkpoint does not know is "
+                   "learned as its next task.")
+@click.option("--skip-known", is_flag=True, help="With --resume --data NEW: leave out the classes of NEW that the "
+              "checkpoint already knows (default: refuse them).")
 @click.option("--builtin-classes", default=100, show_default=True, type=click.IntRange(1, 1000),
               help="Classes of the built-in dataset.")
 @click.option("--builtin-train", default=60, show_default=True, type=click.IntRange(min=2),
@@ -68,20 +71,24 @@ _TRAINING = ("epochs", "lr", "min_lr", "batch_size", "weight_decay", "ca_lr", "c
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="Where the built-in pre-trained ViT is cached "
               "[default: $CARE_EXPORT_CACHE or ~/.cache/care-export].")
 @click.option("--quiet", is_flag=True, help="No progress bars (the per-task lines stay).")
-def train_command(out, resume, data, builtin_classes, builtin_train, builtin_test, init_cls, increment, tasks, seed,
-                  backbone, img_size, patch_size, depth, backbone_weights, topk_routers, topk_experts, expert_dim,
+def train_command(out, resume, data, skip_known, builtin_classes, builtin_train, builtin_test, init_cls, increment,
+                  tasks, seed, backbone, img_size, patch_size, depth, backbone_weights, topk_routers, topk_experts, expert_dim,
                   shared_dim, epochs, lr, min_lr, batch_size, weight_decay, ca_lr, ca_epochs, ca_method, min_crop,
                   workers, mean, std, device, cache_dir, quiet):
     """Learn a class-incremental task sequence, task after task, into a checkpoint directory.
 
     After every task the checkpoint is saved and evaluated (top-1 over all classes seen so far,
-    single-pass inference); the accuracy table goes to CKPT/metrics.json. An interrupted task
-    leaves the checkpoint as it was after the last finished task: --resume goes on from there.
+    single-pass inference) on the test images of every task's recorded data (a task whose data
+    is gone is skipped, and named); the accuracy table goes to CKPT/metrics.json. An interrupted
+    task leaves the checkpoint as it was after the last finished task: --resume goes on from there.
 
     \b
     Example (built-in data, 100 classes in tasks of 10; learn 8 tasks, then the 9th):
       care-export train -o ckpt/ --data builtin --init-cls 10 --increment 10 --tasks 8 --epochs 4
       care-export train --resume ckpt/
+    \b
+    Example (classes that arrive later: a folder of new classes becomes the next task):
+      care-export train --resume ckpt/ --data new-classes/
     \b
     Example (an image folder, ImageNet-21K ViT-B/16 from the hub, reference settings):
       care-export train -o ckpt/ --data images/ --init-cls 100 --increment 3 \\
@@ -102,6 +109,8 @@ def train_command(out, resume, data, builtin_classes, builtin_train, builtin_tes
         if (out is None) == (resume is None):
             raise click.UsageError("give either -o/--output (a new run) or --resume CKPT")
         if resume is not None:
+            if skip_known and not given("data"):
+                raise click.UsageError("--skip-known needs --data NEW")
             fixed = [n for n in _FIXED_ON_RESUME if given(n)]
             if fixed:
                 raise click.UsageError(f"--{fixed[0].replace('_', '-')} is fixed by the checkpoint being resumed")
@@ -111,7 +120,8 @@ def train_command(out, resume, data, builtin_classes, builtin_train, builtin_tes
                     key = "crop_scale" if name == "min_crop" else name
                     overrides[key] = training[key]
             directory = resume_sequence(resume, tasks=tasks, overrides=overrides,
-                                        data=data if given("data") else None, device=device, progress=progress)
+                                        data=data if given("data") else None, skip_known=skip_known,
+                                        device=device, progress=progress)
         else:
             directory = _start(out, data, builtin_classes, builtin_train, builtin_test, init_cls, increment, tasks,
                                seed, backbone, img_size, patch_size, depth, backbone_weights, topk_routers,

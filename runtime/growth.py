@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from .artifact import (
 )
 from .checkpoint_files import checkpoint_digest, load_tensors, read_checkpoint_manifest, sha256_file
 from .errors import ArtifactError, CapacityError, MismatchError
+from .outdir import ARTIFACT, output_dir
 from .packing import check_task_classes, pack_state, pack_task
 
 # Backbone keys of a checkpoint manifest that are configuration, not file bookkeeping.
@@ -214,3 +216,50 @@ def add_tasks(artifact_dir: str | Path, ckpt_dir: str | Path) -> tuple[list[int]
         where = exc.filename or artifact_dir
         raise ArtifactError(f"cannot add tasks to {artifact_dir} ({where}: {exc.strerror or exc}); "
                             f"the artifact still holds its old tasks") from None
+
+
+def link_or_copy(src: Path, dst: Path) -> bool:
+    """Hard-link ``src`` as ``dst`` where the file system allows (True), else copy it (False)."""
+    try:
+        os.link(src, dst)
+        return True
+    except OSError:
+        shutil.copyfile(src, dst)
+        return False
+
+
+def clone_artifact(art: Artifact, dst: Path) -> None:
+    """Fill the empty directory ``dst`` with ``art``'s files: slots.bin, which growth patches in
+    place, is copied; every other file, which nothing writes in place, is hard-linked where the
+    file system allows."""
+    for name in [*art.manifest["files"], MANIFEST]:
+        if name == SLOTS_FILE:
+            shutil.copyfile(art.dir / name, dst / name)
+        else:
+            link_or_copy(art.dir / name, dst / name)
+
+
+def add_tasks_to_copy(artifact_dir: str | Path, ckpt_dir: str | Path, out: str | Path) -> tuple[list[int], dict, dict]:
+    """Write the artifact grown by the checkpoint's new tasks as a new artifact ``out``, leaving
+    ``artifact_dir`` as it was. Returns the tasks added, the new manifest, and which of its files
+    are hard links to the old version's (``linked``) and which were written, with their bytes
+    (``written``, ``written_bytes``).
+
+    Growth never writes into a file it does not own: the state and manifest are replaced by a
+    rename (so the new version's links to the old files are simply replaced), the backbone and
+    graph are never written; only slots.bin is patched in place, so it is copied. ``out`` is
+    built in a temporary sibling and renamed into place when complete.
+    """
+    artifact_dir, out = Path(artifact_dir), Path(out)
+    art = Artifact(artifact_dir, verify=True)  # never build on a corrupt artifact
+    growth = plan_growth(art, ckpt_dir)  # every check runs before anything is written
+    if growth is None:
+        raise ArtifactError(f"{artifact_dir} already holds every task of {ckpt_dir}: no new version to write")
+    with output_dir(out, ARTIFACT, inputs=(artifact_dir, ckpt_dir)) as tmp:
+        clone_artifact(art, tmp)
+        manifest = apply_growth(Artifact(tmp), growth)
+        names = sorted(p.name for p in tmp.iterdir())
+        linked = [n for n in names if (artifact_dir / n).exists() and os.path.samefile(artifact_dir / n, tmp / n)]
+        written = [n for n in names if n not in linked]
+        how = {"linked": linked, "written": written, "written_bytes": sum((tmp / n).stat().st_size for n in written)}
+    return growth.tasks, manifest, how

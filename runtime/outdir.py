@@ -88,9 +88,9 @@ def replace_dir(tmp: Path, out: Path) -> None:
 
 
 @contextlib.contextmanager
-def output_dir(out: str | Path, kind: str, *, force: bool = False, inputs=()):
-    """Check ``out``, yield a temporary sibling to write into, swap it in on success (module doc)."""
-    out = check_output(out, kind, force, inputs)
+def staged_dir(out: Path):
+    """A fresh temporary sibling of ``out`` to write into: it replaces ``out`` when the block ends,
+    and is removed instead when the block raises (callers check ``out`` first)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -102,3 +102,10 @@ def output_dir(out: str | Path, kind: str, *, force: bool = False, inputs=()):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def output_dir(out: str | Path, kind: str, *, force: bool = False, inputs=()):
+    """Check ``out``, yield a temporary sibling to write into, swap it in on success (module doc)."""
+    with staged_dir(check_output(out, kind, force, inputs)) as tmp:
+        yield tmp
