@@ -7,7 +7,9 @@ Three forwards:
 * :meth:`BRMoE.forward_sparse` -- the same decisions, but experts run on the CLS token for routing
   and only the selected ones over the full sequence.
 * :meth:`BRMoE.forward_train` -- the "semi-dynamic" forward used while learning task ``T``
-  (router ``T`` forced).
+  (router ``T`` forced), every expert ``0..T`` over every token: the tested reference.
+* :meth:`BRMoE.forward_train_sparse` -- the same outputs and gradients with the work of
+  ``forward_sparse``; the trainer uses it, so that a step costs about the same at any ``T``.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import MoEConfig
-from .experts import Expert, Perceptor, entropy, new_router
+from .experts import PART_LN_EPS, Expert, Perceptor, entropy, new_router
 
 # What the reference writes into router logits that lose the top-K selection.
 MASKED_LOGIT = -100.0
@@ -95,23 +98,33 @@ class BRMoE(nn.Module):
         bsz = ent.shape[1]
         pad = [torch.cat([l, l.new_full((bsz, num_e - l.shape[1]), float("-inf"))], -1) for l in cls_logits]
         logits = torch.stack(pad)  # (E, B, E): router t, sample, expert
+        sel = self._select(ent, forced)
+        chosen = logits.gather(0, sel[..., None].expand(-1, -1, num_e))  # (m, B, E)
+        return (sel, *self._weights(chosen))
+
+    def _select(self, ent: torch.Tensor, forced: int | None) -> torch.Tensor:
+        """(m, B) selected routers: the lowest-entropy candidates, then ``forced`` if given."""
         m = self.cfg.topk_routers - (forced is not None)
-        cand = ent.shape[0]
+        cand, bsz = ent.shape
         if m >= cand:
             sel = torch.arange(cand, device=ent.device)[:, None].expand(cand, bsz)
         else:
             sel = ent.topk(m, dim=0, largest=False).indices  # (m, B) lowest entropy
         if forced is not None:
             sel = torch.cat([sel, sel.new_full((1, bsz), forced)])
-        chosen = logits.gather(0, sel[..., None].expand(-1, -1, num_e))  # (m, B, E)
+        return sel
+
+    def _weights(self, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Softmax weights and kept experts from the selected routers' logits (m, B, E), ``-inf``
+        where a router has no such expert; logits outside the top-K become ``MASKED_LOGIT``."""
         kept = torch.isfinite(chosen)
         k = self.cfg.topk_experts
-        if k < num_e:
+        if k < chosen.shape[-1]:
             top = torch.zeros_like(kept)
             top.scatter_(-1, chosen.topk(k, dim=-1).indices, True)
             kept &= top
             chosen = chosen.masked_fill(~top, MASKED_LOGIT)
-        return sel, torch.softmax(chosen, dim=-1), kept
+        return torch.softmax(chosen, dim=-1), kept
 
     @staticmethod
     def _routing(sel: torch.Tensor, kept: torch.Tensor) -> Routing:
@@ -154,16 +167,8 @@ class BRMoE(nn.Module):
         shared = self.shared(x)
         if self.num_tasks == 1:
             return self.experts[0](x) + shared, (self._single_task_routing(x) if want_routing else None)
-        cls = [e(x[:, 0]) for e in self.experts]
-        ent = torch.stack([entropy(p(c)) for p, c in zip(self.perceptors, cls)])
-        sel, w, kept = self._route(ent, [r(c) for r, c in zip(self.routers, cls)], forced=None)
-        per_expert = (w * kept).sum(0)  # (B, E): total weight of each expert per sample
-        out = shared.clone()
-        for e in kept.any(0).any(0).nonzero()[:, 0].tolist():
-            rows = per_expert[:, e].nonzero()[:, 0]
-            if len(rows):
-                out[rows] += per_expert[rows, e, None, None] * self.experts[e](x[rows])
-        return out, (self._routing(sel, kept) if want_routing else None)
+        out, sel, kept, _ = self._sparse_mixture(x, self.num_tasks, forced=None)
+        return out + shared, (self._routing(sel, kept) if want_routing else None)
 
     def forward_train(self, x: torch.Tensor, task: int):
         """Forward while learning ``task``: experts ``0..task``, router ``task`` always selected
@@ -181,3 +186,105 @@ class BRMoE(nn.Module):
         _, w, _ = self._route(ent, [self.routers[i](cls[i]) for i in range(task + 1)], forced=task)
         mixed = torch.einsum("mbe,ebnd->bnd", w, torch.stack(outs))
         return mixed + shared, latent
+
+    def forward_train_sparse(self, x: torch.Tensor, task: int):
+        """:meth:`forward_train` with the work of :meth:`forward_sparse`: the same outputs,
+        gradients and shared-expert pull, at a cost that does not grow with ``task``'s experts.
+
+        Every expert ``0..task`` runs on the CLS token only, batched (all that the entropies, the
+        router logits and the CLS token of the mixture read); the selected routers' logits are
+        computed for the samples that select them; then only the experts some selected router
+        keeps run over the other tokens. Each expert's CLS output is computed once, so dropout
+        draws one mask per expert and token, as in the dense form. Experts outside the top-K
+        (weight ``e^-100`` relative in the dense form) are dropped.
+        """
+        if self.training and self._anchor is not None:
+            self._pull_shared()
+        shared = self.shared(x)
+        if task == 0:
+            out = self.experts[0](x)
+            return out + shared, self.perceptors[0](out[:, 0])
+        out, _, _, cls = self._sparse_mixture(x, task + 1, forced=task)
+        return out + shared, self.perceptors[task](cls[task])
+
+    def _sparse_mixture(self, x: torch.Tensor, num_experts: int, forced: int | None):
+        """The BR-MoE mixture of experts ``0..num_experts-1`` (shared expert excluded), routed by
+        the routers of lowest entropy among the candidates (all but ``forced``) plus ``forced``.
+        Returns ``(mixture, sel, kept, cls)``, ``cls`` (E, B, D) every expert on the CLS token."""
+        cls = self._experts_on_tokens(self.experts[:num_experts], x[:, 0][None])  # (E, B, D)
+        cand = num_experts - (forced is not None)
+        with torch.no_grad():  # selection only: no gradient flows through the entropies
+            sel = self._select(self._perceptor_entropies(cls[:cand].detach()), forced)
+        w, kept = self._weights(self._selected_logits(sel, cls))
+        per_expert = (w * kept).sum(0)  # (B, E): total weight of each expert per sample
+        head = torch.einsum("be,ebd->bd", per_expert, cls)
+        rest = self._mixed_tokens(x[:, 1:], per_expert, kept.any(0))
+        return torch.cat([head[:, None], rest], 1), sel, kept, cls
+
+    def _experts_on_tokens(self, experts, x: torch.Tensor) -> torch.Tensor:
+        """Each of ``experts`` on its own slice of ``x`` (E, B, D) -> (E, B, D), batched."""
+        st = _stacked(experts)
+        a = F.layer_norm(x, x.shape[-1:], eps=PART_LN_EPS) * st["norm.weight"][:, None] + st["norm.bias"][:, None]
+        h = torch.relu(torch.baddbmm(st["down.bias"][:, None], a, st["down.weight"].transpose(1, 2)))
+        h = F.dropout(h, self.cfg.dropout, self.training)
+        return torch.baddbmm(st["up.bias"][:, None], h, st["up.weight"].transpose(1, 2)) * st["scale"][:, None]
+
+    def _perceptor_entropies(self, cls: torch.Tensor) -> torch.Tensor:
+        """(T', B) entropy of perceptor t on ``cls[t]``, batched over tasks of equal class count."""
+        ent = cls.new_empty(cls.shape[:2])
+        groups: dict[int, list[int]] = {}
+        for t in range(cls.shape[0]):
+            groups.setdefault(self.perceptors[t].fc.out_features, []).append(t)
+        for tasks in groups.values():
+            st = _stacked([self.perceptors[t] for t in tasks])
+            idx = torch.tensor(tasks, device=cls.device)
+            c = cls[idx]
+            n = F.layer_norm(c, c.shape[-1:], eps=PART_LN_EPS) * st["norm.weight"][:, None] + st["norm.bias"][:, None]
+            ent[idx] = entropy(torch.baddbmm(st["fc.bias"][:, None], n, st["fc.weight"].transpose(1, 2)))
+        return ent
+
+    def _selected_logits(self, sel: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+        """(m, B, E) logits of the selected routers, each computed only for the samples that
+        select it; ``-inf`` beyond a router's experts."""
+        m, bsz = sel.shape
+        num_e = cls.shape[0]
+        chosen = cls.new_full((m, bsz, num_e), float("-inf"))
+        for r in sel.unique().tolist():
+            j, b = (sel == r).nonzero(as_tuple=True)
+            chosen[j, b, : r + 1] = self.routers[r](cls[r, b])
+        return chosen
+
+    def _mixed_tokens(self, x: torch.Tensor, weight: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """``sum_e weight[b, e] * expert_e(x[b])`` over the experts ``kept[b]`` of each sample.
+
+        The experts of a sample become ``S`` slots (padded with weight 0); LayerNorm's affine
+        and the output scale are folded into the two projections, so the mixture is two batched
+        matrix products and no per-expert output over all tokens is ever stored.
+        """
+        bsz, num_e = kept.shape
+        used = kept.any(0).nonzero()[:, 0]
+        st = _stacked([self.experts[e] for e in used.tolist()])
+        local = torch.full((num_e,), 0, dtype=torch.long, device=x.device)
+        local[used] = torch.arange(len(used), device=x.device)
+        idx = torch.arange(num_e, device=x.device).expand(bsz, -1)
+        key = torch.where(kept, idx, idx + num_e).sort(-1).values[:, : int(kept.sum(-1).max())]  # kept experts first
+        valid = key < num_e
+        expert = torch.where(valid, key, 0)
+        slot_w = weight.gather(1, expert) * valid  # (B, S)
+        slot = local[expert]  # (B, S) index into ``used``
+        s, r = slot.shape[1], st["down.weight"].shape[1]
+        down_w = st["down.weight"] * st["norm.weight"][:, None]  # (U, r, D)
+        down_b = st["down.bias"] + torch.einsum("urd,ud->ur", st["down.weight"], st["norm.bias"])
+        up_w = (st["up.weight"] * st["scale"][:, :, None]).transpose(1, 2)  # (U, r, D)
+        up_b = st["up.bias"] * st["scale"]
+        xn = F.layer_norm(x, x.shape[-1:], eps=PART_LN_EPS)
+        h = torch.baddbmm(down_b[slot].reshape(bsz, 1, s * r), xn, down_w[slot].reshape(bsz, s * r, -1).transpose(1, 2))
+        h = F.dropout(torch.relu(h), self.cfg.dropout, self.training)
+        h = h * slot_w.repeat_interleave(r, 1)[:, None]
+        return torch.bmm(h, up_w[slot].reshape(bsz, s * r, -1)) + torch.einsum("bs,bsd->bd", slot_w, up_b[slot])[:, None]
+
+
+def _stacked(modules) -> dict[str, torch.Tensor]:
+    """The parameters of identical modules stacked along a new first axis, by name."""
+    params = [dict(m.named_parameters()) for m in modules]
+    return {name: torch.stack([p[name] for p in params]) for name in params[0]}

@@ -13,13 +13,14 @@ METRICS_FILE = "metrics.json"
 @torch.no_grad()
 def accuracy_by_task(model, loader, task_sizes: list[int], device) -> tuple[float, list[float]]:
     """Top-1 (%) over the whole ``loader`` and on each task's classes, predicting among every
-    learned class with ``model.forward`` (the single-pass inference)."""
+    learned class with the single-pass inference in its sparse form (the decisions of the
+    reference form; only the selected experts run over all tokens)."""
     model.eval()
     bounds = torch.tensor(task_sizes).cumsum(0)
     correct = torch.zeros(len(task_sizes))
     total = torch.zeros(len(task_sizes))
     for x, y in loader:
-        pred = model(x.to(device)).argmax(1).cpu()
+        pred = model(x.to(device), mode="sparse").argmax(1).cpu()
         task = torch.bucketize(y, bounds, right=True)
         correct += torch.bincount(task, weights=(pred == y).double(), minlength=len(task_sizes)).float()
         total += torch.bincount(task, minlength=len(task_sizes)).float()

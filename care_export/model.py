@@ -204,13 +204,20 @@ class CareViT(nn.Module):
         logits = self.head(self.forward_features(x, mode, routing))
         return logits, routing
 
-    def forward_train(self, x: torch.Tensor, task: int) -> dict:
+    def forward_train(self, x: torch.Tensor, task: int, mode: str = "sparse") -> dict:
         """The forward used while learning ``task``: features, head logits over all learned
-        classes, and the per-block perceptor logits of ``task``."""
+        classes, and the per-block perceptor logits of ``task``.
+
+        ``mode``: ``"sparse"`` (:meth:`BRMoE.forward_train_sparse`, what the trainer uses) or
+        ``"reference"`` (every expert over every token); both give the same loss and gradients.
+        """
+        if mode not in FORWARD_MODES:
+            raise ValueError(f"mode must be one of {FORWARD_MODES}, got {mode!r}")
         latents = []
 
         def moe_fn(moe: BRMoE, xa):
-            out, latent = moe.forward_train(xa, task)
+            fwd = moe.forward_train if mode == "reference" else moe.forward_train_sparse
+            out, latent = fwd(xa, task)
             latents.append(latent)
             return out
 

@@ -90,6 +90,14 @@ def perceptor_loss(latents: list[torch.Tensor], head_logits: torch.Tensor, targe
     return torch.stack(losses).mean()
 
 
+def task_loss(out: dict, y: torch.Tensor, first_class: int, cfg: "TrainConfig") -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss of a training step from ``forward_train``'s output, and its main part."""
+    cur = out["logits"][:, first_class:]
+    local = y - first_class
+    loss_main = angular_loss(cur, local, cfg.scale, cfg.margin)
+    return loss_main + perceptor_loss(out["latents"], cur, local, cfg.scale, cfg.margin), loss_main
+
+
 # ---------------------------------------------------------------------- parameters
 def set_trainable(model, task: int) -> list[torch.nn.Parameter]:
     """Freeze everything but the parts ``task`` trains; return those parameters."""
@@ -126,10 +134,7 @@ def _train_round(model, task: int, first_class: int, loader: DataLoader, cfg: Tr
         for x, y in loader:
             x, y = x.to(device), y.to(device)
             out = model.forward_train(x, task)
-            cur = out["logits"][:, first_class:]
-            local = y - first_class
-            loss_main = angular_loss(cur, local, cfg.scale, cfg.margin)
-            loss = loss_main + perceptor_loss(out["latents"], cur, local, cfg.scale, cfg.margin)
+            loss, loss_main = task_loss(out, y, first_class, cfg)
             if not torch.isfinite(loss):
                 raise CareError(f"training diverged on task {task} (loss {loss.item()}); lower --lr")
             opt.zero_grad(set_to_none=True)

@@ -1,0 +1,114 @@
+"""Seconds per training step, dense (``forward_train``, every expert over every token) against
+sparse (``forward_train_sparse``, what the trainer uses), while learning task T of a synthetic
+checkpoint: interleaved in one run, medians, with the ratios, and the peak memory of one step of
+each form in a child process of its own.
+
+A step is what the trainer does per batch minus the optimizer update: the training forward, the
+loss, the backward. Task T's model holds T+1 tasks (tasks 0..T), of 10 then 3 classes (B100-Inc3).
+
+    python benchmarks/bench_train.py                                  # built-in ViT, T = 1 10 100 301
+    python benchmarks/bench_train.py --backbone vit_base_patch16_224 --batch 2 --tasks 1 301 \\
+        --forms sparse --rounds 3
+    python benchmarks/bench_train.py --dense-max-task 100             # no dense step beyond T = 100
+
+The dense form's memory grows with T (ViT-B/16 at T = 300 with batch 4 needed more than 23 GB):
+``--dense-max-task`` skips it above a task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from care_export.config import MoEConfig, backbone_config
+from care_export.pretrain import BUILTIN_BACKBONE
+from care_export.synth import synth_model, task_sizes
+from care_export.train import TrainConfig, set_trainable, task_loss
+from runtime.timing import median_times
+
+MODES = {"dense": "reference", "sparse": "sparse"}
+
+
+def backbone(name: str):
+    return BUILTIN_BACKBONE if name == "builtin" else backbone_config(name)
+
+
+def learner(name: str, task: int):
+    model = synth_model(backbone(name), MoEConfig(), task_sizes(10, 3, task + 1), seed=0)
+    params = set_trainable(model, task)
+    for m in model.moe:
+        m.anchor_shared(task > 0)
+    return model.train(), params
+
+
+def step_fn(model, params, task: int, form: str, batch: int):
+    cfg = model.backbone_cfg
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, cfg.img_size, cfg.img_size, generator=gen)
+    first = sum(model.task_classes[:task])
+    y = first + torch.randint(0, model.task_classes[task], (batch,), generator=gen)
+
+    def step():
+        for p in params:
+            p.grad = None
+        loss, _ = task_loss(model.forward_train(x, task, mode=MODES[form]), y, first, TrainConfig())
+        loss.backward()
+
+    return step
+
+
+def peak_rss_gib(name: str, task: int, form: str, batch: int) -> float:
+    """Peak resident memory of a child process that builds the model and runs two steps."""
+    code = ("import sys; sys.argv = sys.argv[:1]; from benchmarks.bench_train import learner, step_fn; "
+            f"m, p = learner({name!r}, {task}); s = step_fn(m, p, {task}, {form!r}, {batch}); s(); s()")
+    proc = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status != 0:
+        return float("nan")
+    return usage.ru_maxrss / 2**20  # KiB on Linux
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backbone", default="builtin", help="'builtin' (the built-in ViT) or a timm ViT name")
+    ap.add_argument("--tasks", type=int, nargs="+", default=[1, 10, 100, 301], help="tasks T being learned")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--forms", nargs="+", choices=list(MODES), default=list(MODES))
+    ap.add_argument("--dense-max-task", type=int, default=None, help="no dense step above this T")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", help="also write the table here")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    base = {}
+    print(f"backbone {args.backbone}, batch {args.batch}, {torch.get_num_threads()} threads, medians of {args.rounds}")
+    print(f"{'T':>5} {'form':>7} {'s/step':>8} {'vs T=' + str(args.tasks[0]):>8} {'dense/sparse':>13} {'peak GiB':>9}")
+    for task in args.tasks:
+        forms = [f for f in args.forms if not (f == "dense" and args.dense_max_task is not None
+                                               and task > args.dense_max_task)]
+        model, params = learner(args.backbone, task)
+        calls = {f: step_fn(model, params, task, f, args.batch) for f in forms}
+        times = median_times(calls, args.rounds, warmup=args.warmup)
+        del calls, model, params
+        for f in forms:
+            base.setdefault(f, times[f])
+            peak = float("nan") if args.no_memory else peak_rss_gib(args.backbone, task, f, args.batch)
+            ratio = f"{times['dense'] / times['sparse']:.2f}x" if len(forms) == 2 else "-"
+            rows.append(dict(task=task, form=f, seconds=times[f], vs_first=times[f] / base[f], peak_gib=peak))
+            print(f"{task:>5} {f:>7} {times[f]:>8.3f} {times[f] / base[f]:>7.2f}x {ratio:>13} {peak:>9.2f}", flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
