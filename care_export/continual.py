@@ -240,7 +240,8 @@ def train_sequence(out: str | Path, *, data: str | Path = "builtin", builtin: di
     if (out / MANIFEST).exists():
         raise CareError(f"{out} already holds a checkpoint; resume it, or choose another directory")
     backbone = backbone or default_backbone(weights)
-    source = open_source(data, **dict(dict(num_classes=100), **(builtin or {}), image_size=backbone.img_size))
+    source = open_source(data, sequence=dict(init_cls=init_cls, increment=increment, order_seed=seed),
+                         **dict(dict(num_classes=100), **(builtin or {}), image_size=backbone.img_size))
     sequence = TaskSequence.build(source.num_classes, init_cls, increment, seed)
     limit = sequence.num_tasks if tasks is None else tasks
     if limit > sequence.num_tasks:

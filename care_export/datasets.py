@@ -86,15 +86,28 @@ class TaskSequence:
 
 
 # ---------------------------------------------------------------------- sources
-def open_source(data: str | Path, **builtin) -> BuiltinSource | ImageFolderSource:
-    """``"builtin"`` (``builtin`` holds its settings) or an image folder."""
+BUILTIN_KINDS = ("builtin", "builtin-shift")
+
+
+def open_source(data: str | Path, *, sequence: dict | None = None, **builtin):
+    """``"builtin"``, ``"builtin-shift"`` (``builtin`` holds their settings; ``sequence`` the
+    ``init_cls``, ``increment`` and ``order_seed`` whose tasks the shifted domains follow) or an
+    image folder."""
     if str(data) == "builtin":
         return BuiltinSource(**builtin)
+    if str(data) == "builtin-shift":
+        from .shift_data import ShiftedSource
+
+        return ShiftedSource(**builtin, **(sequence or {}))
     return ImageFolderSource(data)
 
 
 def source_from_dict(d: dict) -> BuiltinSource | ImageFolderSource:
     """Reopen the source a checkpoint was trained on (see ``describe()``)."""
+    if d["kind"] == "builtin-shift":
+        from .shift_data import ShiftedSource
+
+        return ShiftedSource.from_dict(d)
     if d["kind"] == "builtin":
         return BuiltinSource(d["classes"], first_class=d["first_class"], train_per_class=d["train_per_class"],
                              test_per_class=d["test_per_class"], image_size=d["image_size"], seed=d["seed"])

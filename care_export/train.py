@@ -5,6 +5,8 @@ and the whole cosine head train; the backbone and every older task part stay fro
 one round of ``epochs``; a later task trains two rounds of ``epochs // 2``, the first annealing
 to half the learning rate, the second restarting from there with a fresh snapshot of the shared
 expert, and each round is followed by classifier alignment on Gaussian pseudo-features.
+``TrainConfig.method`` picks a baseline instead (``baselines.py``): the same schedule and alignment,
+fewer parts trained.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from tqdm import tqdm
 from runtime.errors import CareError
 
 from .alignment import CA_METHODS, PseudoFeatures, align_classifier, class_statistics
+from .baselines import METHODS, trainable_parts, uses_routing
 
 # The reference distils with temperature 1 in the first six blocks and 2 in the later ones.
 TAU_SWITCH_BLOCK = 6
@@ -42,6 +45,7 @@ class TrainConfig:
     ca_per_class: int | None = None  # pseudo-features per class and epoch; None: 5 * batch_size
     crop_scale: tuple[float, float] = (0.05, 1.0)
     workers: int = 0
+    method: str = "care"  # or a baseline (baselines.py)
 
     def __post_init__(self):
         if self.epochs < 2:
@@ -52,6 +56,8 @@ class TrainConfig:
             raise CareError(f"--ca-method must be one of {', '.join(CA_METHODS)}, got {self.ca_method!r}")
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise CareError(f"crop scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
+        if self.method not in METHODS:
+            raise CareError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
 
     @property
     def pseudo_per_class(self) -> int:
@@ -95,16 +101,16 @@ def task_loss(out: dict, y: torch.Tensor, first_class: int, cfg: "TrainConfig") 
     cur = out["logits"][:, first_class:]
     local = y - first_class
     loss_main = angular_loss(cur, local, cfg.scale, cfg.margin)
+    if not uses_routing(cfg.method):  # the baselines have no perceptors
+        return loss_main, loss_main
     return loss_main + perceptor_loss(out["latents"], cur, local, cfg.scale, cfg.margin), loss_main
 
 
 # ---------------------------------------------------------------------- parameters
-def set_trainable(model, task: int) -> list[torch.nn.Parameter]:
-    """Freeze everything but the parts ``task`` trains; return those parameters."""
+def set_trainable(model, task: int, method: str = "care") -> list[torch.nn.Parameter]:
+    """Freeze everything but the parts ``task`` trains under ``method``; return those parameters."""
     model.requires_grad_(False)
-    parts = [model.head]
-    for m in model.moe:
-        parts += [m.experts[task], m.routers[task], m.perceptors[task], m.shared]
+    parts = trainable_parts(model, task, method)
     for p in parts:
         p.requires_grad_(True)
     return [p for part in parts for p in part.parameters()]
@@ -124,7 +130,7 @@ class TaskData:
 def _train_round(model, task: int, first_class: int, loader: DataLoader, cfg: TrainConfig, *, lr: float,
                  eta_min: float, epochs: int, device, progress: bool) -> float:
     """SGD with a per-epoch cosine schedule from ``lr`` to ``eta_min``; returns the final lr."""
-    params = set_trainable(model, task)
+    params = set_trainable(model, task, cfg.method)
     opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=eta_min)
     bar = tqdm(range(epochs), desc=f"task {task}", unit="epoch", leave=False, disable=not progress)
@@ -172,7 +178,7 @@ def learn_task(model, task: int, data: TaskData, stats: list[dict], cfg: TrainCo
 
     def round_(lr, eta_min, epochs):
         for m in model.moe:  # task 0 trains the shared expert freely; later rounds pull it back
-            m.anchor_shared(task > 0)
+            m.anchor_shared(task > 0 and uses_routing(cfg.method))
         last_lr = _train_round(model, task, first_class, data.train, cfg, lr=lr, eta_min=eta_min, epochs=epochs,
                                device=device, progress=progress)
         for m in model.moe:

@@ -14,7 +14,7 @@ from .datasets import DEFAULT_SEED
 # Options that define the model or the sequence: a resumed run takes them from the checkpoint.
 _FIXED_ON_RESUME = ("builtin_classes", "builtin_train", "builtin_test", "init_cls", "increment", "seed", "backbone",
                     "img_size", "patch_size", "depth", "backbone_weights", "topk_routers", "topk_experts",
-                    "expert_dim", "shared_dim", "mean", "std")
+                    "expert_dim", "shared_dim", "mean", "std", "method")
 # Training settings: on resume, the ones given replace the stored ones.
 _TRAINING = ("epochs", "lr", "min_lr", "batch_size", "weight_decay", "ca_lr", "ca_epochs", "ca_method", "min_crop",
              "workers")
@@ -24,7 +24,8 @@ _TRAINING = ("epochs", "lr", "min_lr", "batch_size", "weight_decay", "ca_lr", "c
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path), help="New checkpoint directory.")
 @click.option("--resume", type=click.Path(path_type=Path), help="Checkpoint whose sequence to continue.")
 @click.option("--data", default="builtin", show_default=True,
-              help="'builtin' (procedural images) or an image folder: one sub-folder per class, or train/ and "
+              help="'builtin' (procedural images), 'builtin-shift' (procedural images the built-in backbone "
+                   "never saw, one domain per task) or an image folder: one sub-folder per class, or train/ and "
                    "test/ each holding them. With --resume: a folder of classes the checkpoint does not know is "
                    "learned as its next task.")
 @click.option("--skip-known", is_flag=True, help="With --resume --data NEW: leave out the classes of NEW that the "
@@ -48,7 +49,7 @@ _TRAINING = ("epochs", "lr", "min_lr", "batch_size", "weight_decay", "ca_lr", "c
 @click.option("--depth", type=int, default=None, help="Override the number of blocks.")
 @click.option("--backbone-weights", default=None, help="A file (safetensors or timm checkpoint), 'hub' (timm's "
               "pretrained weights), or 'builtin-pretrained' (pre-trained here on built-in classes no sequence "
-              "uses, cached) [default: builtin-pretrained with --data builtin, else hub].")
+              "uses, cached) [default: builtin-pretrained with built-in data, else hub].")
 @moe_options
 @click.option("--epochs", default=20, show_default=True, type=click.IntRange(min=2),
               help="Epochs of task 0; later tasks train two rounds of epochs // 2.")
@@ -64,6 +65,10 @@ _TRAINING = ("epochs", "lr", "min_lr", "batch_size", "weight_decay", "ca_lr", "c
               help="Class statistics kept for alignment (variance: d numbers per class instead of d*d).")
 @click.option("--min-crop", default=0.05, show_default=True, type=click.FloatRange(0, 1, min_open=True),
               help="Smallest area fraction of the random-resized-crop augmentation.")
+@click.option("--method", default="care", show_default=True,
+              type=click.Choice(["care", "frozen", "shared-adapter"]),
+              help="care, or a baseline with the same data and budget: frozen (cosine head and classifier "
+                   "alignment on the frozen backbone) or shared-adapter (one adapter fine-tuned through all tasks).")
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="Data-loading processes.")
 @click.option("--mean", nargs=3, type=float, default=None, help="Input normalisation mean [default: the weights'].")
 @click.option("--std", nargs=3, type=float, default=None, help="Input normalisation std [default: the weights'].")
@@ -74,7 +79,7 @@ _TRAINING = ("epochs", "lr", "min_lr", "batch_size", "weight_decay", "ca_lr", "c
 def train_command(out, resume, data, skip_known, builtin_classes, builtin_train, builtin_test, init_cls, increment,
                   tasks, seed, backbone, img_size, patch_size, depth, backbone_weights, topk_routers, topk_experts, expert_dim,
                   shared_dim, epochs, lr, min_lr, batch_size, weight_decay, ca_lr, ca_epochs, ca_method, min_crop,
-                  workers, mean, std, device, cache_dir, quiet):
+                  method, workers, mean, std, device, cache_dir, quiet):
     """Learn a class-incremental task sequence, task after task, into a checkpoint directory.
 
     After every task the checkpoint is saved and evaluated (top-1 over all classes seen so far,
@@ -103,7 +108,8 @@ def train_command(out, resume, data, skip_known, builtin_classes, builtin_train,
         return ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
 
     training = dict(epochs=epochs, lr=lr, min_lr=min_lr, batch_size=batch_size, weight_decay=weight_decay, ca_lr=ca_lr,
-                    ca_epochs=ca_epochs, ca_method=ca_method, crop_scale=(min_crop, 1.0), workers=workers)
+                    ca_epochs=ca_epochs, ca_method=ca_method, crop_scale=(min_crop, 1.0), workers=workers,
+                    method=method)
     progress = not quiet
     try:
         if (out is None) == (resume is None):
@@ -145,9 +151,10 @@ def _start(out, data, builtin_classes, builtin_train, builtin_test, init_cls, in
 
     from .config import MoEConfig, Preprocessing, backbone_config
     from .continual import BUILTIN_WEIGHTS, default_backbone, train_sequence
+    from .datasets import BUILTIN_KINDS
     from .train import TrainConfig
 
-    weights = backbone_weights or (BUILTIN_WEIGHTS if data == "builtin" else "hub")
+    weights = backbone_weights or (BUILTIN_WEIGHTS if data in BUILTIN_KINDS else "hub")
     sizes = dict(img_size=img_size, patch_size=patch_size, depth=depth)
     if backbone is not None:
         try:

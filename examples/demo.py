@@ -1,16 +1,22 @@
-"""The main job on the built-in dataset, end to end on a CPU in a few minutes.
+"""The main job on the built-in shifted sequence, end to end on a CPU in a few minutes.
 
 1. Pre-train a small ViT on built-in classes that the sequence never uses (cached on disk, so
    only the first run pays for it): the stand-in for ImageNet pre-training.
-2. Learn 9 of the 10 tasks of a 100-class built-in sequence with CaRE (BR-MoE in every block,
-   frozen backbone) and print the accuracy after every task.
+2. Learn 5 of the 6 tasks of a 60-class ``builtin-shift`` sequence (shapes, textures and colours
+   the backbone never saw, one domain per task; ``--data builtin``: 9 of 10 tasks of 100 classes of
+   the pre-training's families) with CaRE (BR-MoE in every block, frozen
+   backbone) and print the accuracy after every task.
 3. Export the checkpoint as a static ONNX graph with room for 301 tasks, and prove it equal to
    PyTorch (max |dlogit|, top-1 and routing agreement on random inputs).
-4. Learn task 10 and give it to the running artifact in place (no re-export), then classify the
+4. Learn the last task and give it to the running artifact in place (no re-export), then classify the
    held-out images with ``runtime.Session`` (no PyTorch) and check parity again.
+5. Learn the same sequence with the same budget as the baselines (frozen backbone with the cosine
+   head and classifier alignment; one shared adapter fine-tuned through all tasks) and as CaRE
+   with M=1, K=1, and print the comparison.
 
     python examples/demo.py                     # defaults: M=2 routers, K=3 experts
     python examples/demo.py -M 1 -K 1 --out demo-m1k1/
+    python examples/demo.py --no-compare        # steps 1-4 only
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -33,17 +40,41 @@ from care_export.train import TrainConfig
 from runtime import Session
 
 # Scaled down from the reference's 20 epochs and batch 16 so that the demo runs on two CPU cores.
-DEMO_CLASSES = 100
+# The built-in data of each sequence: classes and images per class (train, test).
+DEMO_SEQUENCES = {"builtin-shift": dict(num_classes=60, train_per_class=40, test_per_class=20),
+                  "builtin": dict(num_classes=100, train_per_class=60, test_per_class=20)}
 DEMO_TASK_CLASSES = 10
 DEMO_TRAIN = TrainConfig(epochs=4, batch_size=16)
 
 
-def learn_builtin_sequence(out: Path, tasks: int = 10, moe: MoEConfig = MoEConfig(), cfg: TrainConfig = DEMO_TRAIN,
-                           device: str = "auto", progress: bool = True) -> Path:
-    """Pre-train (cached) and learn ``tasks`` tasks of the built-in sequence into checkpoint ``out``."""
-    return train_sequence(out, data="builtin", builtin=dict(num_classes=DEMO_CLASSES), init_cls=DEMO_TASK_CLASSES,
+def learn_builtin_sequence(out: Path, tasks: int | None = None, moe: MoEConfig = MoEConfig(),
+                           cfg: TrainConfig = DEMO_TRAIN, device: str = "auto", progress: bool = True,
+                           data: str = "builtin-shift") -> Path:
+    """Pre-train (cached) and learn ``tasks`` tasks (all by default) of a demo sequence into
+    checkpoint ``out``."""
+    return train_sequence(out, data=data, builtin=DEMO_SEQUENCES[data], init_cls=DEMO_TASK_CLASSES,
                           increment=DEMO_TASK_CLASSES, tasks=tasks, weights="builtin-pretrained", moe=moe, cfg=cfg,
                           device=device, progress=progress)
+
+
+def compare(out: Path, data: str, care: Metrics, moe: MoEConfig, cfg: TrainConfig, device: str,
+            progress: bool) -> None:
+    """Learn the whole sequence as each baseline and as CaRE M=1/K=1; print one row per method."""
+    rows = [(f"CaRE M={moe.topk_routers}, K={moe.topk_experts}", care)]
+    runs = [("frozen backbone (head + alignment)", "frozen", moe), ("one shared adapter", "shared-adapter", moe)]
+    if (moe.topk_routers, moe.topk_experts) != (1, 1):
+        runs.append(("CaRE M=1, K=1", "care", replace(moe, topk_routers=1, topk_experts=1)))
+    for name, method, run_moe in runs:
+        t = time.perf_counter()
+        ckpt = learn_builtin_sequence(out / method.replace("care", "care-m1k1"), moe=run_moe,
+                                      cfg=replace(cfg, method=method), device=device, progress=progress, data=data)
+        rows.append((name, Metrics.from_dict(read_manifest(ckpt)["metrics"])))
+        print(f"  {name}: {time.perf_counter() - t:.0f} s")
+    classes = DEMO_SEQUENCES[data]["num_classes"]
+    print(f"\n{data}, {classes} classes in tasks of {DEMO_TASK_CLASSES}, same data and budget, top-1 %:")
+    print(f"  {'method':<36} {'A-bar':>6} {'A_B':>6} {'forgetting':>10}")
+    for name, m in rows:
+        print(f"  {name:<36} {m.a_bar:>6.2f} {m.a_last:>6.2f} {m.forgetting:>10.2f}")
 
 
 def held_out_images(ckpt: Path) -> tuple[list, np.ndarray]:
@@ -71,6 +102,10 @@ def main() -> None:
     ap.add_argument("--capacity", type=int, default=301, help="tasks the exported graph has room for")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ap.add_argument("--data", choices=sorted(DEMO_SEQUENCES), default="builtin-shift",
+                    help="the sequence: builtin-shift (a domain shift from pre-training, 6 tasks) or builtin "
+                         "(the pre-training's families, 10 tasks)")
+    ap.add_argument("--no-compare", action="store_true", help="skip step 5 (the baselines and M=1/K=1)")
     args = ap.parse_args()
 
     out = args.out or Path(tempfile.mkdtemp(prefix="care-demo-"))
@@ -79,14 +114,15 @@ def main() -> None:
     cfg = TrainConfig(epochs=args.epochs, batch_size=DEMO_TRAIN.batch_size)
     t0 = time.perf_counter()
 
-    print("== 1-2. pre-train (cached) and learn 9 tasks")
-    learn_builtin_sequence(ckpt, 9, moe, cfg, args.device, progress=not args.quiet)
+    tasks = DEMO_SEQUENCES[args.data]["num_classes"] // DEMO_TASK_CLASSES
+    print(f"== 1-2. pre-train (cached) and learn {tasks - 1} tasks")
+    learn_builtin_sequence(ckpt, tasks - 1, moe, cfg, args.device, progress=not args.quiet, data=args.data)
 
     print(f"\n== 3. export with room for {args.capacity} tasks, and parity against PyTorch")
     export_artifact(ckpt, artifact, args.capacity)
     parity(ckpt, artifact)
 
-    print("\n== 4. learn task 10, add it to the running artifact in place")
+    print(f"\n== 4. learn task {tasks}, add it to the running artifact in place")
     session = Session(artifact, device="cpu")
     resume_sequence(ckpt, device=args.device, progress=not args.quiet)
     before = session.num_tasks
@@ -98,10 +134,13 @@ def main() -> None:
     pred = session.predict(images)
     runtime_acc = 100 * float((pred.classes[:, 0] == labels).mean())
     metrics = Metrics.from_dict(read_manifest(ckpt)["metrics"])
-    print(f"\nCaRE on the built-in sequence (M={moe.topk_routers}, K={moe.topk_experts}), top-1 % after each task:")
+    print(f"\nCaRE on the {args.data} sequence (M={moe.topk_routers}, K={moe.topk_experts}), top-1 % after each task:")
     print(metrics.table())
     print(f"runtime.Session top-1 on {len(labels)} held-out images of all {session.num_classes} classes: "
           f"{runtime_acc:.2f}% (PyTorch: {metrics.a_last:.2f}%)")
+    if not args.no_compare:
+        print("\n== 5. the same sequence and budget: baselines and CaRE M=1, K=1")
+        compare(out / "compare", args.data, metrics, moe, cfg, args.device, progress=not args.quiet)
     print(f"checkpoint {ckpt}, artifact {artifact}; wall time {time.perf_counter() - t0:.0f} s")
 
 
