@@ -159,7 +159,7 @@ def quantize_artifact(src_dir: str | Path, out: str | Path, precision: str, cali
         info.update(rounding=rounding, float16_routing_weights=sorted(fp16), method=method,
                     calibration={"data": calib.describe, "samples": int(len(calib.labels)),
                                  "per_task": int(np.bincount(_task_of(src, calib.labels)).max()),
-                                 "tasks_covered": calib.tasks_covered, "tasks": src.num_tasks})
+                                 "tasks_covered": calib.tasks_covered, "tasks": src.num_tasks, "chunk": chunk})
     report: dict = {}
 
     def measure(tmp: Path) -> None:
