@@ -84,3 +84,32 @@ def load(items: list) -> list:
 def batches(x: np.ndarray, size: int):
     """``x`` in consecutive chunks of ``size``."""
     return [x[i: i + size] for i in range(0, len(x), size)]
+
+
+CHUNK = 16  # images preprocessed and held at once (ViT-B/16: the calibrator keeps ~80 MB of outputs per image)
+
+
+class Chunks:
+    """Images as preprocessed float32 NCHW arrays of at most ``chunk`` images, loaded anew on
+    every pass: what calibration holds at once does not grow with the number of images.
+    ``largest``: the most images one array held so far."""
+
+    def __init__(self, items: list, preprocessing, chunk: int = CHUNK):
+        if chunk < 1:
+            raise ValueError("chunk must be at least 1")
+        self.items, self.pre, self.chunk, self.largest = list(items), preprocessing, int(chunk), 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self):
+        from runtime.preprocess import to_input
+
+        for i in range(0, len(self.items), self.chunk):
+            x = np.ascontiguousarray(to_input(load(self.items[i: i + self.chunk]), self.pre), np.float32)
+            self.largest = max(self.largest, len(x))
+            yield x
+
+    def head(self, n: int) -> np.ndarray:
+        """The first ``n`` images (``n`` at most one chunk)."""
+        return next(iter(Chunks(self.items[:n], self.pre, max(n, 1))))

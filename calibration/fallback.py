@@ -26,11 +26,10 @@ import numpy as np
 import onnx
 
 from runtime.artifact import INPUT, LOGITS, ROUTING_EXPERTS, ROUTING_TASKS
-from runtime.routing import canonical_routing, same_routing
+from runtime.routing import canonical_routing
 
 from .int8 import model_session
-
-EVAL_BATCH = 64
+from .margins import Reference, flip_rates
 
 
 def _qdq_reads(model: onnx.ModelProto):
@@ -93,57 +92,78 @@ def prune(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 class Evaluator:
-    """Routing and logits of graphs on the calibration images, compared with the FP32 source's."""
+    """Routing and logits of graphs on the calibration images (``calib_data.Chunks``), compared
+    with the FP32 source's. ``eps``: flips are counted margin-aware (``calibration.margins``)
+    beyond this deciding gap; ``None``: every flip counts."""
 
-    def __init__(self, x: np.ndarray, reference: onnx.ModelProto, threads: int | None = None):
-        self.x = x
-        self.threads = threads
-        self.ref = self.outputs(reference)
+    def __init__(self, images, reference: onnx.ModelProto, threads: int | None = None, eps: float | None = None,
+                 timed: bool = False):
+        self.images, self.threads, self.eps = images, threads, eps
+        self.ref = Reference(reference, images, threads)
+        self.reference = None
+        if timed:  # a copy: the caller rewrites its model in place
+            self.reference = onnx.ModelProto()
+            self.reference.CopyFrom(reference)
 
-    def outputs(self, model: onnx.ModelProto):
+    def score(self, model: onnx.ModelProto) -> tuple[np.ndarray, float, float]:
+        """``(flip rate per block, max |dlogit|, top-1 agreement)`` of ``model`` against the reference."""
+        parts = []
         with model_session(model, self.threads) as sess:
-            parts = [sess.run([LOGITS, ROUTING_TASKS, ROUTING_EXPERTS], {INPUT: self.x[i: i + EVAL_BATCH]})
-                     for i in range(0, len(self.x), EVAL_BATCH)]
+            for x in self.images:
+                parts.append(sess.run([LOGITS, ROUTING_TASKS, ROUTING_EXPERTS], {INPUT: x}))
         logits, tasks, experts = (np.concatenate(p) for p in zip(*parts))
-        tasks, experts = canonical_routing(tasks, experts)
-        return logits.astype(np.float64), tasks, experts
-
-    def score(self, model: onnx.ModelProto) -> tuple[np.ndarray, float]:
-        """``(flip rate per block, max |dlogit|)`` of ``model`` against the reference."""
-        rl, rt, re = self.ref
-        cl, ct, ce = self.outputs(model)
-        same = same_routing((rt, re), (ct, ce))
+        raw, margin = flip_rates(self.ref, *canonical_routing(tasks, experts), self.eps or 0.0)
+        rl, cl = self.ref.logits, logits.astype(np.float64)
         learned = np.isfinite(rl) & np.isfinite(cl)  # classes not learned yet are -inf in both
-        return (~same).mean(0), float(np.abs(cl[learned] - rl[learned]).max())
+        agreement = float((cl.argmax(1) == rl.argmax(1)).mean())
+        return (raw if self.eps is None else margin), float(np.abs(cl[learned] - rl[learned]).max()), agreement
+
+    def latency_ratio(self, model: onnx.ModelProto, batch: int = 8, runs: int = 5) -> dict[int, float]:
+        """CPU latency of ``model`` over the reference's at batch 1 and ``batch`` (interleaved medians)."""
+        from runtime.timing import median_times
+
+        x = self.images.head(batch)
+        with model_session(self.reference, self.threads) as ref, model_session(model, self.threads) as cand:
+            out = {}
+            for b in (1, len(x)):
+                t = median_times({"ref": lambda: ref.run([LOGITS], {INPUT: x[:b]}),
+                                  "cand": lambda: cand.run([LOGITS], {INPUT: x[:b]})}, runs, warmup=1)
+                out[b] = t["cand"] / t["ref"]
+        return out
 
 
 def sensitivity_fallback(model: onnx.ModelProto, targets: set[str], evaluator: Evaluator, target: float,
-                         progress=None) -> tuple[onnx.ModelProto, dict]:
+                         progress=None, curve: bool = False) -> tuple[onnx.ModelProto, dict]:
     """``model`` (after static quantization of ``targets``) with its most routing-sensitive layers
-    at weight-only INT8 (module doc), and a JSON-ready record of the decision."""
+    at weight-only INT8 (module doc), and a JSON-ready record of the decision. ``curve`` (needs an
+    evaluator made ``timed``): the record also holds the trade-off of falling back the first k
+    layers of the ranking, for a few k: calibration flips, top-1 agreement and latency over FP32."""
     act = activation_qdq(model, targets)
     layers = sorted(act)
-    floor, _ = evaluator.score(weight_only(model, set(layers), act))
-    full, full_dlogit = evaluator.score(model)
+    floor, *_ = evaluator.score(weight_only(model, set(layers), act))
+    full, *_ = evaluator.score(model)
     record = {"rule": "layers fall back to weight-only int8 in decreasing routing sensitivity (calibration "
                       "images) until max per-block flips <= target (all of them if the floor is above it)",
               "target": target, "floor": float(floor.max()), "w8a8": float(full.max()),
-              "calibration_images": int(len(evaluator.x))}
+              "calibration_images": int(len(evaluator.images)),
+              "flips": "raw" if evaluator.eps is None else f"margin-aware, eps {evaluator.eps:g}"}
     limit = target
-    if full.max() <= limit:
+    if full.max() <= limit and not curve:
         return prune(model), dict(record, weight_only=[], calibration_flips=float(full.max()))
     sensitivity = {}
     for name in layers:
-        flips, dlogit = evaluator.score(weight_only(model, set(layers) - {name}, act))
+        flips, dlogit, _ = evaluator.score(weight_only(model, set(layers) - {name}, act))
         sensitivity[name] = (float(flips.sum()), dlogit)
         if progress:
             progress(name)
     ranked = sorted(layers, key=lambda n: sensitivity[n], reverse=True)
     # Fewest fallen-back layers that hold: bisect over the prefix length of the ranking.
     lo, hi, best = 1, len(ranked), (len(ranked), floor)
+    if full.max() <= limit:
+        lo, best = len(ranked) + 1, (0, full)
     while lo <= hi:
         k = (lo + hi) // 2
-        flips, _ = evaluator.score(weight_only(model, set(ranked[:k]), act))
+        flips, *_ = evaluator.score(weight_only(model, set(ranked[:k]), act))
         if flips.max() <= limit:
             best, hi = (k, flips), k - 1
         else:
@@ -151,4 +171,13 @@ def sensitivity_fallback(model: onnx.ModelProto, targets: set[str], evaluator: E
     k, flips = best
     record.update(weight_only=ranked[:k], calibration_flips=float(flips.max()),
                   sensitivity={n: round(sensitivity[n][0], 4) for n in ranked})
+    if curve:
+        record["curve"] = []
+        n = len(ranked)
+        for j in sorted({0, n // 4, n // 2, 3 * n // 4, n, k}):
+            m = weight_only(model, set(ranked[:j]), act)
+            f, _, agree = evaluator.score(m)
+            lat = evaluator.latency_ratio(m)
+            record["curve"].append({"weight_only": j, "calibration_flips": float(f.max()), "top1_agreement": agree,
+                                    "latency_ratio": {str(b): round(r, 3) for b, r in lat.items()}})
     return weight_only(model, set(ranked[:k]), act), record

@@ -74,10 +74,12 @@ def patch_conv(node: onnx.NodeProto) -> tuple[int, int] | None:
     return k
 
 
-def input_moments(model: onnx.ModelProto, nodes: dict[str, onnx.NodeProto], x: np.ndarray,
+def input_moments(model: onnx.ModelProto, nodes: dict[str, onnx.NodeProto], images,
                   input_name: str) -> dict[str, np.ndarray]:
     """``E[a a^T]`` of the activation each of ``nodes`` (weight name -> MatMul / Gemm / patch
-    Conv) reads, on images ``x`` run through ``model`` (float, unmodified): weight name -> H."""
+    Conv) reads, on ``images`` (an iterable of image arrays: ``calib_data.Chunks``)
+    run through ``model`` (float, unmodified): weight name -> H. Sums are kept, not activations,
+    so memory does not grow with the number of images."""
     acts = sorted({n.input[0] for n in nodes.values()})
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -88,7 +90,7 @@ def input_moments(model: onnx.ModelProto, nodes: dict[str, onnx.NodeProto], x: n
     sums = {a: 0.0 for a in acts}
     count = {a: 0 for a in acts}
     with model_session(m) as sess:
-        for i in range(0, len(x), BATCH):
+        for x, i in ((x, i) for x in images for i in range(0, len(x), BATCH)):
             feed = {input_name: np.ascontiguousarray(x[i: i + BATCH], np.float32)}
             values = dict(zip(fetch, sess.run(fetch, feed)), **feed)
             for a in acts:

@@ -29,6 +29,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from runtime.artifact import as_stored
 
+from .calib_data import batches
+
 SCALE_SUFFIX = ".scale"
 # Growth tensors stored in int8, by the last part of their name, and the axes a scale spans
 # (the scale varies along the others). Rows along axis 0 are what growth writes per task.
@@ -49,6 +51,7 @@ QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
 # Protobuf refuses messages of 2 GiB; larger models keep their weights in a file beside them.
 PROTO_LIMIT = (1 << 31) - (1 << 24)
 METHODS = ("minmax", "entropy", "percentile")
+CALIB_BATCH = 1  # equal batches: the histogram methods stack per-batch outputs
 
 
 def stored_kind(name: str) -> tuple[int, ...] | None:
@@ -210,25 +213,38 @@ def model_session(model: onnx.ModelProto, threads: int | None = None):
         yield ort.InferenceSession(source, session_options(threads, quiet=True), providers=["CPUExecutionProvider"])
 
 
-def quantize_qdq(model: onnx.ModelProto, batches, targets: set[str], method: str, input_name: str,
+def quantize_qdq(model: onnx.ModelProto, images, targets: set[str], method: str, input_name: str,
                  progress=None) -> onnx.ModelProto:
-    """Static QDQ quantization of the nodes named in ``targets`` of ``model`` (weights in memory)."""
+    """Static QDQ quantization of the nodes named in ``targets`` of ``model`` (weights in memory),
+    activation ranges from ``images`` (an iterable of image arrays, ``calib_data.Chunks``).
+
+    ONNX Runtime's calibrator keeps every intermediate tensor of the images it is given until it
+    merges them into its ranges or histograms, so it is given one chunk at a time
+    (``collect_data`` merges into what it has); the ranges then go to ``quantize_static``
+    through its calibration cache."""
     import tempfile
 
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
     if not targets:  # quantize_static would take an empty list for "every node"
         return model
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
     with tempfile.TemporaryDirectory(prefix="care-quantize-") as tmp:
-        src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
+        src, dst, cache = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx", Path(tmp) / "ranges.json"
         large = save_model(model, src)
+        calibrator = create_calibrator(src, list(QUANTIZED_OPS), augmented_model_path=str(Path(tmp) / "aug.onnx"),
+                                       calibrate_method=methods[method], use_external_data_format=large)
+        for chunk in images:
+            calibrator.collect_data(ListReader(input_name, batches(chunk, CALIB_BATCH), progress))
+        save_tensors_data(calibrator.compute_data(), cache)
+        del calibrator
         quantize_static(
-            str(src), str(dst), ListReader(input_name, batches, progress), quant_format=QuantFormat.QDQ,
+            str(src), str(dst), None, quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(QUANTIZED_OPS), nodes_to_quantize=sorted(targets), per_channel=True,
             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=methods[method],
-            use_external_data_format=large,
+            use_external_data_format=large, calibration_cache_path=cache,
             # Q/DQ on the inputs of the quantized nodes only: their outputs (the residual branch
             # before its bias) stay float, as TensorRT's int8 GEMMs write them.
             extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,

@@ -19,17 +19,17 @@ import onnx
 from runtime.artifact import INPUT, Artifact
 from runtime.errors import ArtifactError, InputError
 from runtime.outdir import ARTIFACT, check_output
-from runtime.preprocess import Preprocessing, to_input
+from runtime.preprocess import Preprocessing
 
 from . import calib_data
 from .artifact_out import write_artifact
 from .int8 import METHODS
+from .margins import EPSILON, Reference
 from .report import REPORT_FILE, compare
 
 PRECISIONS = ("fp16", "int8")
 ROUTING_MODES = ("fp32", "reduced")
 ROUNDINGS = ("gptq", "nearest")
-CALIB_BATCH = 1  # equal batches: the histogram methods stack per-batch outputs
 # Routing flips per block allowed on the calibration images: half the 1 % wanted on held-out
 # images, as a few hundred calibration images measure 1 % only to about +-0.5 %.
 FALLBACK_TARGET = 0.005
@@ -78,6 +78,8 @@ def draw_images(art: Artifact, calib_pool: calib_data.Pool, eval_pool: calib_dat
 def quantize_artifact(src_dir: str | Path, out: str | Path, precision: str, calib: Images, held_out: Images, *,
                       routing: str = "fp32", method: str = "percentile", seed: int = 0, force: bool = False,
                       fallback_target: float | None = FALLBACK_TARGET, rounding: str = "gptq",
+                      fallback_eps: float | None = None, flip_eps: float = EPSILON, chunk: int = calib_data.CHUNK,
+                      tradeoff: bool = False,
                       progress: Callable[[int], None] | None = None, latency_runs: int = 7) -> tuple[dict, dict]:
     """Write the ``precision`` rewrite of the FP32 artifact ``src_dir`` to ``out``.
 
@@ -85,7 +87,11 @@ def quantize_artifact(src_dir: str | Path, out: str | Path, precision: str, cali
     labelled images for the report. ``progress(n)``: called as calibration images are used.
     ``fallback_target``: INT8 layers fall back to weight-only until the calibration images' routing
     flips per block are at most this, or no more than the int8 weights alone flip (``None``: no
-    fallback). ``rounding``: ``gptq`` (error-compensated, ``calibration.gptq``) or ``nearest``.
+    fallback). ``fallback_eps``: the fallback counts flips margin-aware beyond this deciding gap
+    (``calibration.margins``; ``None``: every flip). ``flip_eps``: the report's margin-aware flips.
+    ``tradeoff``: the fallback record (and the report) also hold its trade-off curve.
+    ``chunk``: images held at once (calibration memory does not grow with their number).
+    ``rounding``: ``gptq`` (error-compensated, ``calibration.gptq``) or ``nearest``.
     Returns ``(manifest, report)``.
     """
     from .routing_nodes import routing_nodes
@@ -104,9 +110,10 @@ def quantize_artifact(src_dir: str | Path, out: str | Path, precision: str, cali
         raise ArtifactError(f"{out} is the source artifact; write the {precision.upper()} artifact elsewhere")
     check_output(out, ARTIFACT, force, inputs=[src.dir])
     pre = Preprocessing.from_dict(src.manifest["preprocessing"])
-    x_eval = to_input(calib_data.load(held_out.items), pre)
+    eval_images = calib_data.Chunks(held_out.items, pre, chunk)
 
     model = onnx.load(str(src.model_path))  # with its weights
+    reference = Reference(model, eval_images)  # the FP32 graph on the held-out images, before any rewrite
     keep = routing_nodes(model) if routing == "fp32" else set()
     info = {"routing": routing, "routing_nodes": len(keep), "source_artifact_digest": source_digest(src),
             "onnxruntime": _ort_version(), "seed": seed,
@@ -130,35 +137,40 @@ def quantize_artifact(src_dir: str | Path, out: str | Path, precision: str, cali
             path = routing_nodes(model)
             targets |= {n.name for n in model.graph.node
                         if n.op_type in QUANTIZED_OPS and n.name in path and not growth & set(n.input)}
-        x_calib = to_input(calib_data.load(calib.items), pre)
+        calib_images = calib_data.Chunks(calib.items, pre, chunk)
         fp16 = routing_fp16(growth) if routing == "fp32" else set()
         moments = {}
         if rounding == "gptq":
             weights = {n.input[1] for n in model.graph.node if n.name in targets} | \
                 {g for g in growth - fp16 if stored_kind(g) == (1,)}
             readers = {w: n for w, n in weight_readers(model, weights).items() if w not in growth or output_axis(n) == 0}
-            moments = input_moments(model, readers, x_calib, INPUT)
+            moments = input_moments(model, readers, calib_images, INPUT)
         floats = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer
                   if t.name in moments and t.name not in growth}
         # The fallback compares with the FP32 graph: measure it before the rewrite changes it in place.
-        evaluator = Evaluator(x_calib, model) if fallback_target is not None else None
+        evaluator = Evaluator(calib_images, model, eps=fallback_eps, timed=tradeoff) \
+            if fallback_target is not None else None
         store_growth_int8(model, growth, fp16, moments)
-        model = quantize_qdq(model, calib_data.batches(x_calib, CALIB_BATCH), targets, method, INPUT, progress)
+        model = quantize_qdq(model, calib_images, targets, method, INPUT, progress)
         gptq_qdq_weights(model, floats, moments)
         model = only_targets_read_qdq(model, targets)
         if evaluator is not None:
-            model, info["fallback"] = sensitivity_fallback(model, backbone, evaluator, fallback_target)
+            model, info["fallback"] = sensitivity_fallback(model, backbone, evaluator, fallback_target,
+                                                                 curve=tradeoff)
         info.update(rounding=rounding, float16_routing_weights=sorted(fp16), method=method,
                     calibration={"data": calib.describe, "samples": int(len(calib.labels)),
                                  "per_task": int(np.bincount(_task_of(src, calib.labels)).max()),
-                                 "tasks_covered": calib.tasks_covered, "tasks": src.num_tasks})
+                                 "tasks_covered": calib.tasks_covered, "tasks": src.num_tasks, "chunk": chunk})
     report: dict = {}
 
     def measure(tmp: Path) -> None:
-        report.update(compare(src.dir, tmp, x_eval, held_out.labels, latency_runs=latency_runs))
+        report.update(compare(src.dir, tmp, reference, eval_images, held_out.labels, latency_runs=latency_runs,
+                              eps=flip_eps))
         report.update(precision=precision, routing=routing, method=info["method"], source=str(src.dir))
         if info.get("fallback") is not None:  # layers kept at weight-only int8 (float activations)
             report["weight_only"] = info["fallback"]["weight_only"]
+            if "curve" in info["fallback"]:
+                report["tradeoff"] = info["fallback"]["curve"]
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
 
     manifest = write_artifact(model, src, out, precision, info, growth_values, force=force, finish=measure)

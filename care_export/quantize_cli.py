@@ -68,6 +68,15 @@ def _pool(data: str, art, split: str):
               help="INT8: the most routing-sensitive layers fall back to weight-only int8 until the calibration "
                    "images' routing flips per block are at most this share of images (all of them if the int8 "
                    "weights alone flip more); 1 keeps every layer W8A8.  [default: 0.005]")
+@click.option("--fallback-flips", type=click.Choice(["raw", "margin"]), default="raw", show_default=True,
+              help="INT8: which flips the fallback target counts: every one, or only those where FP32's deciding "
+                   "gap exceeds --flip-margin (flips between near ties do not count).")
+@click.option("--flip-margin", type=click.FloatRange(min=0), default=1e-3, show_default=True,
+              help="Deciding gap (perceptor entropy or router logit) beyond which a routing flip is counted in the "
+                   "margin-aware flip rate.")
+@click.option("--tradeoff", is_flag=True,
+              help="INT8: also measure and report the fallback's trade-off curve (calibration flips, agreement and "
+                   "latency against FP32 with the k most sensitive layers weight-only, for a few k).")
 @click.option("--rounding", type=click.Choice(["gptq", "nearest"]), default="gptq", show_default=True,
               help="INT8 weights: gptq rounds each row against the calibration images' layer inputs "
                    "(error-compensated, same scales); nearest rounds each weight to nearest.")
@@ -76,13 +85,13 @@ def _pool(data: str, art, split: str):
 @click.option("--eval-samples", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Held-out images in the report, spread over the tasks.")
 @click.option("--force", is_flag=True, help="Replace an existing OUTPUT artifact.")
-def quantize_command(artifact, out, precision, calib_data, method, per_task, seed, routing, fallback_target, rounding,
-                     eval_data, eval_samples, force):
+def quantize_command(artifact, out, precision, calib_data, method, per_task, seed, routing, fallback_target,
+                     fallback_flips, flip_margin, tradeoff, rounding, eval_data, eval_samples, force):
     """Rewrite an FP32 artifact to FP16 or INT8, keeping its routing decisions in float32.
 
     The result is an artifact of the same format (runtime.Session and `care-export run` load it)
     with calibration_report.json: accuracy and top-1 agreement with FP32 on held-out images,
-    routing flips per block, max |dlogit|, size and CPU latency against FP32. The source artifact
+    routing flips per block (raw and margin-aware), max |dlogit|, size and CPU latency against FP32. The source artifact
     is only read. INT8 artifacts cannot take new tasks: add them to the FP32 artifact and
     quantize again; FP16 artifacts take them with `care-export add-task`.
 
@@ -114,7 +123,9 @@ def quantize_command(artifact, out, precision, calib_data, method, per_task, see
     try:
         manifest, report = quantize_artifact(artifact, out, precision, calib, held_out, routing=routing,
                                              method=method, seed=seed, force=force, progress=bar.update,
-                                             rounding=rounding, **({} if fallback_target is None else
+                                             rounding=rounding, flip_eps=flip_margin, tradeoff=tradeoff,
+                                             fallback_eps=flip_margin if fallback_flips == "margin" else None,
+                                             **({} if fallback_target is None else
                                                                    {"fallback_target": fallback_target}))
     finally:
         bar.close()

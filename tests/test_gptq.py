@@ -61,7 +61,7 @@ def test_input_moments_are_the_second_moments_of_each_layer_input(conv):
     x = np.random.default_rng(3).normal(size=(5, 3, 8, 8) if conv else (5, 7, 6)).astype(np.float32)
     readers = weight_readers(model, {"w"})
     assert set(readers) == {"w"}
-    h = input_moments(model, readers, x, "images")["w"]
+    h = input_moments(model, readers, [x], "images")["w"]
     if conv:  # rows are the 4x4 patches, in (channel, kh, kw) order
         rows = x.reshape(5, 3, 2, 4, 2, 4).transpose(0, 2, 4, 1, 3, 5).reshape(-1, 48)
     else:
