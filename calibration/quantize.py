@@ -50,6 +50,13 @@ def source_digest(art: Artifact) -> str:
     return hashlib.sha256(json.dumps(art.manifest, sort_keys=True).encode()).hexdigest()
 
 
+def check_quantize_output(src: Artifact, out: Path, precision: str, force: bool) -> None:
+    """Refuse an output that is, holds or lies in the source, or that --force may not replace."""
+    if Path(out).resolve() == src.dir.resolve():
+        raise ArtifactError(f"{out} is the source artifact; write the {precision.upper()} artifact elsewhere")
+    check_output(out, ARTIFACT, force, inputs=[src.dir])
+
+
 def open_source(artifact_dir: str | Path) -> Artifact:
     art = Artifact(artifact_dir, verify=True)  # never build on a corrupt artifact
     if art.manifest["precision"] != "fp32":
@@ -106,9 +113,7 @@ def quantize_artifact(src_dir: str | Path, out: str | Path, precision: str, cali
         raise InputError(f"unknown routing mode {routing!r}: choose one of {', '.join(ROUTING_MODES)}")
     src = open_source(src_dir)
     out = Path(out)
-    if out.resolve() == src.dir.resolve():
-        raise ArtifactError(f"{out} is the source artifact; write the {precision.upper()} artifact elsewhere")
-    check_output(out, ARTIFACT, force, inputs=[src.dir])
+    check_quantize_output(src, out, precision, force)
     pre = Preprocessing.from_dict(src.manifest["preprocessing"])
     eval_images = calib_data.Chunks(held_out.items, pre, chunk)
 
