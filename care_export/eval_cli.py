@@ -39,12 +39,12 @@ def labelled_images(data: str, names: list[str], split: str, skip_unknown: bool,
         if not ids:
             raise CareError("the model knows no built-in class")
         source = BuiltinSource(max(ids) + 1, test_per_class=builtin_test, image_size=image_size)
-        split, skip_unknown = "test", True  # an endless pool: only the classes the model knows count
+        split = "test"  # an endless pool: only the classes the model knows count
     else:
         from .image_folder import ImageFolderSource
 
         source = ImageFolderSource(data)
-    unknown = [n for n in source.class_names if n not in index]
+    unknown = [] if data == "builtin" else [n for n in source.class_names if n not in index]
     if unknown and not skip_unknown:
         more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
         raise CareError(f"class folder {unknown[0]!r} of {data} is not a class the model knows{more}; pass "
