@@ -251,7 +251,8 @@ def quantize_qdq(model: onnx.ModelProto, images, targets: set[str], method: str,
             use_external_data_format=large, calibration_cache_path=cache,
             # Q/DQ on the inputs of the quantized nodes only: their outputs (the residual branch
             # before its bias) stay float, as TensorRT's int8 GEMMs write them.
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+            # Biases stay float32: the outputs are float, and an artifact stores no int32 tensors.
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
                            "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OPS)},
         )
         return onnx.load(str(dst))
