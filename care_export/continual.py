@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -24,11 +25,13 @@ from .config import BackboneConfig, MoEConfig, Preprocessing, backbone_config
 from .datasets import (DEFAULT_SEED, LabelledImages, TaskSequence, eval_transform, open_source, source_from_dict,
                        train_transform)
 from .evaluate import Metrics, accuracy_by_task, write_metrics
+from .iterative import prediction_scores
 from .model import CareViT
 from .train import TaskData, TrainConfig, learn_task
 
 STATS_FILE = "class-stats-{:04d}.safetensors"
 BUILTIN_WEIGHTS = "builtin-pretrained"
+REFERENCE_BACKBONE = "vit_base_patch16_224.augreg_in21k"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -74,7 +77,8 @@ class ContinualRun:
         torch.manual_seed(_task_seed(seq.seed, task))
         self.model.add_task(seq.sizes[task])
         classes = seq.classes(task)
-        data = TaskData(self._images("train", classes, train_transform(self.preprocessing, cfg.crop_scale)),
+        augment = train_transform(self.preprocessing, cfg.crop_scale, cfg.input_set)
+        data = TaskData(self._images("train", classes, augment),
                         self._images("train", classes, eval_transform(self.preprocessing)), cfg,
                         torch.Generator().manual_seed(_task_seed(seq.seed, task)))
         own = learn_task(self.model, task, data, self.stats, cfg, device=self.device, progress=progress)
@@ -82,7 +86,8 @@ class ContinualRun:
 
         test = DataLoader(self._images("test", seq.seen(task), eval_transform(self.preprocessing)),
                           batch_size=3 * cfg.batch_size, num_workers=cfg.workers)
-        top1, per_task = accuracy_by_task(self.model, test, list(seq.sizes[: task + 1]), self.device)
+        top1, per_task = accuracy_by_task(self.model, test, list(seq.sizes[: task + 1]), self.device,
+                                          partial(prediction_scores, self.model, mode=cfg.eval_mode, scale=cfg.scale))
         self.metrics.add(top1, per_task)
         self.directory.mkdir(parents=True, exist_ok=True)
         save_statistics(own, self.directory / STATS_FILE.format(task))
@@ -120,6 +125,8 @@ def default_backbone(weights: str | Path | None) -> BackboneConfig:
         from .pretrain import BUILTIN_BACKBONE
 
         return BUILTIN_BACKBONE
+    if weights == "hub":  # the reference's backbone: ViT-B/16 pre-trained on ImageNet-21K
+        return backbone_config(REFERENCE_BACKBONE)
     return backbone_config("vit_base_patch16_224")
 
 
