@@ -128,6 +128,27 @@ def test_amp_runs_the_training_forward_in_bfloat16_on_cpu_and_statistics_in_floa
     assert not torch.equal(before, model.head.weight)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_amp_on_cuda_uses_float16_and_a_gradient_scaler(monkeypatch):
+    scales = []
+    real_step = torch.amp.GradScaler.step
+    monkeypatch.setattr(torch.amp.GradScaler, "step", lambda self, opt: scales.append(self.is_enabled())
+                        or real_step(self, opt))
+    torch.manual_seed(0)
+    model = CareViT(TINY, MoEConfig()).cuda()
+    model.add_task(3)
+    source = BuiltinSource(3, train_per_class=4, test_per_class=1, image_size=32)
+    seq = TaskSequence.build(3, 3, 3)
+    images = LabelledImages(source, "train", seq.order, seq.classes(0), train_transform(PRE))
+    cfg = TrainConfig(epochs=2, batch_size=4, amp=True)
+    with torch.autocast("cuda", dtype=torch.float16):
+        assert model.forward_train(images[0][0][None].cuda(), 0)["logits"].dtype == torch.float16
+    stats = learn_task(model, 0, TaskData(images, images, cfg, torch.Generator().manual_seed(0)), [], cfg,
+                       device=torch.device("cuda"))
+    assert scales and all(scales) and stats["mean"].dtype == torch.float32
+
+
 # ---------------------------------------------------------------------- 2. configuration files and presets
 def test_every_reference_configuration_is_a_preset_with_its_values():
     names = preset_names()
