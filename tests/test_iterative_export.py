@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from care_export.checkpoint import load_checkpoint
-from care_export.export.iterative_graph import SCORES, build_iterative_model, check_capacity
+from care_export.export.iterative_graph import build_iterative_model, check_capacity
 from care_export.export.writer import export_dims
 from care_export.iterative import iterative_scores
 from care_export.parity import ort_session, random_images
-from runtime.artifact import INPUT, ROUTING_EXPERTS, ROUTING_TASKS, layout
+from runtime.artifact import INPUT, ROUTING_EXPERTS, ROUTING_TASKS, SCORES, layout
 from runtime.checkpoint_files import read_checkpoint_manifest
 from runtime.errors import CareError
 
@@ -61,3 +61,48 @@ def test_capacity_above_61_is_refused():
     check_capacity(61)
     with pytest.raises(CareError, match="capacity 62 exceeds 61 tasks"):
         check_capacity(62)
+
+
+def test_iterative_limit_matches_the_evaluation_rule():
+    from care_export.export.iterative_graph import MAX_ITERATIVE_CAPACITY
+    from care_export.iterative import MAX_ITERATIVE_TASK
+
+    assert MAX_ITERATIVE_CAPACITY == MAX_ITERATIVE_TASK + 1
+
+
+def test_onnx_predict_iterative_session_growth_and_run(tmp_path):
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from care_export.cli import main
+    from runtime import Session
+
+    small = make_checkpoint(tmp_path / "c3", [6, 3, 3], seed=4)
+    grown = make_checkpoint(tmp_path / "c5", [6, 3, 3, 3, 3], seed=4)
+    art = tmp_path / "art"
+    res = CliRunner().invoke(main, ["onnx", str(small), "--tasks", "6", "-o", str(art), "--predict", "iterative"])
+    assert res.exit_code == 0, res.output
+    m = json.loads((art / "manifest.json").read_text())
+    assert m["predict"] == "iterative" and SCORES in m["outputs"] and m["scale"] == 20.0
+    x = random_images(8, IMG, seed=9)
+    session = Session(art, device="cpu")
+    for ckpt in (small, grown):
+        model, _ = load_checkpoint(ckpt)
+        with torch.no_grad():
+            want = iterative_scores(model.eval(), torch.from_numpy(x)).numpy()
+        pred = session.predict(x, top_k=2)
+        assert (pred.classes[:, 0] == want.argmax(1)).all()
+        np.testing.assert_allclose(pred.probs[:, 0], want.max(1) / 2, atol=1e-4)
+        if ckpt is small:
+            graph = (art / "model.onnx").read_bytes()
+            assert session.add_task(grown) == [3, 4]  # growth in place, graph untouched
+            assert (art / "model.onnx").read_bytes() == graph
+    with pytest.raises(CareError, match="outputs scores, not logits"):
+        session.logits(x)
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "a.png")
+    res = CliRunner().invoke(main, ["run", str(art), str(tmp_path / "a.png"), "--device", "cpu"])
+    assert res.exit_code == 0 and "a.png" in res.output, res.output
+    res = CliRunner().invoke(main, ["onnx", str(small), "--tasks", "62", "-o", str(tmp_path / "big"),
+                                    "--predict", "iterative"])
+    assert res.exit_code == 1 and res.output.count("\n") == 1 and "exceeds 61 tasks" in res.output
+    assert not (tmp_path / "big").exists()

@@ -15,14 +15,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from runtime.artifact import INPUT, ROUTING_EXPERTS, ROUTING_TASKS, Dims, TensorSpec
+from runtime.artifact import INPUT, ROUTING_EXPERTS, ROUTING_TASKS, SCORES, Dims, TensorSpec
 from runtime.errors import CareError
 
-from ..iterative import MAX_ITERATIVE_TASK
 from .graph import ENTROPY_EPS, MIN_OPSET, Builder, _Shared, cosine_logits, finish, network, routing_widths
 
-SCORES = "scores"
-MAX_ITERATIVE_CAPACITY = MAX_ITERATIVE_TASK + 1  # tasks 0..60
+MAX_ITERATIVE_CAPACITY = 61  # tasks 0..60 (care_export.iterative.MAX_ITERATIVE_TASK; no torch import here)
 
 
 def check_capacity(capacity: int) -> None:
