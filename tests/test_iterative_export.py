@@ -99,6 +99,11 @@ def test_onnx_predict_iterative_session_growth_and_run(tmp_path):
             assert (art / "model.onnx").read_bytes() == graph
     with pytest.raises(CareError, match="outputs scores, not logits"):
         session.logits(x)
+    res = CliRunner().invoke(main, ["parity", str(small), str(art), "--samples", "16"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(main, ["quantize", str(art), "-o", str(tmp_path / "q"), "--precision", "fp16",
+                                    "--calib-data", "builtin"])
+    assert res.exit_code == 1 and "iterative-prediction artifact" in res.output, res.output
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "a.png")
     res = CliRunner().invoke(main, ["run", str(art), str(tmp_path / "a.png"), "--device", "cpu"])
     assert res.exit_code == 0 and "a.png" in res.output, res.output
