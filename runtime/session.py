@@ -48,7 +48,8 @@ class Prediction:
 
     ``logits`` (N, learned classes) float32, as :meth:`Session.logits` returns them; ``tasks`` (N, depth, M): the routers (tasks) selected in each block, ascending, -1 where
     fewer than M tasks exist; ``experts`` (N, depth, M, K): the experts each kept, ascending,
-    -1 where none.
+    -1 where none. For an iterative-prediction artifact ``logits`` holds its ``scores``
+    (``p_single + p_iter``) and ``probs`` their halves.
     """
 
     classes: np.ndarray  # (N, k) int64 class ids
