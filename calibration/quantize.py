@@ -62,6 +62,8 @@ def open_source(artifact_dir: str | Path) -> Artifact:
     if art.manifest["precision"] != "fp32":
         raise ArtifactError(f"{art.dir} is already quantized ({art.manifest['precision'].upper()}); quantize the "
                             f"FP32 artifact it came from")
+    if art.manifest.get("predict") == "iterative":
+        raise ArtifactError(f"{art.dir} is an iterative-prediction artifact; quantize a single-pass export")
     return art
 
 

@@ -56,11 +56,39 @@ def load_statistics(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-class PseudoFeatures:
-    """Gaussian samplers for every class of a list of per-task statistics."""
+ALIGN_DECAYS = ("reference", "off")
 
-    def __init__(self, stats: list[dict[str, torch.Tensor]], device):
+
+def reference_mean_decay(known: int, total: int, task: int) -> torch.Tensor:
+    """The reference's per-class multiplier of the class means under ``decay: true``.
+
+    Exactly what LMMMEng/CaRE computes while aligning after ``task`` (0-based), ``known`` classes
+    learned before it and ``total`` after: ``task_size = known - total`` (negative), ``t_id =
+    c // task_size`` (floor division), multiplier ``0.9 + (t_id + 1) / (task + 1) * 0.1``. The
+    negative divisor makes ``t_id`` negative for every class but 0, so the multiplier falls
+    below 0.9 and, with many classes per task size, below zero (docs/MODEL.md).
+    """
+    task_size = known - total
+    if task_size >= 0:
+        raise CareError(f"mean decay needs new classes (known {known}, total {total})")
+    t_id = torch.arange(total, dtype=torch.float64).div(task_size, rounding_mode="floor")
+    return 0.9 + (t_id + 1) / (task + 1) * 0.1
+
+
+class PseudoFeatures:
+    """Gaussian samplers for every class of a list of per-task statistics.
+
+    ``mean_scale`` (one float64 number per class) multiplies each class mean before sampling,
+    as the reference's ``decay`` does (:func:`reference_mean_decay`).
+    """
+
+    def __init__(self, stats: list[dict[str, torch.Tensor]], device, mean_scale: torch.Tensor | None = None):
         self.mean = torch.cat([s["mean"] for s in stats]).to(device)
+        if mean_scale is not None:
+            if mean_scale.shape != (self.mean.shape[0],):
+                raise ValueError(f"mean_scale has shape {tuple(mean_scale.shape)}, expected ({self.mean.shape[0]},)")
+            # The reference scales in float64, then samples in float32.
+            self.mean = (self.mean.double() * mean_scale.to(device, torch.float64)[:, None]).float()
         if "cov" in stats[0]:
             cov = torch.cat([s["cov"] for s in stats]).to(device, torch.float64)
             self.tril = torch.linalg.cholesky(cov).float()  # (C, d, d)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -25,11 +26,13 @@ from .config import BackboneConfig, MoEConfig, Preprocessing, backbone_config
 from .datasets import (DEFAULT_SEED, LabelledImages, TaskSequence, eval_transform, open_source, source_from_dict,
                        train_transform)
 from .evaluate import Metrics, accuracy_by_task, write_metrics
+from .iterative import prediction_scores
 from .model import CareViT
 from .train import TaskData, TrainConfig, learn_task
 
 STATS_FILE = "class-stats-{:04d}.safetensors"
 BUILTIN_WEIGHTS = "builtin-pretrained"
+REFERENCE_BACKBONE = "vit_base_patch16_224.augreg_in21k"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -65,10 +68,10 @@ def sequence_records(stored: dict, tasks: range) -> list[dict]:
 
 
 def evaluate_recorded(model, records: list[dict], pre: Preprocessing, batch_size: int, device, workers: int = 0,
-                      opened: dict | None = None) -> tuple[float | None, list[float | None], list[str]]:
+                      opened: dict | None = None, predict=None) -> tuple[float | None, list[float | None], list[str]]:
     """Top-1 over every task whose recorded source can still be read, accuracy per task (None for
     a skipped task), and one line per skipped task saying why. ``opened``: sources already open,
-    keyed by :func:`_source_key`."""
+    keyed by :func:`_source_key`; ``predict``: as for :func:`accuracy_by_task`."""
     opened = dict(opened or {})
     parts, skipped, first = [], {}, 0
     for t, rec in enumerate(records):
@@ -95,7 +98,7 @@ def evaluate_recorded(model, records: list[dict], pre: Preprocessing, batch_size
     if not parts:
         return None, [None] * len(records), lines
     test = DataLoader(ConcatDataset(parts), batch_size=batch_size, num_workers=workers)
-    top1, per_task = accuracy_by_task(model, test, [len(r["classes"]) for r in records], device)
+    top1, per_task = accuracy_by_task(model, test, [len(r["classes"]) for r in records], device, predict)
     return top1, [None if t in skipped else a for t, a in enumerate(per_task)], lines
 
 
@@ -148,7 +151,7 @@ class ContinualRun:
         def images(transform):
             return LabelledImages(source, "train", order, classes, transform)
 
-        data = TaskData(images(train_transform(self.preprocessing, cfg.crop_scale)),
+        data = TaskData(images(train_transform(self.preprocessing, cfg.crop_scale, cfg.input_set)),
                         images(eval_transform(self.preprocessing)), cfg,
                         torch.Generator().manual_seed(_task_seed(seq.seed, task)))
         own = learn_task(self.model, task, data, self.stats, cfg, device=self.device, progress=progress)
@@ -158,7 +161,9 @@ class ContinualRun:
 
         top1, per_task, skipped = evaluate_recorded(self.model, self.records, self.preprocessing,
                                                     3 * cfg.batch_size, self.device, cfg.workers,
-                                                    {_source_key(source.describe()): source})
+                                                    {_source_key(source.describe()): source},
+                                                    partial(prediction_scores, self.model, mode=cfg.eval_mode,
+                                                            scale=cfg.scale))
         self.metrics.add(top1, per_task)
         self.directory.mkdir(parents=True, exist_ok=True)
         save_statistics(own, self.directory / STATS_FILE.format(task))
@@ -200,6 +205,8 @@ def default_backbone(weights: str | Path | None) -> BackboneConfig:
         from .pretrain import BUILTIN_BACKBONE
 
         return BUILTIN_BACKBONE
+    if weights == "hub":  # the reference's backbone: ViT-B/16 pre-trained on ImageNet-21K
+        return backbone_config(REFERENCE_BACKBONE)
     return backbone_config("vit_base_patch16_224")
 
 

@@ -91,14 +91,18 @@ BUILTIN_KINDS = ("builtin", "builtin-shift")
 
 def open_source(data: str | Path, *, sequence: dict | None = None, **builtin):
     """``"builtin"``, ``"builtin-shift"`` (``builtin`` holds their settings; ``sequence`` the
-    ``init_cls``, ``increment`` and ``order_seed`` whose tasks the shifted domains follow) or an
-    image folder."""
+    ``init_cls``, ``increment`` and ``order_seed`` whose tasks the shifted domains follow), a
+    folder of the CIFAR-100 python files, or an image folder."""
+    from .cifar import Cifar100Source, cifar_folder
+
     if str(data) == "builtin":
         return BuiltinSource(**builtin)
     if str(data) == "builtin-shift":
         from .shift_data import ShiftedSource
 
         return ShiftedSource(**builtin, **(sequence or {}))
+    if cifar_folder(data) is not None:
+        return Cifar100Source(data)
     return ImageFolderSource(data)
 
 
@@ -111,6 +115,10 @@ def source_from_dict(d: dict) -> BuiltinSource | ImageFolderSource:
     if d["kind"] == "builtin":
         return BuiltinSource(d["classes"], first_class=d["first_class"], train_per_class=d["train_per_class"],
                              test_per_class=d["test_per_class"], image_size=d["image_size"], seed=d["seed"])
+    if d["kind"] == "cifar100":
+        from .cifar import Cifar100Source
+
+        return Cifar100Source(d["path"])
     return ImageFolderSource(d["path"])
 
 
@@ -119,14 +127,30 @@ _INTERPOLATION = {"bicubic": transforms.InterpolationMode.BICUBIC, "bilinear": t
                   "nearest": transforms.InterpolationMode.NEAREST}
 
 
-def train_transform(pre: Preprocessing, crop_scale: tuple[float, float] = (0.05, 1.0)):
+# The reference's training transforms per dataset: "common" (ImageNet-R, ObjectNet,
+# OmniBenchmark) and those of CIFAR-224, ImageNet-A and VTAB (reference_config.DATASETS).
+INPUT_SETS = ("common", "cifar224", "imageneta", "vtab")
+
+
+def train_transform(pre: Preprocessing, crop_scale: tuple[float, float] = (0.05, 1.0), input_set: str = "common"):
     """The reference's training augmentation at the backbone's input size."""
-    return transforms.Compose([
-        transforms.RandomResizedCrop(pre.input_size, scale=crop_scale, ratio=(3 / 4, 4 / 3)),
-        transforms.RandomHorizontalFlip(p=0.5),
-        transforms.ToTensor(),
-        transforms.Normalize(pre.mean, pre.std),
-    ])
+    if input_set == "common":
+        crop = [transforms.RandomResizedCrop(pre.input_size, scale=crop_scale, ratio=(3 / 4, 4 / 3)),
+                transforms.RandomHorizontalFlip(p=0.5)]
+    elif input_set == "cifar224":  # crop at 256/224 of the input, then centre-crop, flip, jitter
+        crop = [transforms.RandomResizedCrop(pre.resize, interpolation=_INTERPOLATION["bicubic"]),
+                transforms.CenterCrop(pre.input_size), transforms.RandomHorizontalFlip(p=0.5),
+                transforms.ColorJitter(brightness=0.25)]
+    elif input_set in ("imageneta", "vtab"):  # timm's crop with a random interpolation per image
+        from timm.data import RandomResizedCropAndInterpolation
+
+        crop = [RandomResizedCropAndInterpolation(pre.input_size, interpolation="random"),
+                transforms.RandomHorizontalFlip(p=0.5)]
+        if input_set == "vtab":
+            crop.append(transforms.ColorJitter(brightness=0.25))
+    else:
+        raise CareError(f"input set must be one of {', '.join(INPUT_SETS)}, got {input_set!r}")
+    return transforms.Compose([*crop, transforms.ToTensor(), transforms.Normalize(pre.mean, pre.std)])
 
 
 def eval_transform(pre: Preprocessing):

@@ -1,5 +1,6 @@
 """Accuracy after every task: top-1 over all classes seen so far with the single-pass inference
-forward (task id unknown), the per-task accuracy matrix, A-bar, A_B and forgetting."""
+forward (task id unknown) or the iterative prediction, the per-task accuracy matrix, A-bar, A_B
+and forgetting."""
 
 from __future__ import annotations
 
@@ -11,16 +12,18 @@ METRICS_FILE = "metrics.json"
 
 
 @torch.no_grad()
-def accuracy_by_task(model, loader, task_sizes: list[int], device) -> tuple[float, list[float]]:
+def accuracy_by_task(model, loader, task_sizes: list[int], device, predict=None) -> tuple[float, list[float]]:
     """Top-1 (%) over the whole ``loader`` and on each task's classes, predicting among every
-    learned class with the single-pass inference in its sparse form (the decisions of the
-    reference form; only the selected experts run over all tokens)."""
+    learned class with ``predict(x)`` scores (default: the single-pass inference in its sparse
+    form, the reference form's decisions with only the selected experts over all tokens; see
+    ``iterative.prediction_scores``)."""
     model.eval()
+    predict = predict or (lambda x: model(x, mode="sparse"))
     bounds = torch.tensor(task_sizes).cumsum(0)
     correct = torch.zeros(len(task_sizes))
     total = torch.zeros(len(task_sizes))
     for x, y in loader:
-        pred = model(x.to(device), mode="sparse").argmax(1).cpu()
+        pred = predict(x.to(device)).argmax(1).cpu()
         task = torch.bucketize(y, bounds, right=True)
         correct += torch.bincount(task, weights=(pred == y).double(), minlength=len(task_sizes)).float()
         total += torch.bincount(task, minlength=len(task_sizes)).float()

@@ -42,8 +42,11 @@ def _disk_bytes(directory: Path) -> int:
 @click.option("--batch", type=BatchParam(), default="dynamic", show_default=True, help="Fixed batch size, or dynamic.")
 @click.option("--task-classes", type=click.IntRange(min=1), default=None,
               help="Classes a later task may have [default: the checkpoint's largest later task].")
+@click.option("--predict", default="single", show_default=True, type=click.Choice(["single", "iterative"]),
+              help="The graph's prediction: the single pass (output logits), or the reference's iterative "
+                   "prediction (output scores; one pass per task slot batched, at most 61 tasks).")
 @click.option("--force", is_flag=True, help="Replace an existing artifact.")
-def onnx_command(ckpt, capacity, out, opset, batch, task_classes, force):
+def onnx_command(ckpt, capacity, out, opset, batch, task_classes, predict, force):
     """Export a checkpoint to a static ONNX artifact sized for CAPACITY tasks.
 
     The graph does not depend on the number of learned tasks: `care-export add-task` later
@@ -69,7 +72,7 @@ def onnx_command(ckpt, capacity, out, opset, batch, task_classes, force):
 
     try:
         m = export_artifact(ckpt, out, capacity, opset=opset, batch=None if batch == "dynamic" else batch,
-                            slot_classes=task_classes, force=force, progress=progress)
+                            slot_classes=task_classes, force=force, progress=progress, predict=predict)
     finally:
         for bar in bars:
             bar.close()

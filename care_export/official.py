@@ -74,13 +74,21 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         why = "a pickle this loader refuses" if isinstance(exc, pickle.UnpicklingError) else \
             (str(exc).strip().splitlines() or [""])[0][:200]
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {why})") from None
-    for wrapper in ("state_dict", "model"):
+    # The reference's save_checkpoint writes {"tasks": ..., "model_state_dict": ...}.
+    for wrapper in ("model_state_dict", "state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected a state dict of tensors")
     require_finite(state, str(path))
-    return state
+    return strip_data_parallel(state)
+
+
+def strip_data_parallel(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` without the ``module.`` prefix nn.DataParallel puts on every key (also where
+    only the wrapped sub-module's keys carry it, as in ``backbone.module.``)."""
+    return {k.replace("module.", "", 1) if k.startswith("module.") else k.replace(".module.", ".", 1)
+            if ".module." in k else k: v for k, v in state.items()}
 
 
 def convert_state_dict(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.artifact import INPUT, LOGITS, ROUTING_EXPERTS, ROUTING_TASKS, Artifact
+from runtime.artifact import INPUT, LOGITS, ROUTING_EXPERTS, ROUTING_TASKS, SCORES, Artifact, score_output
 from runtime.errors import AtolError, InputError, RoutingError, ShapeError
 from runtime.routing import canonical_routing, pad_routing, same_routing
 
@@ -26,16 +26,18 @@ def ort_session(model_path: str | Path, threads: int = 0):
     return ort.InferenceSession(str(model_path), session_options(threads), providers=["CPUExecutionProvider"])
 
 
-def run_artifact(session, images: np.ndarray, batch: int, fixed: bool = False) -> tuple[np.ndarray, ...]:
+def run_artifact(session, images: np.ndarray, batch: int, fixed: bool = False,
+                 ranked: str = LOGITS) -> tuple[np.ndarray, ...]:
     """``(logits, tasks, experts)`` for ``images`` in chunks of ``batch``; ``fixed``: the graph's
-    batch size is ``batch``, so the last chunk is padded."""
+    batch size is ``batch``, so the last chunk is padded. ``ranked``: the first output's name
+    (``scores`` for an iterative artifact)."""
     outs = []
     for i in range(0, len(images), batch):
         chunk = images[i: i + batch]
         n = len(chunk)
         if fixed and n < batch:
             chunk = np.concatenate([chunk, np.zeros((batch - n, *chunk.shape[1:]), chunk.dtype)])
-        outs.append([o[:n] for o in session.run([LOGITS, ROUTING_TASKS, ROUTING_EXPERTS], {INPUT: chunk})])
+        outs.append([o[:n] for o in session.run([ranked, ROUTING_TASKS, ROUTING_EXPERTS], {INPUT: chunk})])
     return tuple(np.concatenate(parts) for parts in zip(*outs))
 
 
@@ -148,9 +150,20 @@ def run_parity(ckpt_dir: str | Path, artifact_dir: str | Path, samples: int = 25
     else:
         images, files = image_inputs(images_dir, art, samples)
     fixed = art.manifest["batch"] != "dynamic"
-    got = run_artifact(ort_session(art.model_path), images, int(art.manifest["batch"]) if fixed else batch, fixed)
+    ranked = score_output(art.manifest)
+    got = run_artifact(ort_session(art.model_path), images, int(art.manifest["batch"]) if fixed else batch, fixed,
+                       ranked)
     got = (got[0][:, : art.num_classes], got[1], got[2])  # the runtime's slice: learned classes only
     ref = run_reference(model, images, batch, m, k)
+    if ranked == SCORES:  # iterative artifact: its scores against PyTorch's, routing of the single pass
+        import torch
+
+        from .iterative import iterative_scores
+
+        with torch.no_grad():
+            scores = [iterative_scores(model, torch.from_numpy(images[i: i + batch]), float(art.manifest["scale"]))
+                      for i in range(0, len(images), batch)]
+        ref = (torch.cat(scores).numpy(), ref[1], ref[2])
     same = checkpoint_digest(ckpt) == art.manifest["source"]["checkpoint_digest"]
     report = compare(ref, got, atol, same)
     if golden is not None:

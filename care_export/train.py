@@ -20,8 +20,10 @@ from tqdm import tqdm
 
 from runtime.errors import CareError
 
-from .alignment import CA_METHODS, PseudoFeatures, align_classifier, class_statistics
+from .alignment import ALIGN_DECAYS, CA_METHODS, PseudoFeatures, align_classifier, class_statistics, reference_mean_decay
 from .baselines import METHODS, trainable_parts, uses_routing
+
+EVAL_MODES = ("single", "iterative")
 
 # The reference distils with temperature 1 in the first six blocks and 2 in the later ones.
 TAU_SWITCH_BLOCK = 6
@@ -46,6 +48,12 @@ class TrainConfig:
     crop_scale: tuple[float, float] = (0.05, 1.0)
     workers: int = 0
     method: str = "care"  # or a baseline (baselines.py)
+    align_decay: str = "off"  # "reference": the reference's class-mean multipliers (its `decay: true`)
+    amp: bool = False  # mixed-precision training forward (bfloat16 on CPU, float16 + GradScaler on CUDA)
+    aux_cos_loss: bool = True  # perceptors' loss: CosFace (True) or cross-entropy on raw logits (False)
+    self_dist_loss: bool = True  # the perceptors' KL term towards the head
+    eval_mode: str = "single"  # after-task evaluation: "single" pass or the reference's "iterative"
+    input_set: str = "common"  # the reference's per-dataset train transform (datasets.INPUT_SETS)
 
     def __post_init__(self):
         if self.epochs < 2:
@@ -54,6 +62,10 @@ class TrainConfig:
             raise CareError("--batch-size and the learning rates must be positive, --ca-epochs not negative")
         if self.ca_method not in CA_METHODS:
             raise CareError(f"--ca-method must be one of {', '.join(CA_METHODS)}, got {self.ca_method!r}")
+        if self.align_decay not in ALIGN_DECAYS:
+            raise CareError(f"--align-decay must be one of {', '.join(ALIGN_DECAYS)}, got {self.align_decay!r}")
+        if self.eval_mode not in EVAL_MODES:
+            raise CareError(f"--eval must be one of {', '.join(EVAL_MODES)}, got {self.eval_mode!r}")
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise CareError(f"crop scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
         if self.method not in METHODS:
@@ -84,15 +96,22 @@ def angular_loss(logits: torch.Tensor, target: torch.Tensor, s: float, m: float 
 
 
 def perceptor_loss(latents: list[torch.Tensor], head_logits: torch.Tensor, target: torch.Tensor,
-                   s: float, m: float) -> torch.Tensor:
+                   s: float, m: float, *, cos_loss: bool = True, self_dist: bool = True) -> torch.Tensor:
     """Mean over blocks of ``(angular loss + tau^2 KL(p_head || p_perceptor)) / 2``, the head's
-    current-task cosine logits being the (detached) teacher."""
+    current-task cosine logits being the (detached) teacher.
+
+    The reference's switches: ``cos_loss=False`` takes plain cross-entropy on the raw perceptor
+    logits instead of the angular loss; ``self_dist=False`` drops the KL term (and the halving).
+    """
     teacher = head_logits.detach()
     losses = []
     for i, latent in enumerate(latents):
-        tau = 1.0 if i < TAU_SWITCH_BLOCK else 2.0
-        kl = F.kl_div(F.log_softmax(latent / tau, 1), F.softmax(teacher / tau, 1), reduction="batchmean")
-        losses.append((angular_loss(latent, target, s, m) + tau**2 * kl) / 2)
+        hard = angular_loss(latent, target, s, m) if cos_loss else F.cross_entropy(latent, target)
+        if self_dist:
+            tau = 1.0 if i < TAU_SWITCH_BLOCK else 2.0
+            kl = F.kl_div(F.log_softmax(latent / tau, 1), F.softmax(teacher / tau, 1), reduction="batchmean")
+            hard = (hard + tau**2 * kl) / 2
+        losses.append(hard)
     return torch.stack(losses).mean()
 
 
@@ -103,7 +122,14 @@ def task_loss(out: dict, y: torch.Tensor, first_class: int, cfg: "TrainConfig") 
     loss_main = angular_loss(cur, local, cfg.scale, cfg.margin)
     if not uses_routing(cfg.method):  # the baselines have no perceptors
         return loss_main, loss_main
-    return loss_main + perceptor_loss(out["latents"], cur, local, cfg.scale, cfg.margin), loss_main
+    return loss_main + perceptor_loss(out["latents"], cur, local, cfg.scale, cfg.margin,
+                                      cos_loss=cfg.aux_cos_loss, self_dist=cfg.self_dist_loss), loss_main
+
+
+def autocast_context(device, enabled: bool):
+    """The training forward's mixed precision: float16 on CUDA, bfloat16 on CPU."""
+    kind = torch.device(device).type
+    return torch.autocast(kind, dtype=torch.float16 if kind == "cuda" else torch.bfloat16, enabled=enabled)
 
 
 # ---------------------------------------------------------------------- parameters
@@ -133,19 +159,23 @@ def _train_round(model, task: int, first_class: int, loader: DataLoader, cfg: Tr
     params = set_trainable(model, task, cfg.method)
     opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=eta_min)
+    # float16 gradients need loss scaling; bfloat16 has float32's range and does not.
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and torch.device(device).type == "cuda")
     bar = tqdm(range(epochs), desc=f"task {task}", unit="epoch", leave=False, disable=not progress)
     for _ in bar:
         model.train()
         total = main = correct = seen = 0.0
         for x, y in loader:
             x, y = x.to(device), y.to(device)
-            out = model.forward_train(x, task)
-            loss, loss_main = task_loss(out, y, first_class, cfg)
+            with autocast_context(device, cfg.amp):
+                out = model.forward_train(x, task)
+                loss, loss_main = task_loss(out, y, first_class, cfg)
             if not torch.isfinite(loss):
                 raise CareError(f"training diverged on task {task} (loss {loss.item()}); lower --lr")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             total += loss.item() * len(y)
             main += loss_main.item() * len(y)
             correct += int((out["logits"].argmax(1) == y).sum())
@@ -186,7 +216,10 @@ def learn_task(model, task: int, data: TaskData, stats: list[dict], cfg: TrainCo
         return last_lr, _task_statistics(model, task, first_class, num_classes, data.stats, cfg.ca_method, device)
 
     def align(own):
-        sampler = PseudoFeatures(stats + [own], device)
+        decay = None
+        if cfg.align_decay == "reference":
+            decay = reference_mean_decay(first_class, first_class + num_classes, task)
+        sampler = PseudoFeatures(stats + [own], device, mean_scale=decay)
         align_classifier(model.head, sampler, lr=cfg.ca_lr, epochs=cfg.ca_epochs, per_class=cfg.pseudo_per_class,
                          scale=cfg.scale, weight_decay=cfg.weight_decay, progress=progress)
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from .checkpoint_cli import moe_options
-from .datasets import DEFAULT_SEED
+from .checkpoint_cli import moe_options, reference_options
+from .datasets import DEFAULT_SEED, INPUT_SETS
 
 # Options that define the model or the sequence: a resumed run takes them from the checkpoint.
 _FIXED_ON_RESUME = ("builtin_classes", "builtin_train", "builtin_test", "init_cls", "increment", "seed", "backbone",
@@ -17,10 +17,12 @@ _FIXED_ON_RESUME = ("builtin_classes", "builtin_train", "builtin_test", "init_cl
                     "expert_dim", "shared_dim", "mean", "std", "method")
 # Training settings: on resume, the ones given replace the stored ones.
 _TRAINING = ("epochs", "lr", "min_lr", "batch_size", "weight_decay", "ca_lr", "ca_epochs", "ca_method", "min_crop",
-             "workers")
+             "workers", "align_decay", "amp", "eval_mode", "scale", "margin", "aux_cos_loss", "self_dist_loss",
+             "input_set")
 
 
 @click.command("train")
+@reference_options()
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path), help="New checkpoint directory.")
 @click.option("--resume", type=click.Path(path_type=Path), help="Checkpoint whose sequence to continue.")
 @click.option("--data", default="builtin", show_default=True,
@@ -70,6 +72,23 @@ _TRAINING = ("epochs", "lr", "min_lr", "batch_size", "weight_decay", "ca_lr", "c
               help="care, or a baseline with the same data and budget: frozen (cosine head and classifier "
                    "alignment on the frozen backbone) or shared-adapter (one adapter fine-tuned through all tasks).")
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="Data-loading processes.")
+@click.option("--scale", default=20.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="s of the angular loss and of the alignment logits.")
+@click.option("--margin", default=0.0, show_default=True, type=float, help="CosFace margin m (reference key 'm').")
+@click.option("--aux-cos-loss/--no-aux-cos-loss", default=True, show_default=True,
+              help="Perceptors' loss: the angular loss, or plain cross-entropy on their raw logits.")
+@click.option("--self-dist-loss/--no-self-dist-loss", default=True, show_default=True,
+              help="The perceptors' KL term towards the head.")
+@click.option("--align-decay", default="off", show_default=True, type=click.Choice(["reference", "off"]),
+              help="Scale class means before alignment sampling as the reference's 'decay: true' does "
+                   "(docs/MODEL.md).")
+@click.option("--amp/--no-amp", default=False, show_default=True,
+              help="Mixed-precision training forward: float16 with a gradient scaler on CUDA, bfloat16 on CPU.")
+@click.option("--eval", "eval_mode", default="single", show_default=True, type=click.Choice(["single", "iterative"]),
+              help="After-task evaluation: the single pass, or the reference's iterative prediction (tasks 1..60; "
+                   "a configuration implies iterative unless it says iter_pred: false).")
+@click.option("--input-set", default="common", show_default=True, type=click.Choice(INPUT_SETS),
+              help="The reference's training transform of that dataset (a configuration's dataset sets it).")
 @click.option("--mean", nargs=3, type=float, default=None, help="Input normalisation mean [default: the weights'].")
 @click.option("--std", nargs=3, type=float, default=None, help="Input normalisation std [default: the weights'].")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
@@ -79,11 +98,12 @@ _TRAINING = ("epochs", "lr", "min_lr", "batch_size", "weight_decay", "ca_lr", "c
 def train_command(out, resume, data, skip_known, builtin_classes, builtin_train, builtin_test, init_cls, increment,
                   tasks, seed, backbone, img_size, patch_size, depth, backbone_weights, topk_routers, topk_experts, expert_dim,
                   shared_dim, epochs, lr, min_lr, batch_size, weight_decay, ca_lr, ca_epochs, ca_method, min_crop,
-                  method, workers, mean, std, device, cache_dir, quiet):
+                  method, workers, scale, margin, aux_cos_loss, self_dist_loss, align_decay, amp, eval_mode, input_set,
+                  mean, std, device, cache_dir, quiet):
     """Learn a class-incremental task sequence, task after task, into a checkpoint directory.
 
     After every task the checkpoint is saved and evaluated (top-1 over all classes seen so far,
-    single-pass inference) on the test images of every task's recorded data (a task whose data
+    single-pass inference, or --eval iterative: the reference's iterative prediction) on the test images of every task's recorded data (a task whose data
     is gone is skipped, and named); the accuracy table goes to CKPT/metrics.json. An interrupted
     task leaves the checkpoint as it was after the last finished task: --resume goes on from there.
 
@@ -98,6 +118,10 @@ def train_command(out, resume, data, skip_known, builtin_classes, builtin_train,
     Example (an image folder, ImageNet-21K ViT-B/16 from the hub, reference settings):
       care-export train -o ckpt/ --data images/ --init-cls 100 --increment 3 \\
           --backbone vit_base_patch16_224.augreg_in21k --backbone-weights hub
+    \b
+    Example (a reference configuration; options given override it):
+      care-export train -o ckpt/ --data omnibench1k/ --preset ob1k_b100inc3 --tasks 5
+      care-export train -o ckpt/ --data cifar-100-python/ --config care_cifar_inc10.json --epochs 10
     """
     from .continual import resume_sequence
     from .evaluate import Metrics
@@ -108,7 +132,9 @@ def train_command(out, resume, data, skip_known, builtin_classes, builtin_train,
         return ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
 
     training = dict(epochs=epochs, lr=lr, min_lr=min_lr, batch_size=batch_size, weight_decay=weight_decay, ca_lr=ca_lr,
-                    ca_epochs=ca_epochs, ca_method=ca_method, crop_scale=(min_crop, 1.0), workers=workers,
+                    ca_epochs=ca_epochs, ca_method=ca_method, crop_scale=(min_crop, 1.0), workers=workers, scale=scale,
+                    margin=margin, aux_cos_loss=aux_cos_loss, self_dist_loss=self_dist_loss, align_decay=align_decay,
+                    amp=amp, eval_mode=eval_mode, input_set=input_set,
                     method=method)
     progress = not quiet
     try:
@@ -117,6 +143,9 @@ def train_command(out, resume, data, skip_known, builtin_classes, builtin_train,
         if resume is not None:
             if skip_known and not given("data"):
                 raise click.UsageError("--skip-known needs --data NEW")
+            if ctx.meta.get("care_reference"):
+                raise click.UsageError("--config/--preset start a new run; a resumed run keeps its checkpoint's "
+                                       "settings (override single ones with their options)")
             fixed = [n for n in _FIXED_ON_RESUME if given(n)]
             if fixed:
                 raise click.UsageError(f"--{fixed[0].replace('_', '-')} is fixed by the checkpoint being resumed")

@@ -50,9 +50,15 @@ PENDING_STATE = "state.bin.pending"
 
 INPUT = "images"
 LOGITS = "logits"
+SCORES = "scores"  # output of an iterative-prediction graph (manifest "predict": "iterative")
 ROUTING_TASKS = "routing_tasks"
 ROUTING_EXPERTS = "routing_experts"
 FEATURES = "features"  # output of a plain-backbone graph (benchmarks)
+
+
+def score_output(manifest: dict) -> str:
+    """The output classes are ranked by: ``scores`` of an iterative artifact, else ``logits``."""
+    return SCORES if manifest.get("predict") == "iterative" else LOGITS
 
 # Every tensor starts at a multiple of 64 KiB: ONNX Runtime memory-maps external data only at
 # offsets aligned to the page size (4 KiB on Linux, 64 KiB allocation granularity on Windows).

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifact import BACKBONE_FILE, INPUT, LOGITS, MODEL_FILE, ROUTING_EXPERTS, ROUTING_TASKS, Artifact
+from .artifact import BACKBONE_FILE, INPUT, MODEL_FILE, ROUTING_EXPERTS, ROUTING_TASKS, Artifact, score_output
 from .errors import ArtifactError
 
 
@@ -86,7 +86,7 @@ def load_graph(art: Artifact) -> Graph:
         directory=art.dir,
         model_path=art.model_path,
         input=INPUT,
-        outputs=[LOGITS, ROUTING_TASKS, ROUTING_EXPERTS],
+        outputs=[score_output(m), ROUTING_TASKS, ROUTING_EXPERTS],
         batch=None if m["batch"] == "dynamic" else int(m["batch"]),
         input_size=art.dims.img_size,
         weights=weights,

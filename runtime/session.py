@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifact import LOGITS, ROUTING_EXPERTS, ROUTING_TASKS, Artifact
+from .artifact import LOGITS, ROUTING_EXPERTS, ROUTING_TASKS, SCORES, Artifact, score_output
 from .backends import open_runner
 from .errors import ArtifactError, ClosedError, InputError
 from .graph import load_graph
@@ -48,7 +48,8 @@ class Prediction:
 
     ``logits`` (N, learned classes) float32, as :meth:`Session.logits` returns them; ``tasks`` (N, depth, M): the routers (tasks) selected in each block, ascending, -1 where
     fewer than M tasks exist; ``experts`` (N, depth, M, K): the experts each kept, ascending,
-    -1 where none.
+    -1 where none. For an iterative-prediction artifact ``logits`` holds its ``scores``
+    (``p_single + p_iter``) and ``probs`` their halves.
     """
 
     classes: np.ndarray  # (N, k) int64 class ids
@@ -201,6 +202,8 @@ class Session:
 
     def logits(self, images) -> np.ndarray:
         """Cosine logits (N, learned classes), float32; ``images`` as for :meth:`predict`."""
+        if score_output(self._artifact.manifest) == SCORES:
+            raise InputError("an iterative-prediction artifact outputs scores, not logits: use predict()")
         with self._lock.shared():
             (logits,) = self._run(images, [LOGITS])
             return logits[:, : self.num_classes]
@@ -214,14 +217,18 @@ class Session:
         """
         if not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= self.num_classes:
             raise InputError(f"top_k must be between 1 and the {self.num_classes} learned classes, got {top_k}")
-        outputs = [LOGITS, ROUTING_TASKS, ROUTING_EXPERTS] if return_routing else [LOGITS]
+        ranked = score_output(self._artifact.manifest)
+        outputs = [ranked, ROUTING_TASKS, ROUTING_EXPERTS] if return_routing else [ranked]
         with self._lock.shared():
             results = self._run(images, outputs)
             num_classes, names = self.num_classes, self._artifact.manifest["classes"]["names"]
         logits = results[0][:, :num_classes]
-        z = COS_SCALE * logits.astype(np.float64)
-        p = np.exp(z - z.max(axis=1, keepdims=True))
-        p /= p.sum(axis=1, keepdims=True)
+        if ranked == SCORES:  # p_single + p_iter (docs/MODEL.md): their mean is a distribution
+            p = logits.astype(np.float64) / 2
+        else:
+            z = COS_SCALE * logits.astype(np.float64)
+            p = np.exp(z - z.max(axis=1, keepdims=True))
+            p /= p.sum(axis=1, keepdims=True)
         top = np.argsort(-p, axis=1, kind="stable")[:, :top_k]
         pred = Prediction(top.astype(np.int64), [[names[c] for c in row] for row in top],
                           np.take_along_axis(p, top, 1).astype(np.float32), logits)

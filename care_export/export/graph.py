@@ -95,9 +95,9 @@ class Builder:
 class _Shared:
     """Graph-wide values: batch size shapes and the per-slot index constants."""
 
-    def __init__(self, g: Builder, dims: Dims, moe: bool):
+    def __init__(self, g: Builder, dims: Dims, moe: bool, image: str = INPUT):
         d = dims.embed_dim
-        self.batch = g.op("Shape", INPUT, start=0, end=1)  # (1,) int64
+        self.batch = g.op("Shape", image, start=0, end=1)  # (1,) int64
         self.cls_shape = g.op("Concat", self.batch, g.i64([1, d]), axis=0)
         if not moe:
             return
@@ -117,6 +117,7 @@ class _Shared:
         self.neg_inf = g.const(-np.inf)
         self.zero = g.const(0.0)
         self.i0, self.im1 = g.i64(0), g.i64(-1)
+        self.forced = None  # (B, cap) routers always selected (the iterative graph's training-form passes)
 
 
 def routing_widths(dims: Dims) -> tuple[int, int]:
@@ -189,6 +190,8 @@ def _brmoe(g: Builder, dims: Dims, i: int, xa: str, s: _Shared) -> tuple[str, st
                               dims.slot_classes, r)
     ent = g.op("Where", s.is_first, g.op("Unsqueeze", ent0, g.i64([0])), ents)
     ent = g.op("Transpose", g.op("Where", s.slot_active, ent, s.inf), perm=[1, 0])  # (B, cap)
+    if s.forced is not None:
+        ent = g.op("Where", s.forced, s.neg_inf, ent)
 
     # 3. M routers of lowest entropy; picks beyond the active tasks (T < M) point at slot 0, weight 0.
     _, sel = g.op("TopK", ent, g.i64([m]), axis=-1, largest=0, outputs=2)
@@ -241,11 +244,38 @@ def build_model(dims: Dims, specs: dict[str, TensorSpec], opset: int = MIN_OPSET
     if opset < MIN_OPSET:
         raise ValueError(f"opset {opset} < {MIN_OPSET} (LayerNormalization)")
     g = Builder(specs)
-    d, p = dims.embed_dim, dims.patch_size
     s = _Shared(g, dims, moe)
+    feat, tasks, experts = network(g, dims, s, INPUT, opset, moe)
+    bdim = batch if batch is not None else "batch"
+    image = helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, [bdim, dims.in_chans, dims.img_size, dims.img_size])
+    if moe:
+        cosine_logits(g, dims, feat, s, LOGITS)
+        g.nodes.append(helper.make_node("Concat", tasks, [ROUTING_TASKS], name="head/routing_tasks", axis=1))
+        g.nodes.append(helper.make_node("Concat", experts, [ROUTING_EXPERTS], name="head/routing_experts", axis=1))
+        m, k = routing_widths(dims)
+        outputs = [
+            helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, [bdim, dims.class_capacity]),
+            helper.make_tensor_value_info(ROUTING_TASKS, TensorProto.INT64, [bdim, dims.depth, m]),
+            helper.make_tensor_value_info(ROUTING_EXPERTS, TensorProto.INT64, [bdim, dims.depth, m, k]),
+        ]
+    else:
+        g.nodes.append(helper.make_node("Identity", [feat], [FEATURES], name="head/features"))
+        outputs = [helper.make_tensor_value_info(FEATURES, TensorProto.FLOAT, [bdim, dims.embed_dim])]
+    return finish(g, "care" if moe else "backbone", [image], outputs, opset)
 
+
+def finish(g: Builder, name: str, inputs, outputs, opset: int) -> onnx.ModelProto:
+    graph = helper.make_graph(g.nodes, name, inputs, outputs, initializer=g.initializers)
+    opsets = [helper.make_opsetid("", opset)]
+    return helper.make_model(graph, opset_imports=opsets, producer_name="care-export",
+                             ir_version=helper.find_min_ir_version_for(opsets))
+
+
+def network(g: Builder, dims: Dims, s: _Shared, image: str, opset: int, moe: bool = True):
+    """``(features (B, d), per-block routing tasks, per-block routing experts)`` of ``image``."""
+    d, p = dims.embed_dim, dims.patch_size
     g.scope = "embed"
-    x = g.op("Conv", INPUT, g.weight("vit.patch_embed.weight"), g.weight("vit.patch_embed.bias"),
+    x = g.op("Conv", image, g.weight("vit.patch_embed.weight"), g.weight("vit.patch_embed.bias"),
              kernel_shape=[p, p], strides=[p, p])
     x = g.op("Transpose", g.op("Reshape", x, g.i64([0, d, -1])), perm=[0, 2, 1])
     cls = g.op("Expand", g.weight("vit.cls_token"), s.cls_shape)
@@ -266,28 +296,17 @@ def build_model(dims: Dims, specs: dict[str, TensorSpec], opset: int = MIN_OPSET
     g.scope = "head"
     feat = g.layer_norm(g.op("Gather", x, g.i64(0), axis=1), g.weight("vit.norm.weight"), g.weight("vit.norm.bias"),
                         BACKBONE_LN_EPS)
-    bdim = batch if batch is not None else "batch"
-    image = helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, [bdim, dims.in_chans, dims.img_size, dims.img_size])
-    if moe:
-        # ||f|| as Sqrt(ReduceSum(f*f)): ReduceSum takes axes as an input at every opset >= 13.
-        sq = g.op("ReduceSum", g.op("Mul", feat, feat), g.i64([-1]), keepdims=1)
-        norm = g.op("Max", g.op("Sqrt", sq), g.const(COS_EPS))
-        logits = g.op("MatMul", g.op("Div", feat, norm), g.weight("head.weight"))
-        active = g.op("Less", g.i64(np.arange(dims.class_capacity)), g.weight("active_classes"))
-        g.nodes.append(helper.make_node("Where", [active, logits, s.neg_inf], [LOGITS], name="head/logits"))
-        g.nodes.append(helper.make_node("Concat", tasks, [ROUTING_TASKS], name="head/routing_tasks", axis=1))
-        g.nodes.append(helper.make_node("Concat", experts, [ROUTING_EXPERTS], name="head/routing_experts", axis=1))
-        m, k = routing_widths(dims)
-        outputs = [
-            helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, [bdim, dims.class_capacity]),
-            helper.make_tensor_value_info(ROUTING_TASKS, TensorProto.INT64, [bdim, dims.depth, m]),
-            helper.make_tensor_value_info(ROUTING_EXPERTS, TensorProto.INT64, [bdim, dims.depth, m, k]),
-        ]
-    else:
-        g.nodes.append(helper.make_node("Identity", [feat], [FEATURES], name="head/features"))
-        outputs = [helper.make_tensor_value_info(FEATURES, TensorProto.FLOAT, [bdim, d])]
+    return feat, tasks, experts
 
-    graph = helper.make_graph(g.nodes, "care" if moe else "backbone", [image], outputs, initializer=g.initializers)
-    opsets = [helper.make_opsetid("", opset)]
-    return helper.make_model(graph, opset_imports=opsets, producer_name="care-export",
-                             ir_version=helper.find_min_ir_version_for(opsets))
+
+def cosine_logits(g: Builder, dims: Dims, feat: str, s: _Shared, out: str | None = None) -> str:
+    """(B, class capacity) cosine logits, -inf on classes not learned yet (named ``out`` if given)."""
+    # ||f|| as Sqrt(ReduceSum(f*f)): ReduceSum takes axes as an input at every opset >= 13.
+    sq = g.op("ReduceSum", g.op("Mul", feat, feat), g.i64([-1]), keepdims=1)
+    norm = g.op("Max", g.op("Sqrt", sq), g.const(COS_EPS))
+    logits = g.op("MatMul", g.op("Div", feat, norm), g.weight("head.weight"))
+    active = g.op("Less", g.i64(np.arange(dims.class_capacity)), g.weight("active_classes"))
+    if out is None:
+        return g.op("Where", active, logits, s.neg_inf)
+    g.nodes.append(helper.make_node("Where", [active, logits, s.neg_inf], [out], name="head/logits"))
+    return out

@@ -22,6 +22,7 @@ from runtime.artifact import (
     MODEL_FILE,
     ROUTING_EXPERTS,
     ROUTING_TASKS,
+    SCORES,
     SLOTS_FILE,
     STATE_FILE,
     Dims,
@@ -41,6 +42,7 @@ from runtime.growth import backbone_fields, brmoe_fields, checkpoint_fields, loa
 from runtime.packing import pack_state, pack_task
 
 from .graph import MIN_OPSET, build_model, routing_widths
+from .iterative_graph import build_iterative_model, check_capacity
 
 PRECISION = "fp32"
 
@@ -114,9 +116,14 @@ def backbone_arrays(state: dict[str, np.ndarray], dims: Dims, where: str) -> dic
     return out
 
 
-def _write_graph(directory: Path, dims: Dims, specs, opset: int, batch: int | None, moe: bool) -> None:
+def _write_graph(directory: Path, dims: Dims, specs, opset: int, batch: int | None, moe: bool,
+                 predict: str = "single", scale: float = 20.0) -> None:
     path = directory / MODEL_FILE
-    write_bytes(path, build_model(dims, specs, opset, batch, moe).SerializeToString())
+    if predict == "iterative":
+        model = build_iterative_model(dims, specs, opset, batch, scale)
+    else:
+        model = build_model(dims, specs, opset, batch, moe)
+    write_bytes(path, model.SerializeToString())
     onnx.checker.check_model(str(path), full_check=True)  # the path form: external data is not loaded
 
 
@@ -132,8 +139,11 @@ def first_tasks(ckpt: dict, tasks: int) -> dict:
 
 def export_artifact(ckpt_dir: str | Path, out: str | Path, capacity: int, *, opset: int = MIN_OPSET,
                     batch: int | None = None, slot_classes: int | None = None, tasks: int | None = None,
-                    force: bool = False, progress=None) -> dict:
+                    force: bool = False, progress=None, predict: str = "single") -> dict:
     """Write the artifact of checkpoint ``ckpt_dir`` for ``capacity`` tasks into ``out``.
+
+    ``predict``: ``"single"`` (output ``logits``) or ``"iterative"`` (the reference's iterative
+    prediction, output ``scores``; capacity at most 61, see ``iterative_graph.py``).
 
     ``tasks``: export only the checkpoint's first tasks (benchmarks). ``progress``: an optional
     callable ``progress(done, total, what)`` called as tasks are packed. Returns the manifest.
@@ -143,6 +153,11 @@ def export_artifact(ckpt_dir: str | Path, out: str | Path, capacity: int, *, ops
     if tasks is not None:
         ckpt = first_tasks(ckpt, tasks)
     dims = export_dims(ckpt, capacity, slot_classes)
+    if predict not in ("single", "iterative"):
+        raise CareError(f"predict must be single or iterative, got {predict!r}")
+    if predict == "iterative":
+        check_capacity(capacity)
+    scale = float(ckpt.get("training", {}).get("scale", 20.0))
     if opset < MIN_OPSET:
         raise CareError(f"opset {opset} is below {MIN_OPSET} (LayerNormalization)")
     if opset > onnx.defs.onnx_opset_version():
@@ -167,7 +182,7 @@ def export_artifact(ckpt_dir: str | Path, out: str | Path, capacity: int, *, ops
         shared, head = load_state_sources(ckpt_dir, ckpt)
         state = pack_state(shared, head, [int(e["classes"]) for e in entries], dims, str(ckpt_dir))
         write_bytes(tmp / STATE_FILE, tensor_file_bytes(STATE_FILE, specs, state))
-        _write_graph(tmp, dims, specs, opset, batch, moe=True)
+        _write_graph(tmp, dims, specs, opset, batch, moe=True, predict=predict, scale=scale)
 
         m, k = routing_widths(dims)
         bdim = batch if batch is not None else "batch"
@@ -175,6 +190,7 @@ def export_artifact(ckpt_dir: str | Path, out: str | Path, capacity: int, *, ops
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "precision": PRECISION,
+            **({"predict": "iterative", "scale": scale} if predict == "iterative" else {}),
             "opset": opset,
             "batch": "dynamic" if batch is None else batch,
             "dims": dims.to_dict(),
@@ -184,7 +200,8 @@ def export_artifact(ckpt_dir: str | Path, out: str | Path, capacity: int, *, ops
             **checkpoint_fields(ckpt, digests),
             "inputs": {INPUT: {"shape": [bdim, dims.in_chans, dims.img_size, dims.img_size], "dtype": "float32"}},
             "outputs": {
-                LOGITS: {"shape": [bdim, dims.class_capacity], "dtype": "float32"},
+                (SCORES if predict == "iterative" else LOGITS): {"shape": [bdim, dims.class_capacity],
+                                                                 "dtype": "float32"},
                 ROUTING_TASKS: {"shape": [bdim, dims.depth, m], "dtype": "int64"},
                 ROUTING_EXPERTS: {"shape": [bdim, dims.depth, m, k], "dtype": "int64"},
             },
