@@ -72,33 +72,47 @@ def score(logits: np.ndarray, labels: np.ndarray, task_sizes: list[int]) -> dict
             "task_confusion": float(100 * (pred_task != true_task).mean())}
 
 
-def _artifact_runner(target: Path, device: str):
+def _artifact_runner(target: Path, device: str, mode: str | None):
     from runtime import Session
+    from runtime.artifact import SCORES, score_output
 
     session = Session(target, device=device)
+    own = "iterative" if score_output(session.manifest) == SCORES else "single"
+    if mode not in (None, own):  # the prediction mode is part of an artifact's graph
+        raise CareError(f"{target} was exported for {own} prediction; --eval {mode} needs an artifact exported "
+                        f"with care-export onnx --predict {mode}")
+
+    def scores(images):  # logits, or the scores of an iterative artifact: what predict() ranks
+        return session.predict(images).logits
+
     return session.class_names, [t["classes"] for t in session.manifest["tasks"]], \
-        session.preprocessing.input_size, session.logits, f"{session.backend} on {session.device}"
+        session.preprocessing.input_size, scores, f"{session.backend} on {session.device}, {own} prediction"
 
 
-def _checkpoint_runner(target: Path, device: str):
+def _checkpoint_runner(target: Path, device: str, mode: str | None):
     import torch
 
     from .checkpoint import load_checkpoint
     from .config import Preprocessing
     from .continual import resolve_device
     from .datasets import eval_transform
+    from .iterative import prediction_scores
 
     model, manifest = load_checkpoint(target)
+    training = manifest.get("training", {})
+    mode = mode or training.get("eval_mode", "single")  # as the checkpoint was evaluated
+    scale = training.get("scale", 20.0)
     dev = resolve_device(device)
     model.to(dev)
     transform = eval_transform(Preprocessing.from_dict(manifest["preprocessing"]))
 
     @torch.no_grad()
     def logits(images):
-        return model(torch.stack([transform(im) for im in images]).to(dev)).float().cpu().numpy()
+        x = torch.stack([transform(im) for im in images]).to(dev)
+        return prediction_scores(model, x, mode=mode, scale=scale).float().cpu().numpy()
 
     return manifest["classes"]["names"], list(model.task_classes), model.backbone_cfg.img_size, logits, \
-        f"pytorch on {dev}"
+        f"pytorch on {dev}, {mode} prediction"
 
 
 @click.command("eval")
@@ -111,8 +125,11 @@ def _checkpoint_runner(target: Path, device: str):
 @click.option("--builtin-test", default=20, show_default=True, type=click.IntRange(min=1),
               help="Built-in test images per class (DATA builtin).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--eval", "eval_mode", type=click.Choice(["single", "iterative"]), default=None,
+              help="Prediction mode: single pass or the reference's iterative prediction [default: a checkpoint's "
+                   "training setting; an artifact's export].")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object instead of the table.")
-def eval_command(target, data, split, skip_unknown, builtin_test, device, as_json):
+def eval_command(target, data, split, skip_unknown, builtin_test, device, eval_mode, as_json):
     """Accuracy of TARGET, a checkpoint (PyTorch) or an artifact (runtime only, no PyTorch), on
     DATA: an image folder (one sub-folder per class, named as the model's classes) or 'builtin'.
 
@@ -126,7 +143,7 @@ def eval_command(target, data, split, skip_unknown, builtin_test, device, as_jso
       care-export eval ckpt/ new-classes/ --skip-unknown
     """
     runner = _artifact_runner if is_artifact(target) else _checkpoint_runner
-    names, task_sizes, image_size, logits_of, backend = runner(target, device)
+    names, task_sizes, image_size, logits_of, backend = runner(target, device, eval_mode)
     source, items, skipped = labelled_images(data, names, split, skip_unknown, builtin_test, image_size)
     t0 = time.perf_counter()
     logits = np.concatenate([logits_of([source.load(s, item) for s, item, _ in items[i: i + BATCH]])

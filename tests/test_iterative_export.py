@@ -111,3 +111,34 @@ def test_onnx_predict_iterative_session_growth_and_run(tmp_path):
                                     "--predict", "iterative"])
     assert res.exit_code == 1 and res.output.count("\n") == 1 and "exceeds 61 tasks" in res.output
     assert not (tmp_path / "big").exists()
+
+
+def test_eval_ranks_by_the_iterative_scores(tmp_path):
+    """`care-export eval --eval iterative` of a checkpoint ranks as the iterative artifact does,
+    and an artifact refuses a mode its graph was not exported for."""
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from care_export.cli import main
+
+    ckpt = make_checkpoint(tmp_path / "c", [6, 3, 3], seed=4)
+    art = tmp_path / "art"
+    assert CliRunner().invoke(main, ["onnx", str(ckpt), "--tasks", "4", "-o", str(art),
+                                     "--predict", "iterative"]).exit_code == 0
+    rng = np.random.default_rng(3)
+    for name in json.loads((ckpt / "manifest.json").read_text())["classes"]["names"]:
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 256, (IMG, IMG, 3), dtype=np.uint8)).save(tmp_path / "data" / name / f"{i}.png")
+
+    def evaluate(target, *mode):
+        res = CliRunner().invoke(main, ["eval", str(target), str(tmp_path / "data"), "--split", "all", "--json", *mode])
+        assert res.exit_code == 0, res.output
+        return json.loads(res.output)
+
+    iterative, single = evaluate(ckpt, "--eval", "iterative"), evaluate(ckpt, "--eval", "single")
+    deployed = evaluate(art)
+    assert "iterative prediction" in iterative["backend"] and "single prediction" in single["backend"]
+    assert deployed["top1"] == iterative["top1"] and deployed["per_task"] == iterative["per_task"]
+    res = CliRunner().invoke(main, ["eval", str(art), str(tmp_path / "data"), "--eval", "single"])
+    assert res.exit_code == 1 and res.output.count("\n") == 1 and "--predict single" in res.output, res.output
