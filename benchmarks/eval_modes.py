@@ -12,14 +12,12 @@ import time
 from functools import partial
 from pathlib import Path
 
-from torch.utils.data import DataLoader
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 from care_export.config import MoEConfig  # noqa: E402
-from care_export.continual import BUILTIN_WEIGHTS, ContinualRun, build_model, default_backbone  # noqa: E402
-from care_export.datasets import TaskSequence, eval_transform, open_source  # noqa: E402
-from care_export.evaluate import accuracy_by_task  # noqa: E402
+from care_export.continual import (BUILTIN_WEIGHTS, ContinualRun, build_model, default_backbone,  # noqa: E402
+                                   evaluate_recorded)
+from care_export.datasets import TaskSequence, open_source  # noqa: E402
 from care_export.iterative import prediction_scores  # noqa: E402
 from care_export.train import TrainConfig  # noqa: E402
 
@@ -41,12 +39,11 @@ def main() -> None:
     print(f"{'task':>4} {'single':>8} {'iterative':>10} {'iter s':>7}")
     for task in range(args.tasks):
         run.learn_next(progress=False)
-        test = DataLoader(run._images("test", seq.seen(task), eval_transform(pre)), batch_size=48)
         row = []
         for mode in ("single", "iterative"):
             t0 = time.perf_counter()
-            top1, _ = accuracy_by_task(model, test, list(seq.sizes[: task + 1]), "cpu",
-                                       partial(prediction_scores, model, mode=mode, scale=cfg.scale))
+            top1, _, _ = evaluate_recorded(model, run.records, pre, 48, "cpu",
+                                           predict=partial(prediction_scores, model, mode=mode, scale=cfg.scale))
             row.append((top1, time.perf_counter() - t0))
         print(f"{task:>4} {row[0][0]:>7.2f}% {row[1][0]:>9.2f}% {row[1][1]:>6.1f}", flush=True)
 
