@@ -1,4 +1,4 @@
-"""Bi-level routing mixture of experts (BR-MoE), one module per ViT block (CARE_SPEC.md).
+"""Bi-level routing mixture of experts (BR-MoE), one module per ViT block (docs/MODEL.md).
 
 Three forwards:
 

@@ -78,7 +78,7 @@ def backbone_config(name: str, **overrides) -> BackboneConfig:
 
 @dataclass(frozen=True)
 class MoEConfig:
-    """BR-MoE settings (CARE_SPEC.md notation: M, K, r, r_s)."""
+    """BR-MoE settings (docs/MODEL.md notation: M, K, r, r_s)."""
 
     topk_routers: int = 2  # M
     topk_experts: int = 3  # K

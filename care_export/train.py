@@ -1,4 +1,4 @@
-"""Learning one task of a CaRE model (CARE_SPEC.md, "Training").
+"""Learning one task of a CaRE model (docs/MODEL.md, "Training task T").
 
 Per task ``T``: the expert, router and class perceptor of ``T`` in every block, the shared expert
 and the whole cosine head train; the backbone and every older task part stay frozen. Task 0 trains

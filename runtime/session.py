@@ -32,7 +32,7 @@ from .graph import load_graph
 from .preprocess import Preprocessing, to_input
 from .routing import canonical_routing
 
-# Probabilities are softmax(COS_SCALE * cos) over the learned classes (CARE_SPEC.md, classifier).
+# Probabilities are softmax(COS_SCALE * cos) over the learned classes (docs/MODEL.md, "Single-pass inference").
 COS_SCALE = 20.0
 
 

@@ -1,4 +1,4 @@
-"""Routing semantics of the single-pass inference forward (CARE_SPEC.md, "Inference"), checked
+"""Routing semantics of the single-pass inference forward (docs/MODEL.md, "Single-pass inference"), checked
 against the per-sample loop in ``refmath`` on models imported from reference-layout weights."""
 
 import pytest
