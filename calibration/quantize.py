@@ -84,13 +84,14 @@ def draw_images(art: Artifact, calib_pool: calib_data.Pool, eval_pool: calib_dat
                                                                e_covered, eval_name))
 
 
-def quantize_artifact(src_dir: str | Path, out: str | Path, precision: str, calib: Images, held_out: Images, *,
+def quantize_artifact(src_dir: str | Path | Artifact, out: str | Path, precision: str, calib: Images, held_out: Images, *,
                       routing: str = "fp32", method: str = "percentile", seed: int = 0, force: bool = False,
                       fallback_target: float | None = FALLBACK_TARGET, rounding: str = "gptq",
                       fallback_eps: float | None = None, flip_eps: float = EPSILON, chunk: int = calib_data.CHUNK,
                       tradeoff: bool = False,
                       progress: Callable[[int], None] | None = None, latency_runs: int = 7) -> tuple[dict, dict]:
-    """Write the ``precision`` rewrite of the FP32 artifact ``src_dir`` to ``out``.
+    """Write the ``precision`` rewrite of the FP32 artifact ``src_dir`` (a directory, or an artifact that
+    :func:`open_source` opened) to ``out``.
 
     ``calib``: images the INT8 activation ranges are taken from (FP16 needs none). ``held_out``:
     labelled images for the report. ``progress(n)``: called as calibration images are used.
@@ -113,7 +114,8 @@ def quantize_artifact(src_dir: str | Path, out: str | Path, precision: str, cali
         raise InputError(f"unknown rounding {rounding!r}: choose one of {', '.join(ROUNDINGS)}")
     if routing not in ROUTING_MODES:
         raise InputError(f"unknown routing mode {routing!r}: choose one of {', '.join(ROUTING_MODES)}")
-    src = open_source(src_dir)
+    # A caller that opened (and so verified) the source already passes it: hash it once.
+    src = src_dir if isinstance(src_dir, Artifact) else open_source(src_dir)
     out = Path(out)
     check_quantize_output(src, out, precision, force)
     pre = Preprocessing.from_dict(src.manifest["preprocessing"])

@@ -120,7 +120,7 @@ def quantize_command(artifact, out, precision, calib_data, method, per_task, see
     bar = tqdm(total=len(calib.labels), desc="calibrating", unit="image", leave=False,
                disable=None if precision == "int8" else True)
     try:
-        manifest, report = quantize_artifact(artifact, out, precision, calib, held_out, routing=routing,
+        manifest, report = quantize_artifact(src, out, precision, calib, held_out, routing=routing,
                                              method=method, seed=seed, force=force, progress=bar.update,
                                              rounding=rounding, flip_eps=flip_margin, tradeoff=tradeoff,
                                              fallback_eps=flip_margin if fallback_flips == "margin" else None,
