@@ -13,9 +13,9 @@ import copy
 
 import torch
 
-from care_export.config import MoEConfig, backbone_config
-from care_export.model import CareViT
-from care_export.train import TrainConfig, angular_loss, autocast_context, perceptor_loss, set_trainable
+from care_export.model.config import MoEConfig, backbone_config
+from care_export.model.care_vit import CareViT
+from care_export.training.task import TrainConfig, angular_loss, autocast_context, perceptor_loss, set_trainable
 from runtime.timing import median_times
 
 

@@ -4,7 +4,7 @@ artifact and plain backbone, interleaved, for ViT-B/16 at T in {1, 10, 100, 301}
     python benchmarks/bench_export.py --ckpt big/   # care-export synth-ckpt -o big/ --tasks 301 ...
 """
 
-from care_export.export_bench import bench_command
+from care_export.cli.bench import bench_command
 
 if __name__ == "__main__":
     bench_command()

@@ -66,7 +66,7 @@ def main() -> None:
 
     import torch
 
-    from care_export.checkpoint import load_checkpoint
+    from care_export.checkpoint.format import load_checkpoint
     from care_export.export.writer import export_artifact, export_backbone
     from runtime import Session
 

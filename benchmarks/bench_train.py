@@ -25,10 +25,10 @@ import sys
 
 import torch
 
-from care_export.config import MoEConfig, backbone_config
-from care_export.pretrain import BUILTIN_BACKBONE
-from care_export.synth import synth_model, task_sizes
-from care_export.train import TrainConfig, set_trainable, task_loss
+from care_export.model.config import MoEConfig, backbone_config
+from care_export.training.pretrain import BUILTIN_BACKBONE
+from care_export.checkpoint.synth import synth_model, task_sizes
+from care_export.training.task import TrainConfig, set_trainable, task_loss
 from runtime.timing import median_times
 
 MODES = {"dense": "reference", "sparse": "sparse"}

@@ -14,12 +14,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-from care_export.config import MoEConfig  # noqa: E402
-from care_export.continual import (BUILTIN_WEIGHTS, ContinualRun, build_model, default_backbone,  # noqa: E402
+from care_export.model.config import MoEConfig  # noqa: E402
+from care_export.training.continual import (BUILTIN_WEIGHTS, ContinualRun, build_model, default_backbone,  # noqa: E402
                                    evaluate_recorded)
-from care_export.datasets import TaskSequence, open_source  # noqa: E402
-from care_export.iterative import prediction_scores  # noqa: E402
-from care_export.train import TrainConfig  # noqa: E402
+from care_export.data.sources import TaskSequence, open_source  # noqa: E402
+from care_export.model.iterative import prediction_scores  # noqa: E402
+from care_export.training.task import TrainConfig  # noqa: E402
 
 
 def main() -> None:

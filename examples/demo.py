@@ -29,14 +29,14 @@ from pathlib import Path
 
 import numpy as np
 
-from care_export.checkpoint import read_manifest
-from care_export.config import MoEConfig
-from care_export.continual import resume_sequence, train_sequence
-from care_export.datasets import LabelledImages, source_from_dict
-from care_export.evaluate import Metrics
+from care_export.checkpoint.format import read_manifest
+from care_export.model.config import MoEConfig
+from care_export.training.continual import resume_sequence, train_sequence
+from care_export.data.sources import LabelledImages, source_from_dict
+from care_export.training.evaluate import Metrics
 from care_export.export.writer import export_artifact
-from care_export.parity import run_parity
-from care_export.train import TrainConfig
+from care_export.export.parity import run_parity
+from care_export.training.task import TrainConfig
 from runtime import Session
 
 # Scaled down from the reference's 20 epochs and batch 16 so that the demo runs on two CPU cores.

@@ -2,7 +2,7 @@
 
 The exporter and in-place growth (``add-task``, ``Session.add_task``) read checkpoints through
 this module, so that an edge box can take a new task without PyTorch. The directory format is
-described in ``care_export/checkpoint.py``; this reader checks the parts growth relies on.
+described in ``care_export/checkpoint/format.py``; this reader checks the parts growth relies on.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def _check_fields(m: dict, path: Path) -> None:
 
 
 def checkpoint_digest(manifest: dict) -> str:
-    """The digest naming a checkpoint's content (same definition as ``care_export.checkpoint``)."""
+    """The digest naming a checkpoint's content (same definition as ``care_export.checkpoint.format``)."""
     m = manifest
     parts = [m["backbone"]["sha256"], m["shared"]["sha256"], m["head"]["sha256"]] + [t["sha256"] for t in m["tasks"]]
     return hashlib.sha256("".join(parts).encode()).hexdigest()

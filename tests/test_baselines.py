@@ -3,14 +3,14 @@
 import torch
 from click.testing import CliRunner
 
-from care_export.baselines import trainable_parts
-from care_export.brmoe import BRMoE
-from care_export.checkpoint import load_checkpoint, read_manifest
+from care_export.training.baselines import trainable_parts
+from care_export.model.brmoe import BRMoE
+from care_export.checkpoint.format import load_checkpoint, read_manifest
 from care_export.cli import main
-from care_export.config import MoEConfig
-from care_export.continual import resume_sequence, train_sequence
-from care_export.model import CareViT
-from care_export.train import TrainConfig
+from care_export.model.config import MoEConfig
+from care_export.training.continual import resume_sequence, train_sequence
+from care_export.model.care_vit import CareViT
+from care_export.training.task import TrainConfig
 
 from test_train import TINY
 

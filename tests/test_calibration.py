@@ -19,12 +19,12 @@ from calibration.quantize import draw_images, quantize_artifact
 from calibration.report import REPORT_FILE
 from calibration.routing_nodes import routing_nodes
 from care_export.cli import main
-from care_export.config import Preprocessing, backbone_config
-from care_export.continual import train_sequence
+from care_export.model.config import Preprocessing, backbone_config
+from care_export.training.continual import train_sequence
 from care_export.export.writer import export_artifact
-from care_export.pretrain import PretrainConfig, pretrained_backbone
-from care_export.quantize_cli import builtin_pool
-from care_export.train import TrainConfig
+from care_export.training.pretrain import PretrainConfig, pretrained_backbone
+from care_export.cli.quantize import builtin_pool
+from care_export.training.task import TrainConfig
 from runtime import Session
 from runtime.artifact import Artifact
 from runtime.errors import ArtifactError, InputError
@@ -252,7 +252,7 @@ def test_calibration_imports_without_torch():
     code = ("import sys; sys.modules['torch'] = None\n"
             "import importlib, pkgutil, calibration\n"
             "for m in pkgutil.walk_packages(calibration.__path__): importlib.import_module('calibration.' + m.name)\n"
-            "import care_export.quantize_cli\n"
+            "import care_export.cli.quantize\n"
             "assert sys.modules.get('torch') is None\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[1])

@@ -7,10 +7,10 @@ import torch
 from click.testing import CliRunner
 
 from care_export import checkpoint as ck
-from care_export.checkpoint import load_checkpoint, read_manifest, save_checkpoint
+from care_export.checkpoint.format import load_checkpoint, read_manifest, save_checkpoint
 from care_export.cli import main
-from care_export.config import MoEConfig, backbone_config
-from care_export.synth import randomize_task, synth_model
+from care_export.model.config import MoEConfig, backbone_config
+from care_export.checkpoint.synth import randomize_task, synth_model
 from runtime.errors import CheckpointError
 
 CFG = backbone_config("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)

@@ -4,7 +4,7 @@ import pytest
 from click.testing import CliRunner
 
 from care_export.cli import main
-from care_export.commands import COMMANDS
+from care_export.cli.commands import COMMANDS
 
 
 def test_top_level_help_has_example():

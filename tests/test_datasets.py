@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from care_export.builtin_data import MAX_CLASSES, PRETRAIN_FIRST_CLASS, BuiltinSource
-from care_export.config import Preprocessing
-from care_export.datasets import (ImageFolderSource, LabelledImages, TaskSequence, class_order, eval_transform,
+from care_export.data.builtin import MAX_CLASSES, PRETRAIN_FIRST_CLASS, BuiltinSource
+from care_export.model.config import Preprocessing
+from care_export.data.sources import (ImageFolderSource, LabelledImages, TaskSequence, class_order, eval_transform,
                                   task_split, train_transform)
 from runtime.errors import CareError
 

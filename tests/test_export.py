@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from care_export.cli import main
 from care_export.export import export_artifact
-from care_export.parity import ort_session, random_images, run_artifact
+from care_export.export.parity import ort_session, random_images, run_artifact
 from runtime.artifact import SLOTS_FILE, Artifact, Dims, layout, router_base, task_regions
 from runtime.errors import ArtifactError, CapacityError
 

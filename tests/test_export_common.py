@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from care_export.checkpoint import save_checkpoint
-from care_export.config import MoEConfig, Preprocessing, backbone_config
+from care_export.checkpoint.format import save_checkpoint
+from care_export.model.config import MoEConfig, Preprocessing, backbone_config
 from care_export.export import export_artifact
-from care_export.synth import synth_model
+from care_export.checkpoint.synth import synth_model
 
 IMG = 32
 

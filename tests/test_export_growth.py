@@ -12,7 +12,7 @@ from safetensors.numpy import load_file, save_file
 
 from care_export.cli import main
 from care_export.export import export_artifact
-from care_export.parity import ort_session, random_images, run_artifact, run_parity
+from care_export.export.parity import ort_session, random_images, run_artifact, run_parity
 from runtime.artifact import MANIFEST, PENDING_MANIFEST, PENDING_STATE, STATE_FILE, Artifact, read_manifest
 from runtime.checkpoint_files import sha256_file
 from runtime.errors import CapacityError, MismatchError

@@ -482,7 +482,7 @@ def test_predict_preprocesses_chunk_by_chunk(world, monkeypatch):
 
 
 def test_train_offline_fails_fast(tmp_path, monkeypatch):
-    from care_export.model import hub_reachable
+    from care_export.model.care_vit import hub_reachable
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert not hub_reachable()

@@ -8,11 +8,11 @@ import onnx
 import pytest
 import torch
 
-from care_export.checkpoint import load_checkpoint
+from care_export.checkpoint.format import load_checkpoint
 from care_export.export.iterative_graph import build_iterative_model, check_capacity
 from care_export.export.writer import export_dims
-from care_export.iterative import iterative_scores
-from care_export.parity import ort_session, random_images
+from care_export.model.iterative import iterative_scores
+from care_export.export.parity import ort_session, random_images
 from runtime.artifact import INPUT, ROUTING_EXPERTS, ROUTING_TASKS, SCORES, layout
 from runtime.checkpoint_files import read_checkpoint_manifest
 from runtime.errors import CareError
@@ -65,7 +65,7 @@ def test_capacity_above_61_is_refused():
 
 def test_iterative_limit_matches_the_evaluation_rule():
     from care_export.export.iterative_graph import MAX_ITERATIVE_CAPACITY
-    from care_export.iterative import MAX_ITERATIVE_TASK
+    from care_export.model.iterative import MAX_ITERATIVE_TASK
 
     assert MAX_ITERATIVE_CAPACITY == MAX_ITERATIVE_TASK + 1
 

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
-from care_export.parity import random_images, run_parity
+from care_export.export.parity import random_images, run_parity
 from runtime import Session
 
 from test_export_common import make_artifact, make_checkpoint

@@ -4,9 +4,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from care_export.checkpoint import load_checkpoint
+from care_export.checkpoint.format import load_checkpoint
 from care_export.cli import main
-from care_export.official import convert_state_dict
+from care_export.checkpoint.official import convert_state_dict
 from runtime.errors import CheckpointError
 
 import refmath

@@ -13,13 +13,13 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from care_export.builtin_data import BuiltinSource
-from care_export.checkpoint import read_manifest
+from care_export.data.builtin import BuiltinSource
+from care_export.checkpoint.format import read_manifest
 from care_export.cli import main
-from care_export.config import backbone_config
-from care_export.continual import resume_sequence, train_sequence
+from care_export.model.config import backbone_config
+from care_export.training.continual import resume_sequence, train_sequence
 from care_export.export import export_artifact
-from care_export.train import TrainConfig
+from care_export.training.task import TrainConfig
 from runtime.errors import CareError
 
 from test_export_common import snapshot
@@ -149,7 +149,7 @@ def test_export_add_task_to_a_new_version_and_eval_without_torch(loop, tmp_path)
 
 
 def test_score_counts_task_confusion():
-    from care_export.eval_cli import score
+    from care_export.cli.eval import score
 
     logits = np.eye(5)[[0, 1, 4, 3]] + 0.0  # image 2 (class 2, task 0) predicted as class 4 (task 1)
     s = score(logits, np.array([0, 1, 2, 3]), [3, 2])

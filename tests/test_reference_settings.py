@@ -13,19 +13,19 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 from care_export import train as train_mod
-from care_export.alignment import PseudoFeatures, reference_mean_decay
-from care_export.builtin_data import BuiltinSource
-from care_export.checkpoint import load_checkpoint, read_manifest
-from care_export.cifar import Cifar100Source
+from care_export.training.alignment import PseudoFeatures, reference_mean_decay
+from care_export.data.builtin import BuiltinSource
+from care_export.checkpoint.format import load_checkpoint, read_manifest
+from care_export.data.cifar import Cifar100Source
 from care_export.cli import main
-from care_export.config import MoEConfig, Preprocessing, backbone_config
-from care_export.continual import REFERENCE_BACKBONE, ContinualRun, default_backbone
-from care_export.datasets import INPUT_SETS, LabelledImages, TaskSequence, class_order, open_source, train_transform
-from care_export.iterative import iterative_scores, prediction_scores
-from care_export.model import CareViT
-from care_export.reference_config import PRESET_DIR, load_config, load_preset, parse, preset_names
-from care_export.synth import synth_model
-from care_export.train import TaskData, TrainConfig, learn_task, perceptor_loss
+from care_export.model.config import MoEConfig, Preprocessing, backbone_config
+from care_export.training.continual import REFERENCE_BACKBONE, ContinualRun, default_backbone
+from care_export.data.sources import INPUT_SETS, LabelledImages, TaskSequence, class_order, open_source, train_transform
+from care_export.model.iterative import iterative_scores, prediction_scores
+from care_export.model.care_vit import CareViT
+from care_export.training.reference_config import PRESET_DIR, load_config, load_preset, parse, preset_names
+from care_export.checkpoint.synth import synth_model
+from care_export.training.task import TaskData, TrainConfig, learn_task, perceptor_loss
 from runtime.errors import CareError
 
 import refmath
@@ -208,7 +208,7 @@ def test_config_gives_defaults_and_options_override(tmp_path, monkeypatch):
 
     got = {}
     monkeypatch.setattr(continual, "train_sequence", lambda out, **kw: got.update(kw) or out)
-    monkeypatch.setattr("care_export.checkpoint.read_manifest", lambda d: {"metrics": {"top1": [1.0], "matrix": [[1.0]]}})
+    monkeypatch.setattr("care_export.checkpoint.format.read_manifest", lambda d: {"metrics": {"top1": [1.0], "matrix": [[1.0]]}})
     res = CliRunner().invoke(main, ["train", "-o", str(tmp_path / "c"), "--data", "builtin", "--preset", "ina_inc20",
                                     "--epochs", "4", "-M", "1", "--backbone", "vit_tiny_patch16_224"])
     assert res.exit_code == 0, res.output
@@ -342,7 +342,7 @@ def test_iterative_scores_follow_the_reference_evaluation():
 
 
 def test_training_evaluates_with_the_configured_mode(tmp_path, monkeypatch):
-    import care_export.iterative as it
+    import care_export.model.iterative as it
 
     calls = []
     real = it.iterative_scores

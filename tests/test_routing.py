@@ -4,7 +4,7 @@ against the per-sample loop in ``refmath`` on models imported from reference-lay
 import pytest
 import torch
 
-from care_export.official import convert_state_dict
+from care_export.checkpoint.official import convert_state_dict
 
 import refmath
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from care_export.checkpoint import load_checkpoint
+from care_export.checkpoint.format import load_checkpoint
 from care_export.cli import main
 from care_export.export.writer import export_artifact
 from runtime import Session
@@ -191,7 +191,7 @@ assert pred.classes.shape == (2, 2) and pred.tasks is not None
 s.add_task(sys.argv[2])
 assert s.num_tasks == 6 and s.predict(sys.argv[3]).classes.shape == (1, 1)
 from click.testing import CliRunner
-from care_export.run_cli import run_command
+from care_export.cli.run import run_command
 res = CliRunner().invoke(run_command, [sys.argv[1], sys.argv[3], "--json"])
 assert res.exit_code == 0, res.output
 assert sys.modules.get('torch') is None, 'torch was imported'

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from care_export.builtin_data import PRETRAIN_FIRST_CLASS, SHAPES, TEXTURES, BuiltinSource
-from care_export.datasets import TaskSequence, open_source, source_from_dict
-from care_export.pretrain import PretrainConfig
-from care_export.shift_data import SHIFT_SHAPES, SHIFT_TEXTURES, ShiftedSource
+from care_export.data.builtin import PRETRAIN_FIRST_CLASS, SHAPES, TEXTURES, BuiltinSource
+from care_export.data.sources import TaskSequence, open_source, source_from_dict
+from care_export.training.pretrain import PretrainConfig
+from care_export.data.shift import SHIFT_SHAPES, SHIFT_TEXTURES, ShiftedSource
 from runtime.errors import CareError
 
 

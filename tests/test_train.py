@@ -11,18 +11,18 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from care_export import train as train_mod
-from care_export.alignment import PseudoFeatures, align_classifier, class_statistics
-from care_export.brmoe import MASKED_LOGIT, BRMoE
-from care_export.builtin_data import BuiltinSource
-from care_export.checkpoint import read_manifest
+from care_export.training.alignment import PseudoFeatures, align_classifier, class_statistics
+from care_export.model.brmoe import MASKED_LOGIT, BRMoE
+from care_export.data.builtin import BuiltinSource
+from care_export.checkpoint.format import read_manifest
 from care_export.cli import main
-from care_export.config import MoEConfig, Preprocessing, backbone_config
-from care_export.continual import ContinualRun, resume_sequence, train_sequence
-from care_export.datasets import LabelledImages, TaskSequence, eval_transform, train_transform
-from care_export.evaluate import Metrics
-from care_export.model import CareViT
-from care_export.synth import randomize_task
-from care_export.train import TaskData, TrainConfig, angular_loss, learn_task, perceptor_loss
+from care_export.model.config import MoEConfig, Preprocessing, backbone_config
+from care_export.training.continual import ContinualRun, resume_sequence, train_sequence
+from care_export.data.sources import LabelledImages, TaskSequence, eval_transform, train_transform
+from care_export.training.evaluate import Metrics
+from care_export.model.care_vit import CareViT
+from care_export.checkpoint.synth import randomize_task
+from care_export.training.task import TaskData, TrainConfig, angular_loss, learn_task, perceptor_loss
 from runtime.errors import CareError
 
 TINY = backbone_config("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
@@ -215,7 +215,7 @@ def test_class_statistics_and_alignment():
     var = class_statistics(feats, labels, range(n), "variance")
     assert torch.allclose(var["var"], torch.diagonal(stats["cov"], dim1=1, dim2=2))
 
-    from care_export.model import CosineHead
+    from care_export.model.care_vit import CosineHead
 
     for method_stats in (stats, var):
         head = CosineHead(d)

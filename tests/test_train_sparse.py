@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 
-from care_export.config import MoEConfig, backbone_config
-from care_export.model import CareViT
-from care_export.synth import randomize_task
-from care_export.train import TrainConfig, set_trainable, task_loss
+from care_export.model.config import MoEConfig, backbone_config
+from care_export.model.care_vit import CareViT
+from care_export.checkpoint.synth import randomize_task
+from care_export.training.task import TrainConfig, set_trainable, task_loss
 
 TINY = backbone_config("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
 CLASSES = 3

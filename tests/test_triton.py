@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from care_export.cli import main
-from care_export.parity import random_images
+from care_export.export.parity import random_images
 from runtime import Session
 
 from test_export_common import make_artifact, make_checkpoint

@@ -20,7 +20,7 @@ from runtime.errors import CareError
 
 from .graph import ENTROPY_EPS, MIN_OPSET, Builder, _Shared, cosine_logits, finish, network, routing_widths
 
-MAX_ITERATIVE_CAPACITY = 61  # tasks 0..60 (care_export.iterative.MAX_ITERATIVE_TASK; no torch import here)
+MAX_ITERATIVE_CAPACITY = 61  # tasks 0..60 (care_export.model.iterative.MAX_ITERATIVE_TASK; no torch import here)
 
 
 def check_capacity(capacity: int) -> None:

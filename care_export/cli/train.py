@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from .checkpoint_cli import moe_options, reference_options
-from .datasets import DEFAULT_SEED, INPUT_SETS
+from .checkpoint import moe_options, reference_options
+from ..data.sources import DEFAULT_SEED, INPUT_SETS
 
 # Options that define the model or the sequence: a resumed run takes them from the checkpoint.
 _FIXED_ON_RESUME = ("builtin_classes", "builtin_train", "builtin_test", "init_cls", "increment", "seed", "backbone",
@@ -123,8 +123,8 @@ def train_command(out, resume, data, skip_known, builtin_classes, builtin_train,
       care-export train -o ckpt/ --data omnibench1k/ --preset ob1k_b100inc3 --tasks 5
       care-export train -o ckpt/ --data cifar-100-python/ --config care_cifar_inc10.json --epochs 10
     """
-    from .continual import resume_sequence
-    from .evaluate import Metrics
+    from ..training.continual import resume_sequence
+    from ..training.evaluate import Metrics
 
     ctx = click.get_current_context()
 
@@ -166,7 +166,7 @@ def train_command(out, resume, data, skip_known, builtin_classes, builtin_train,
         click.echo(f"\ninterrupted: {where} holds the tasks finished before; continue with "
                    f"care-export train --resume {where}", err=True)
         sys.exit(130)
-    from .checkpoint import read_manifest
+    from ..checkpoint.format import read_manifest
 
     metrics = Metrics.from_dict(read_manifest(directory)["metrics"])
     click.echo(metrics.table())
@@ -178,10 +178,10 @@ def _start(out, data, builtin_classes, builtin_train, builtin_test, init_cls, in
            training, mean, std, device, cache_dir, progress) -> Path:
     from dataclasses import replace
 
-    from .config import MoEConfig, Preprocessing, backbone_config
-    from .continual import BUILTIN_WEIGHTS, default_backbone, train_sequence
-    from .datasets import BUILTIN_KINDS
-    from .train import TrainConfig
+    from ..model.config import MoEConfig, Preprocessing, backbone_config
+    from ..training.continual import BUILTIN_WEIGHTS, default_backbone, train_sequence
+    from ..data.sources import BUILTIN_KINDS
+    from ..training.task import TrainConfig
 
     weights = backbone_weights or (BUILTIN_WEIGHTS if data in BUILTIN_KINDS else "hub")
     sizes = dict(img_size=img_size, patch_size=patch_size, depth=depth)

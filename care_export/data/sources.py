@@ -17,8 +17,8 @@ from torchvision import transforms
 
 from runtime.errors import CareError
 
-from .builtin_data import BuiltinSource
-from .config import Preprocessing
+from .builtin import BuiltinSource
+from ..model.config import Preprocessing
 from .image_folder import IMAGE_EXTENSIONS, ImageFolderSource  # noqa: F401 (re-exported)
 
 DEFAULT_SEED = 1993  # the reference's seed for the class order
@@ -98,7 +98,7 @@ def open_source(data: str | Path, *, sequence: dict | None = None, **builtin):
     if str(data) == "builtin":
         return BuiltinSource(**builtin)
     if str(data) == "builtin-shift":
-        from .shift_data import ShiftedSource
+        from .shift import ShiftedSource
 
         return ShiftedSource(**builtin, **(sequence or {}))
     if cifar_folder(data) is not None:
@@ -109,7 +109,7 @@ def open_source(data: str | Path, *, sequence: dict | None = None, **builtin):
 def source_from_dict(d: dict) -> BuiltinSource | ImageFolderSource:
     """Reopen the source a checkpoint was trained on (see ``describe()``)."""
     if d["kind"] == "builtin-shift":
-        from .shift_data import ShiftedSource
+        from .shift import ShiftedSource
 
         return ShiftedSource.from_dict(d)
     if d["kind"] == "builtin":

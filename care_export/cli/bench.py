@@ -83,7 +83,7 @@ def _load(make):
 
 
 def _ort(path: Path, threads: int):
-    from .parity import ort_session
+    from ..export.parity import ort_session
 
     return ort_session(path, threads)
 
@@ -93,8 +93,8 @@ def bench_tasks(ckpt: Path, tasks: int, capacity: int, batches: list[int], round
     """Time the three engines at ``tasks`` tasks; one result row per (batch, engine)."""
     import torch
 
-    from .checkpoint import load_checkpoint
-    from .export import export_artifact
+    from ..checkpoint.format import load_checkpoint
+    from ..export import export_artifact
 
     art_dir = workdir / f"artifact-{tasks}"
     t0 = time.perf_counter()
@@ -193,7 +193,7 @@ def bench_command(ckpt, task_list, batch_list, capacity, rounds, eager_rounds, e
 
     from runtime.checkpoint_files import read_checkpoint_manifest
 
-    from .export import export_backbone
+    from ..export import export_backbone
 
     tasks, batches = _ints(task_list), _ints(batch_list)
     if threads:

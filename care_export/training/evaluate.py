@@ -98,7 +98,7 @@ def _pct(a: float | None, width: int, digits: int) -> str:
 
 
 def write_metrics(directory: str | Path, metrics: Metrics, extra: dict | None = None) -> Path:
-    from .checkpoint import atomic_write_json
+    from ..checkpoint.format import atomic_write_json
 
     path = Path(directory) / METRICS_FILE
     atomic_write_json(path, dict(metrics.to_dict(), **(extra or {})))

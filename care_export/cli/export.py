@@ -59,7 +59,7 @@ def onnx_command(ckpt, capacity, out, opset, batch, task_classes, predict, force
     import onnx
     from tqdm import tqdm
 
-    from .export import export_artifact
+    from ..export import export_artifact
 
     out = out or ckpt.resolve().with_name(ckpt.resolve().name + "-onnx")
     t0 = time.perf_counter()
@@ -117,7 +117,7 @@ def add_task_command(artifact, ckpt, out, triton, keep):
     if triton:
         if out is not None:
             raise click.UsageError("--triton writes the next version inside ARTIFACT; -o does not apply")
-        from .triton_cli import add_version
+        from .triton import add_version
 
         version, added, removed = add_version(artifact, ckpt, keep)
         click.echo(f"wrote {artifact}/{version}: tasks {added[0]}-{added[-1]} added"
@@ -179,7 +179,7 @@ def parity_command(paths, samples, images_dir, save_golden, golden, device, batc
         return _check_golden(paths[0], golden, device, batch, atol, as_json)
     if len(paths) != 2:
         raise click.UsageError("give CKPT and ARTIFACT (or ARTIFACT --golden FILE)")
-    from .parity import run_parity
+    from ..export.parity import run_parity
 
     report = run_parity(*paths, samples=samples, batch=batch, atol=1e-4 if atol is None else atol, seed=seed,
                         images_dir=images_dir, golden=save_golden)
@@ -196,7 +196,7 @@ def _check_golden(artifact, golden, device, batch, atol, as_json):
 
     from runtime.errors import ValidationError
 
-    from .parity import GOLDEN_TOLERANCE, check_golden
+    from ..export.parity import GOLDEN_TOLERANCE, check_golden
 
     report, identity, backend = check_golden(artifact, golden, device=device, batch=batch, atol=atol)
     min_agree = GOLDEN_TOLERANCE[identity["precision"]][1]

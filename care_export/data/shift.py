@@ -1,6 +1,6 @@
 """The built-in shifted sequence (``--data builtin-shift``): a real domain shift from pre-training.
 
-The built-in backbone is pre-trained on built-in classes (``builtin_data.py``): shapes such as
+The built-in backbone is pre-trained on built-in classes (``builtin.py``): shapes such as
 discs and squares on stripes, checkers or dots, in a fixed palette. Its frozen features already
 separate every class of the ``builtin`` sequence. This source draws from other families instead
 (shapes and textures the pre-training never shows, colours off its palette), and every task
@@ -24,7 +24,7 @@ _SPLITS = {"train": 0, "test": 1}
 # How often an image paints its class with random colour roles: at 0 the frozen backbone separates
 # the classes by colour (nearest class mean 90 %), at 1 by nothing much (14 %); 0.5 gives 47 %.
 RANDOM_ROLES = 0.5
-# Offsets that keep this source's random streams apart from builtin_data's.
+# Offsets that keep this source's random streams apart from builtin.py's.
 _STYLE_STREAM, _DOMAIN_STREAM, _IMAGE_STREAM = 7001, 7002, 7003
 
 
@@ -141,7 +141,7 @@ class ShiftedSource:
                  train_per_class: int = 60, test_per_class: int = 20, image_size: int = 32, seed: int = 0):
         from runtime.errors import CareError
 
-        from .datasets import DEFAULT_SEED, TaskSequence
+        from .sources import DEFAULT_SEED, TaskSequence
 
         if not 1 <= num_classes <= 1000:
             raise CareError(f"the built-in shifted dataset has up to 1000 classes, asked for {num_classes}")

@@ -31,7 +31,7 @@ def labelled_images(data: str, names: list[str], split: str, skip_unknown: bool,
     """``(source, split items, global labels, skipped class names)`` for the model's ``names``.
 
     The built-in data stands for the built-in classes the model knows (named ``...-<id>``)."""
-    from .builtin_data import BuiltinSource
+    from ..data.builtin import BuiltinSource
 
     index = {n: g for g, n in enumerate(names)}
     if data == "builtin":
@@ -41,7 +41,7 @@ def labelled_images(data: str, names: list[str], split: str, skip_unknown: bool,
         source = BuiltinSource(max(ids) + 1, test_per_class=builtin_test, image_size=image_size)
         split = "test"  # an endless pool: only the classes the model knows count
     else:
-        from .image_folder import ImageFolderSource
+        from ..data.image_folder import ImageFolderSource
 
         source = ImageFolderSource(data)
     unknown = [] if data == "builtin" else [n for n in source.class_names if n not in index]
@@ -92,11 +92,11 @@ def _artifact_runner(target: Path, device: str, mode: str | None):
 def _checkpoint_runner(target: Path, device: str, mode: str | None):
     import torch
 
-    from .checkpoint import load_checkpoint
-    from .config import Preprocessing
-    from .continual import resolve_device
-    from .datasets import eval_transform
-    from .iterative import prediction_scores
+    from ..checkpoint.format import load_checkpoint
+    from ..model.config import Preprocessing
+    from ..training.continual import resolve_device
+    from ..data.sources import eval_transform
+    from ..model.iterative import prediction_scores
 
     model, manifest = load_checkpoint(target)
     training = manifest.get("training", {})

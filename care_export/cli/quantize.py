@@ -21,7 +21,7 @@ def builtin_pool(class_names: list[str], image_size: int, split: str, seed: int 
     A built-in class is named ``<shape>-on-<texture>-<id>``; the name must match the dataset's."""
     from runtime.errors import InputError
 
-    from .builtin_data import MAX_CLASSES, BuiltinSource
+    from ..data.builtin import MAX_CLASSES, BuiltinSource
 
     ids = []
     for name in class_names:

@@ -18,8 +18,8 @@ import torch
 from runtime.checkpoint_files import require_finite
 from runtime.errors import CheckpointError
 
-from .config import BackboneConfig, MoEConfig
-from .model import CareViT, empty_model
+from ..model.config import BackboneConfig, MoEConfig
+from ..model.care_vit import CareViT, empty_model
 
 _ADAPTER = re.compile(r"^backbone\.adapter\.adapter_layer(\d+)\.(.+)$")
 _BLOCK = re.compile(r"^backbone\.blocks\.(\d+)\.(.+)$")

@@ -21,14 +21,14 @@ from tqdm import tqdm
 from runtime.errors import CareError, CheckpointError
 
 from .alignment import load_statistics, save_statistics
-from .checkpoint import MANIFEST, load_checkpoint, read_manifest, save_checkpoint
-from .config import BackboneConfig, MoEConfig, Preprocessing, backbone_config
-from .datasets import (DEFAULT_SEED, LabelledImages, TaskSequence, eval_transform, open_source, source_from_dict,
+from ..checkpoint.format import MANIFEST, load_checkpoint, read_manifest, save_checkpoint
+from ..model.config import BackboneConfig, MoEConfig, Preprocessing, backbone_config
+from ..data.sources import (DEFAULT_SEED, LabelledImages, TaskSequence, eval_transform, open_source, source_from_dict,
                        train_transform)
 from .evaluate import Metrics, accuracy_by_task, write_metrics
-from .iterative import prediction_scores
-from .model import CareViT
-from .train import TaskData, TrainConfig, learn_task
+from ..model.iterative import prediction_scores
+from ..model.care_vit import CareViT
+from .task import TaskData, TrainConfig, learn_task
 
 STATS_FILE = "class-stats-{:04d}.safetensors"
 BUILTIN_WEIGHTS = "builtin-pretrained"

@@ -11,8 +11,8 @@ import click
 from runtime.errors import CareError
 from runtime.outdir import CHECKPOINT, output_dir
 
-from .checkpoint import read_manifest, save_checkpoint
-from .config import MoEConfig, Preprocessing, backbone_config
+from ..checkpoint.format import read_manifest, save_checkpoint
+from ..model.config import MoEConfig, Preprocessing, backbone_config
 
 POSITIVE = click.IntRange(min=1)
 
@@ -49,7 +49,7 @@ def reference_options(keys: tuple[str, ...] | None = None):
     on the command line override it."""
 
     def load(ctx, param, value):
-        from .reference_config import load_config, load_preset
+        from ..training.reference_config import load_config, load_preset
 
         if value is None:
             return None
@@ -107,7 +107,7 @@ def synth_ckpt_command(out, backbone, img_size, patch_size, embed_dim, depth, nu
       care-export synth-ckpt -o ckpt/ --backbone vit_base_patch16_224 \\
           --init-cls 100 --increment 3 --tasks 301
     """
-    from .synth import synth_model, task_sizes
+    from ..checkpoint.synth import synth_model, task_sizes
 
     with output_dir(out, CHECKPOINT, force=force) as tmp:
         cfg = _backbone(backbone, img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
@@ -160,8 +160,8 @@ def import_official_command(state_dict_path, out, topk_routers, topk_experts, ba
       care-export import-official care_ob1k_b100inc3.pth -o ckpt/ -M 2 -K 3
       care-export import-official care_301.pkl -o ckpt/ --preset ob1k_b100inc3 --class-names classes.txt
     """
-    from .datasets import class_order
-    from .official import convert_state_dict, read_state_dict
+    from ..data.sources import class_order
+    from ..checkpoint.official import convert_state_dict, read_state_dict
 
     with output_dir(out, CHECKPOINT, force=force, inputs=[state_dict_path]) as tmp:
         model = convert_state_dict(read_state_dict(state_dict_path), topk_routers=topk_routers,

@@ -121,7 +121,7 @@ def image_inputs(directory: str | Path, art: Artifact, samples: int) -> tuple[np
     artifact's manifest says, and their paths."""
     from runtime.preprocess import Preprocessing, to_input
 
-    from .image_folder import IMAGE_EXTENSIONS
+    from ..data.image_folder import IMAGE_EXTENSIONS
 
     files = sorted(p for p in Path(directory).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)[:samples]
     if not files:
@@ -136,8 +136,8 @@ def run_parity(ckpt_dir: str | Path, artifact_dir: str | Path, samples: int = 25
     ``images_dir``) and compare them; ``golden``: also write the golden record there."""
     from runtime.checkpoint_files import checkpoint_digest, read_checkpoint_manifest
 
-    from .checkpoint import load_checkpoint
-    from .export.graph import routing_widths
+    from ..checkpoint.format import load_checkpoint
+    from .graph import routing_widths
 
     art = Artifact(artifact_dir, verify=True)  # never vouch for a corrupt artifact
     ckpt = read_checkpoint_manifest(ckpt_dir)
@@ -158,7 +158,7 @@ def run_parity(ckpt_dir: str | Path, artifact_dir: str | Path, samples: int = 25
     if ranked == SCORES:  # iterative artifact: its scores against PyTorch's, routing of the single pass
         import torch
 
-        from .iterative import iterative_scores
+        from ..model.iterative import iterative_scores
 
         with torch.no_grad():
             scores = [iterative_scores(model, torch.from_numpy(images[i: i + batch]), float(art.manifest["scale"]))
@@ -192,7 +192,7 @@ def save_golden(path: str | Path, art: Artifact, images: np.ndarray, ref: tuple,
     import io
     import json
 
-    from .checkpoint import atomic_write_bytes
+    from ..checkpoint.format import atomic_write_bytes
 
     logits, tasks, experts = ref
     buf = io.BytesIO()

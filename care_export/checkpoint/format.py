@@ -33,7 +33,7 @@ from runtime.checkpoint_files import check_file, read_checkpoint_manifest, sha25
 from runtime.checkpoint_files import checkpoint_digest as _manifest_digest
 from runtime.errors import CheckpointError
 
-from .config import BackboneConfig, MoEConfig, Preprocessing
+from ..model.config import BackboneConfig, MoEConfig, Preprocessing
 
 MANIFEST = "manifest.json"
 
@@ -195,7 +195,7 @@ def load_checkpoint(directory: str | Path, *, verify: bool = True, tasks: int | 
     ``verify`` checks every file's sha256 against the manifest; ``tasks`` loads only the first
     ``tasks`` tasks (the head and shared expert of the full checkpoint are used).
     """
-    from .model import empty_model
+    from ..model.care_vit import empty_model
 
     directory = Path(directory)
     manifest = read_manifest(directory)

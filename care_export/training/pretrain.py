@@ -22,9 +22,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .builtin_data import PRETRAIN_FIRST_CLASS, BuiltinSource
-from .config import BackboneConfig, Preprocessing, backbone_config
-from .datasets import LabelledImages, train_transform
+from ..data.builtin import PRETRAIN_FIRST_CLASS, BuiltinSource
+from ..model.config import BackboneConfig, Preprocessing, backbone_config
+from ..data.sources import LabelledImages, train_transform
 
 # Bump when the built-in images or the recipe below change, so that stale caches are not reused.
 RECIPE_VERSION = 1

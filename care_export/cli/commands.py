@@ -1,0 +1,22 @@
+"""Every ``care-export`` subcommand, in the order ``--help`` lists them: name -> "module:object".
+
+A command's code lives with the work it does; this table is the one place that names them all.
+Modules are imported only when their command runs, so that ``care-export run`` (the runtime
+alone) never loads PyTorch.
+"""
+
+COMMANDS = {
+    "train": "train:train_command",
+    "synth-ckpt": "checkpoint:synth_ckpt_command",
+    "import-official": "checkpoint:import_official_command",
+    "info": "checkpoint:info_command",
+    "onnx": "export:onnx_command",
+    "add-task": "export:add_task_command",
+    "parity": "export:parity_command",
+    "bench": "bench:bench_command",
+    "run": "run:run_command",
+    "verify": "run:verify_command",
+    "eval": "eval:eval_command",
+    "triton": "triton:triton_command",
+    "quantize": "quantize:quantize_command",
+}
