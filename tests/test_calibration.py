@@ -23,7 +23,7 @@ from care_export.model.config import Preprocessing, backbone_config
 from care_export.training.continual import train_sequence
 from care_export.export.writer import export_artifact
 from care_export.training.pretrain import PretrainConfig, pretrained_backbone
-from care_export.cli.quantize import builtin_pool
+from care_export.data.builtin import builtin_pool
 from care_export.training.task import TrainConfig
 from runtime import Session
 from runtime.artifact import Artifact

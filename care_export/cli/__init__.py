@@ -1,7 +1,7 @@
 """The ``care-export`` command line.
 
 Exit codes: 0 ok, 1 failure (a :class:`~runtime.errors.CareError`, shown as one line), 2 bad usage.
-Each command lives in the module that does its work; this file only gathers them.
+One module per command group beside this file (see ``commands.py``); this file only gathers them.
 """
 
 from __future__ import annotations

@@ -1,163 +1,13 @@
-"""``care-export bench``: the artifact against the eager PyTorch reference and the plain backbone.
-
-For each task count T the three engines run interleaved (one call of each per round, the order
-rotating), on the same inputs, in one process:
-
-* ``eager``: ``CareViT.forward`` in PyTorch, the reference semantics (every expert on every token);
-* ``artifact``: the exported graph in ONNX Runtime (CPU, every graph optimisation on);
-* ``backbone``: the plain ViT without BR-MoE, exported by the same graph builder.
-
-Latency is the median over rounds; memory is read from /proc (Linux): ``load`` is the resident
-growth when the engine is loaded (weights, ORT's pre-packed copies), ``run peak`` the largest
-high-water mark of one call above the resident size before it, warm-up calls included (the
-first call of a batch size allocates the activations). The eager reference is slow and memory hungry at hundreds of tasks
-(seconds per image), so it gets fewer rounds and skips large batches above a task count; the
-output says when.
-"""
+"""``care-export bench``: the artifact against the eager PyTorch reference and the plain backbone
+(the measurement itself is :mod:`care_export.export.bench`)."""
 
 from __future__ import annotations
 
-import gc
 import shutil
 import tempfile
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
-import numpy as np
-
-from runtime.artifact import INPUT
-
-INPUTS = 4  # distinct inputs cycled over rounds (different routing), the same for every engine
-# Idle time before each call: ORT's and OpenMP's worker threads spin for a while after a call
-# and would slow whichever engine runs next.
-PAUSE_S = 0.05
-
-
-def _status(key: str) -> int:
-    """A /proc/self/status value in bytes (0 where /proc is absent)."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def _reset_peak() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current resident size (Linux >= 4.0)
-    except OSError:
-        pass
-
-
-@dataclass
-class Engine:
-    name: str
-    run: callable
-    rounds: int
-    load_bytes: int
-    times: list[float] = field(default_factory=list)
-    peak_bytes: int = 0
-
-    def call(self, timed: bool = True) -> None:
-        time.sleep(PAUSE_S)
-        _reset_peak()
-        before = _status("VmRSS")
-        t0 = time.perf_counter()
-        self.run()
-        if timed:
-            self.times.append(time.perf_counter() - t0)
-        self.peak_bytes = max(self.peak_bytes, _status("VmHWM") - before)
-
-
-def _load(make):
-    """``(make(), resident bytes it added)``."""
-    gc.collect()
-    before = _status("VmRSS")
-    obj = make()
-    return obj, _status("VmRSS") - before
-
-
-def _ort(path: Path, threads: int):
-    from ..export.parity import ort_session
-
-    return ort_session(path, threads)
-
-
-def bench_tasks(ckpt: Path, tasks: int, capacity: int, batches: list[int], rounds: int, eager_rounds: int,
-                eager_max_tasks_large_batch: int, threads: int, backbone: Path, workdir: Path, echo) -> list[dict]:
-    """Time the three engines at ``tasks`` tasks; one result row per (batch, engine)."""
-    import torch
-
-    from ..checkpoint.format import load_checkpoint
-    from ..export import export_artifact
-
-    art_dir = workdir / f"artifact-{tasks}"
-    t0 = time.perf_counter()
-    export_artifact(ckpt, art_dir, capacity, tasks=tasks, force=True)
-    echo(f"T={tasks}: exported at capacity {capacity} in {time.perf_counter() - t0:.1f} s")
-
-    model, eager_load = _load(lambda: load_checkpoint(ckpt, tasks=tasks, verify=False)[0])
-    art, art_load = _load(lambda: _ort(art_dir / "model.onnx", threads))
-    bb, bb_load = _load(lambda: _ort(backbone, threads))
-    img = model.backbone_cfg.img_size
-    rows = []
-    for batch in batches:
-        rng = np.random.default_rng(batch)
-        inputs = [rng.standard_normal((batch, 3, img, img), dtype=np.float32) for _ in range(INPUTS)]
-        current = {}  # the input of this round, the same for every engine
-
-        def eager_run():
-            with torch.no_grad():
-                model(torch.from_numpy(current["x"]))
-
-        engines = [Engine("artifact (ORT)", lambda: art.run(None, {INPUT: current["x"]}), rounds, art_load),
-                   Engine("backbone (ORT)", lambda: bb.run(None, {INPUT: current["x"]}), rounds, bb_load)]
-        note = ""
-        if batch > 1 and tasks > eager_max_tasks_large_batch:
-            note = f"eager skipped at batch {batch} above {eager_max_tasks_large_batch} tasks"
-        else:
-            r = rounds if tasks <= eager_max_tasks_large_batch else eager_rounds
-            engines.insert(0, Engine("eager (PyTorch)", eager_run, r, eager_load))
-        for j, x in enumerate(inputs):  # warm-up: page in the weights these inputs route to, plan memory
-            current["x"] = x
-            for e in engines:
-                if j < min(e.rounds, INPUTS):
-                    e.call(timed=False)
-        for i in range(max(e.rounds for e in engines)):
-            current["x"] = inputs[i % INPUTS]
-            # Rotate the order so that no engine always follows the same one.
-            for e in engines[i % len(engines):] + engines[: i % len(engines)]:
-                if i < e.rounds:
-                    e.call()
-        base = {e.name: float(np.median(e.times)) for e in engines}
-        for e in engines:
-            med = base[e.name]
-            rows.append({
-                "tasks": tasks, "batch": batch, "engine": e.name, "rounds": len(e.times), "ms": med * 1e3,
-                "img_s": batch / med, "load_mb": e.load_bytes / 2**20, "peak_mb": e.peak_bytes / 2**20,
-                "vs_backbone": med / base["backbone (ORT)"],
-                "eager_vs": base["eager (PyTorch)"] / med if "eager (PyTorch)" in base else None, "note": note,
-            })
-    del model, art, bb
-    gc.collect()
-    shutil.rmtree(art_dir)
-    return rows
-
-
-def format_rows(rows: list[dict]) -> list[str]:
-    out = [f"{'T':>4} {'batch':>5} {'engine':16} {'rounds':>6} {'median ms':>10} {'img/s':>7} {'load MB':>8} "
-           f"{'run peak MB':>11} {'x backbone':>10} {'eager / this':>12}"]
-    for r in rows:
-        eager = f"{r['eager_vs']:.1f}" if r["eager_vs"] is not None else "-"
-        out.append(f"{r['tasks']:>4} {r['batch']:>5} {r['engine']:16} {r['rounds']:>6} {r['ms']:>10.1f} "
-                   f"{r['img_s']:>7.2f} {r['load_mb']:>8.0f} {r['peak_mb']:>11.0f} {r['vs_backbone']:>10.3f} {eager:>12}")
-    notes = sorted({r["note"] for r in rows if r["note"]})
-    return out + [f"note: {n}" for n in notes]
 
 
 def _ints(text: str) -> list[int]:
@@ -193,7 +43,8 @@ def bench_command(ckpt, task_list, batch_list, capacity, rounds, eager_rounds, e
 
     from runtime.checkpoint_files import read_checkpoint_manifest
 
-    from ..export import export_backbone
+    from ..export.bench import bench_tasks, format_rows
+    from ..export.writer import export_backbone
 
     tasks, batches = _ints(task_list), _ints(batch_list)
     if threads:

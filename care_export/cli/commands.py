@@ -1,7 +1,8 @@
 """Every ``care-export`` subcommand, in the order ``--help`` lists them: name -> "module:object".
 
-A command's code lives with the work it does; this table is the one place that names them all.
-Modules are imported only when their command runs, so that ``care-export run`` (the runtime
+Each command is a click command in a module of ``care_export/cli/`` (the only package that uses
+click) that parses options and calls the library code of its room; this table is the one place
+that names them all. Modules are imported only when their command runs, so that ``care-export run`` (the runtime
 alone) never loads PyTorch.
 """
 

@@ -117,7 +117,7 @@ def add_task_command(artifact, ckpt, out, triton, keep):
     if triton:
         if out is not None:
             raise click.UsageError("--triton writes the next version inside ARTIFACT; -o does not apply")
-        from .triton import add_version
+        from runtime.triton import add_version
 
         version, added, removed = add_version(artifact, ckpt, keep)
         click.echo(f"wrote {artifact}/{version}: tasks {added[0]}-{added[-1]} added"

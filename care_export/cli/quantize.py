@@ -5,37 +5,11 @@ Imports no PyTorch: the built-in dataset is drawn with numpy and PIL.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import click
 
 BUILTIN = "builtin"
-# The built-in dataset as ``care-export train`` uses it: train images calibrate, test images evaluate.
-BUILTIN_PER_CLASS = {"train": 60, "test": 20}
-
-
-def builtin_pool(class_names: list[str], image_size: int, split: str, seed: int = 0) -> dict[int, list]:
-    """The built-in dataset's images of the artifact's classes (drawn on demand), by class id.
-
-    A built-in class is named ``<shape>-on-<texture>-<id>``; the name must match the dataset's."""
-    from runtime.errors import InputError
-
-    from ..data.builtin import MAX_CLASSES, BuiltinSource
-
-    ids = []
-    for name in class_names:
-        m = re.fullmatch(r".*-(\d+)", name)
-        if not m or int(m.group(1)) >= MAX_CLASSES:
-            raise InputError(f"class {name!r} is not a built-in dataset class; pass --calib-data DIR")
-        ids.append(int(m.group(1)))
-    per = BUILTIN_PER_CLASS[split]
-    source = BuiltinSource(max(ids) + 1, train_per_class=per, test_per_class=per, image_size=image_size, seed=seed)
-    for name, i in zip(class_names, ids):
-        if source.class_names[i] != name:
-            raise InputError(f"class {name!r} is not the built-in dataset's class {i} ({source.class_names[i]}); "
-                             f"pass --calib-data DIR")
-    return {g: [(lambda i=i, k=k: source.load(split, (i, k))) for k in range(per)] for g, i in enumerate(ids)}
 
 
 def _pool(data: str, art, split: str):
@@ -43,6 +17,8 @@ def _pool(data: str, art, split: str):
 
     names = art.manifest["classes"]["names"]
     if data == BUILTIN:
+        from ..data.builtin import builtin_pool
+
         return builtin_pool(names, art.dims.img_size, split), f"builtin ({split} images)"
     return folder_pool(data, names), str(Path(data))
 

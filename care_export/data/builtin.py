@@ -157,3 +157,30 @@ class BuiltinSource:
         label, index = item
         rng = np.random.default_rng([self.seed, self.first_class + label, _SPLITS[split], index])
         return Image.fromarray(render(self.styles[label], rng, self.image_size))
+
+
+# The built-in dataset as ``care-export train`` uses it: train images calibrate, test images evaluate.
+POOL_PER_CLASS = {"train": 60, "test": 20}
+
+
+def builtin_pool(class_names: list[str], image_size: int, split: str, seed: int = 0) -> dict[int, list]:
+    """The built-in dataset's images of an artifact's classes (drawn on demand), by class id.
+
+    A built-in class is named ``<shape>-on-<texture>-<id>``; the name must match the dataset's."""
+    import re
+
+    from runtime.errors import InputError
+
+    ids = []
+    for name in class_names:
+        m = re.fullmatch(r".*-(\d+)", name)
+        if not m or int(m.group(1)) >= MAX_CLASSES:
+            raise InputError(f"class {name!r} is not a built-in dataset class; pass --calib-data DIR")
+        ids.append(int(m.group(1)))
+    per = POOL_PER_CLASS[split]
+    source = BuiltinSource(max(ids) + 1, train_per_class=per, test_per_class=per, image_size=image_size, seed=seed)
+    for name, i in zip(class_names, ids):
+        if source.class_names[i] != name:
+            raise InputError(f"class {name!r} is not the built-in dataset's class {i} ({source.class_names[i]}); "
+                             f"pass --calib-data DIR")
+    return {g: [(lambda i=i, k=k: source.load(split, (i, k))) for k in range(per)] for g, i in enumerate(ids)}
