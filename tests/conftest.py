@@ -1,14 +1,16 @@
-import os
+"""Shared test set-up. Helper modules (refmath, test_export_common) import by name: pyproject's
+``pythonpath = ["tests"]``. Nothing here imports PyTorch, so the runtime's tests also run where
+only the runtime is installed (``make test-runtime``)."""
+
 import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))  # test helpers such as refmath
-
 
 @pytest.fixture(autouse=True)
-def _deterministic_threads():
-    import torch
-
-    torch.manual_seed(0)
+def _seeded_torch():
+    """Every test that uses PyTorch starts from the same random state."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.manual_seed(0)
     yield

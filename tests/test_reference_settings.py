@@ -20,7 +20,8 @@ from care_export.data.cifar import Cifar100Source
 from care_export.cli import main
 from care_export.model.config import MoEConfig, Preprocessing, backbone_config
 from care_export.training.continual import REFERENCE_BACKBONE, ContinualRun, default_backbone
-from care_export.data.sources import INPUT_SETS, LabelledImages, TaskSequence, class_order, open_source, train_transform
+from care_export.data import INPUT_SETS
+from care_export.data.sources import LabelledImages, TaskSequence, class_order, open_source, train_transform
 from care_export.model.iterative import iterative_scores, prediction_scores
 from care_export.model.care_vit import CareViT
 from care_export.training.reference_config import PRESET_DIR, load_config, load_preset, parse, preset_names

@@ -13,6 +13,8 @@ import click
 
 from runtime.errors import CareError
 
+TRAIN_EXTRA = {"torch", "torchvision", "timm"}  # what `pip install care-export[train]` adds
+
 
 class CareGroup(click.Group):
     """Loads each command's module on first use, and shows user errors as one line
@@ -36,6 +38,13 @@ class CareGroup(click.Group):
             return super().invoke(ctx)
         except CareError as exc:
             click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+        except ModuleNotFoundError as exc:
+            if exc.name not in TRAIN_EXTRA:
+                raise
+            # The base install is the runtime; this command is on the PyTorch side.
+            click.echo(f"error: care-export {ctx.invoked_subcommand} needs {exc.name}, which is not installed: "
+                       f"pip install 'care-export[train]'", err=True)
             sys.exit(1)
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import click
 
 from runtime.errors import CareError
+from runtime.checkpoint_files import read_checkpoint_manifest
 from runtime.outdir import CHECKPOINT, output_dir
 
-from ..checkpoint.format import read_manifest, save_checkpoint
 from ..model.config import MoEConfig, Preprocessing, backbone_config
 
 POSITIVE = click.IntRange(min=1)
@@ -107,6 +107,7 @@ def synth_ckpt_command(out, backbone, img_size, patch_size, embed_dim, depth, nu
       care-export synth-ckpt -o ckpt/ --backbone vit_base_patch16_224 \\
           --init-cls 100 --increment 3 --tasks 301
     """
+    from ..checkpoint.format import save_checkpoint
     from ..checkpoint.synth import synth_model, task_sizes
 
     with output_dir(out, CHECKPOINT, force=force) as tmp:
@@ -160,8 +161,9 @@ def import_official_command(state_dict_path, out, topk_routers, topk_experts, ba
       care-export import-official care_ob1k_b100inc3.pth -o ckpt/ -M 2 -K 3
       care-export import-official care_301.pkl -o ckpt/ --preset ob1k_b100inc3 --class-names classes.txt
     """
-    from ..data.sources import class_order
+    from ..checkpoint.format import save_checkpoint
     from ..checkpoint.official import convert_state_dict, read_state_dict
+    from ..data.sources import class_order
 
     with output_dir(out, CHECKPOINT, force=force, inputs=[state_dict_path]) as tmp:
         model = convert_state_dict(read_state_dict(state_dict_path), topk_routers=topk_routers,
@@ -191,7 +193,7 @@ def info_command(path, as_json):
     Example:
       care-export info ckpt/
     """
-    m = read_manifest(path)
+    m = read_checkpoint_manifest(path)
     if as_json:
         click.echo(json.dumps(m, indent=1))
         return

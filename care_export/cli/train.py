@@ -9,7 +9,7 @@ import click
 from click.core import ParameterSource
 
 from .checkpoint import moe_options, reference_options
-from ..data.sources import DEFAULT_SEED, INPUT_SETS
+from ..data import DEFAULT_SEED, INPUT_SETS
 
 # Options that define the model or the sequence: a resumed run takes them from the checkpoint.
 _FIXED_ON_RESUME = ("builtin_classes", "builtin_train", "builtin_test", "init_cls", "increment", "seed", "backbone",
@@ -180,7 +180,7 @@ def _start(out, data, builtin_classes, builtin_train, builtin_test, init_cls, in
 
     from ..model.config import MoEConfig, Preprocessing, backbone_config
     from ..training.continual import BUILTIN_WEIGHTS, default_backbone, train_sequence
-    from ..data.sources import BUILTIN_KINDS
+    from ..data import BUILTIN_KINDS
     from ..training.task import TrainConfig
 
     weights = backbone_weights or (BUILTIN_WEIGHTS if data in BUILTIN_KINDS else "hub")

@@ -141,7 +141,8 @@ class ShiftedSource:
                  train_per_class: int = 60, test_per_class: int = 20, image_size: int = 32, seed: int = 0):
         from runtime.errors import CareError
 
-        from .sources import DEFAULT_SEED, TaskSequence
+        from . import DEFAULT_SEED
+        from .sources import TaskSequence
 
         if not 1 <= num_classes <= 1000:
             raise CareError(f"the built-in shifted dataset has up to 1000 classes, asked for {num_classes}")

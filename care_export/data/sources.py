@@ -17,11 +17,11 @@ from torchvision import transforms
 
 from runtime.errors import CareError
 
+from . import DEFAULT_SEED, INPUT_SETS
 from .builtin import BuiltinSource
 from ..model.config import Preprocessing
 from .image_folder import IMAGE_EXTENSIONS, ImageFolderSource  # noqa: F401 (re-exported)
 
-DEFAULT_SEED = 1993  # the reference's seed for the class order
 
 
 # ---------------------------------------------------------------------- task sequence
@@ -86,7 +86,6 @@ class TaskSequence:
 
 
 # ---------------------------------------------------------------------- sources
-BUILTIN_KINDS = ("builtin", "builtin-shift")
 
 
 def open_source(data: str | Path, *, sequence: dict | None = None, **builtin):
@@ -129,7 +128,6 @@ _INTERPOLATION = {"bicubic": transforms.InterpolationMode.BICUBIC, "bilinear": t
 
 # The reference's training transforms per dataset: "common" (ImageNet-R, ObjectNet,
 # OmniBenchmark) and those of CIFAR-224, ImageNet-A and VTAB (reference_config.DATASETS).
-INPUT_SETS = ("common", "cifar224", "imageneta", "vtab")
 
 
 def train_transform(pre: Preprocessing, crop_scale: tuple[float, float] = (0.05, 1.0), input_set: str = "common"):

@@ -23,7 +23,8 @@ from runtime.errors import CareError, CheckpointError
 from .alignment import load_statistics, save_statistics
 from ..checkpoint.format import MANIFEST, load_checkpoint, read_manifest, save_checkpoint
 from ..model.config import BackboneConfig, MoEConfig, Preprocessing, backbone_config
-from ..data.sources import (DEFAULT_SEED, LabelledImages, TaskSequence, eval_transform, open_source, source_from_dict,
+from ..data import DEFAULT_SEED
+from ..data.sources import (LabelledImages, TaskSequence, eval_transform, open_source, source_from_dict,
                        train_transform)
 from .evaluate import Metrics, accuracy_by_task, write_metrics
 from ..model.iterative import prediction_scores
