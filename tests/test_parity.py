@@ -1,6 +1,6 @@
 """FP32 parity on CPU: the exported graph (ONNX Runtime, every optimisation on) against the PyTorch
 reference forward, with tiny ViTs at capacity 301: identical routing and top-1 on 256 random
-inputs, |dlogit| <= 1e-4 (DESIGN.md, "Parity")."""
+inputs, |dlogit| <= 1e-4 (docs/DESIGN.md, "Parity")."""
 
 import numpy as np
 import pytest

@@ -1,5 +1,5 @@
 """Parity: an exported artifact (ONNX Runtime, CPU, all graph optimisations) against the PyTorch
-reference forward of its checkpoint, on the same random inputs (DESIGN.md, "Parity").
+reference forward of its checkpoint, on the same random inputs (docs/DESIGN.md, "Parity").
 
 Reports max and mean |dlogit| over the learned classes, top-1 agreement, and per block the
 fraction of samples whose routing (selected tasks and their kept experts) is identical.
