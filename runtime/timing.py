@@ -17,7 +17,7 @@ def median_times(calls: dict, rounds: int, warmup: int = 3, pause_s: float = 0.0
         for f in calls.values():
             f()
     names = list(calls)
-    times = {k: [] for k in names}
+    times: dict[str, list[float]] = {k: [] for k in names}
     for r in range(rounds):
         for k in names[r % len(names):] + names[: r % len(names)]:
             time.sleep(pause_s)

@@ -53,9 +53,9 @@ def open_runner(graph, *, device: str = "auto", backend: str = "auto", threads: 
             raise BackendError("backend tensorrt needs a CUDA GPU, and none is visible")
         from .tensorrt import TensorRTRunner
 
-        runner = TensorRTRunner(graph, device_index=index, cache_root=cache_root, max_batch=max_batch)
-        _warm_up(runner, graph)
-        return runner
+        trt = TensorRTRunner(graph, device_index=index, cache_root=cache_root, max_batch=max_batch)
+        _warm_up(trt, graph)
+        return trt
 
     from .onnxrt import CPU, OrtRunner, provider_candidates
 

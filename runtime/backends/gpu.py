@@ -22,7 +22,7 @@ def gpu_names() -> tuple[str, ...]:
     count = ctypes.c_int(0)
     if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
         return ()
-    names = []
+    names: list[str] = []
     for i in range(count.value):
         dev = ctypes.c_int(0)
         buf = ctypes.create_string_buffer(256)

@@ -109,6 +109,8 @@ class OrtRunner:
         options = []
         for p in providers:
             if p == TRT:
+                if cache_root is None:
+                    raise BackendError("the TensorRT execution provider needs a cache directory (cache_root)")
                 self.cache_dir = trt_cache_dir(cache_root, graph.digest, device_index)
                 self.cache_dir.mkdir(parents=True, exist_ok=True)
                 options.append(self._trt_options(max_batch))
