@@ -69,10 +69,6 @@ SMALL_ALIGN = 64
 # Reads of the manifest and state.bin before a mismatch is reported (module doc, Artifact).
 SNAPSHOT_TRIES = 20
 
-# Perceptor logits of padded classes: exp(-1e30 - max) is exactly 0 in the softmax, and unlike
-# -inf an all-padding (unused) slot still gives finite numbers.
-PAD_LOGIT = -1e30
-
 # What ``precision`` may say. FP32 is the exporter's; FP16 and INT8 are rewrites by
 # ``care-export quantize`` (docs/CALIBRATION.md), whose tensor layout is the manifest's own.
 PRECISIONS = ("fp32", "fp16", "int8")

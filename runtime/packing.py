@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .artifact import PAD_LOGIT, Dims, Patch, task_regions
+from .artifact import Dims, Patch, task_regions
 from .checkpoint_files import require
 from .errors import CapacityError
+from .numerics import NORM_EPS, PAD_LOGIT
 
 _F64 = np.float64
 
@@ -118,7 +119,7 @@ def pack_state(shared: dict[str, np.ndarray], head: dict[str, np.ndarray], task_
         m = f"moe.{i}.shared."
         out.update({m + "down": down[None], m + "down_bias": down_b[None, None], m + "up": up[None], m + "up_bias": up_b})
     rows = np.concatenate([require(head, f"head.{t}", (c, d), where).astype(_F64) for t, c in enumerate(task_classes)])
-    rows /= np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)  # F.normalize's eps
+    rows /= np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), NORM_EPS)
     w = np.zeros((d, dims.class_capacity))
     w[:, : len(rows)] = rows.T
     out["head.weight"] = w

@@ -29,11 +29,10 @@ from .artifact import LOGITS, ROUTING_EXPERTS, ROUTING_TASKS, SCORES, Artifact, 
 from .backends import open_runner
 from .errors import ArtifactError, ClosedError, InputError
 from .graph import load_graph
+from .numerics import COS_SCALE
 from .preprocess import Preprocessing, to_input
 from .routing import canonical_routing
 
-# Probabilities are softmax(COS_SCALE * cos) over the learned classes (docs/MODEL.md, "Single-pass inference").
-COS_SCALE = 20.0
 
 
 def default_cache_dir() -> Path:

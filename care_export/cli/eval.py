@@ -12,6 +12,7 @@ import click
 import numpy as np
 
 from runtime.errors import CareError
+from runtime.numerics import COS_SCALE
 
 BATCH = 64
 
@@ -101,7 +102,7 @@ def _checkpoint_runner(target: Path, device: str, mode: str | None):
     model, manifest = load_checkpoint(target)
     training = manifest.get("training", {})
     mode = mode or training.get("eval_mode", "single")  # as the checkpoint was evaluated
-    scale = training.get("scale", 20.0)
+    scale = training.get("scale", COS_SCALE)
     dev = resolve_device(device)
     model.to(dev)
     transform = eval_transform(Preprocessing.from_dict(manifest["preprocessing"]))

@@ -8,6 +8,8 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from runtime.numerics import COS_SCALE
+
 from .checkpoint import moe_options, reference_options
 from ..data.sources import DEFAULT_SEED, INPUT_SETS
 
@@ -72,7 +74,7 @@ _TRAINING = ("epochs", "lr", "min_lr", "batch_size", "weight_decay", "ca_lr", "c
               help="care, or a baseline with the same data and budget: frozen (cosine head and classifier "
                    "alignment on the frozen backbone) or shared-adapter (one adapter fine-tuned through all tasks).")
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="Data-loading processes.")
-@click.option("--scale", default=20.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--scale", default=COS_SCALE, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="s of the angular loss and of the alignment logits.")
 @click.option("--margin", default=0.0, show_default=True, type=float, help="CosFace margin m (reference key 'm').")
 @click.option("--aux-cos-loss/--no-aux-cos-loss", default=True, show_default=True,

@@ -39,6 +39,7 @@ from runtime.checkpoint_files import load_tensors, read_checkpoint_manifest
 from runtime.outdir import ARTIFACT, output_dir
 from runtime.errors import CapacityError, CareError
 from runtime.growth import backbone_fields, brmoe_fields, checkpoint_fields, load_state_sources
+from runtime.numerics import COS_SCALE
 from runtime.packing import pack_state, pack_task
 
 from .graph import MIN_OPSET, build_model, routing_widths
@@ -117,7 +118,7 @@ def backbone_arrays(state: dict[str, np.ndarray], dims: Dims, where: str) -> dic
 
 
 def _write_graph(directory: Path, dims: Dims, specs, opset: int, batch: int | None, moe: bool,
-                 predict: str = "single", scale: float = 20.0) -> None:
+                 predict: str = "single", scale: float = COS_SCALE) -> None:
     path = directory / MODEL_FILE
     if predict == "iterative":
         model = build_iterative_model(dims, specs, opset, batch, scale)
@@ -157,7 +158,7 @@ def export_artifact(ckpt_dir: str | Path, out: str | Path, capacity: int, *, ops
         raise CareError(f"predict must be single or iterative, got {predict!r}")
     if predict == "iterative":
         check_capacity(capacity)
-    scale = float(ckpt.get("training", {}).get("scale", 20.0))
+    scale = float(ckpt.get("training", {}).get("scale", COS_SCALE))
     if opset < MIN_OPSET:
         raise CareError(f"opset {opset} is below {MIN_OPSET} (LayerNormalization)")
     if opset > onnx.defs.onnx_opset_version():

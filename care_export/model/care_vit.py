@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime.errors import CareError
+from runtime.numerics import NORM_EPS
 
 from .brmoe import BRMoE, Routing
 from .config import BackboneConfig, MoEConfig
@@ -38,7 +39,7 @@ class CosineHead(nn.Module):
         return torch.cat(list(self.blocks), 0)
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.normalize(f, dim=-1), F.normalize(self.weight, dim=-1))
+        return F.linear(F.normalize(f, dim=-1, eps=NORM_EPS), F.normalize(self.weight, dim=-1, eps=NORM_EPS))
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
