@@ -27,17 +27,13 @@ import numpy as np
 
 from .artifact import LOGITS, ROUTING_EXPERTS, ROUTING_TASKS, SCORES, Artifact, score_output
 from .backends import open_runner
+from .cache import default_cache_dir
 from .errors import ArtifactError, ClosedError, InputError
 from .graph import load_graph
 from .numerics import COS_SCALE
 from .preprocess import Preprocessing, to_input
 from .routing import canonical_routing
 
-
-
-def default_cache_dir() -> Path:
-    """Where engines are cached: ``$CARE_EXPORT_CACHE``, else ``~/.cache/care-export``."""
-    return Path(os.environ.get("CARE_EXPORT_CACHE") or Path.home() / ".cache" / "care-export")
 
 
 @dataclass

@@ -18,7 +18,8 @@ from care_export.data.builtin import BuiltinSource
 from care_export.checkpoint.format import load_checkpoint, read_manifest
 from care_export.data.cifar import Cifar100Source
 from care_export.cli import main
-from care_export.model.config import MoEConfig, Preprocessing, backbone_config
+from care_export.model.config import MoEConfig, backbone_config
+from runtime.preprocess import Preprocessing
 from care_export.training.continual import REFERENCE_BACKBONE, ContinualRun, default_backbone
 from care_export.data.sources import INPUT_SETS, LabelledImages, TaskSequence, class_order, open_source, train_transform
 from care_export.model.iterative import iterative_scores, prediction_scores

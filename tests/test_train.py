@@ -16,7 +16,8 @@ from care_export.model.brmoe import MASKED_LOGIT, BRMoE
 from care_export.data.builtin import BuiltinSource
 from care_export.checkpoint.format import read_manifest
 from care_export.cli import main
-from care_export.model.config import MoEConfig, Preprocessing, backbone_config
+from care_export.model.config import MoEConfig, backbone_config
+from runtime.preprocess import Preprocessing
 from care_export.training.continual import ContinualRun, resume_sequence, train_sequence
 from care_export.data.sources import LabelledImages, TaskSequence, eval_transform, train_transform
 from care_export.training.evaluate import Metrics

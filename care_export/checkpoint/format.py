@@ -18,7 +18,6 @@ directory whose manifest names a complete, consistent set of files.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -27,43 +26,24 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from runtime.atomic import replacing, write_json_atomic
 from runtime.checkpoint_files import CHECKPOINT_FORMAT as FORMAT
 from runtime.checkpoint_files import CHECKPOINT_FORMAT_VERSION as FORMAT_VERSION
 from runtime.checkpoint_files import check_file, read_checkpoint_manifest, sha256_file
 from runtime.checkpoint_files import checkpoint_digest as _manifest_digest
 from runtime.errors import CheckpointError
+from runtime.preprocess import Preprocessing
 
-from ..model.config import BackboneConfig, MoEConfig, Preprocessing
+from ..model.config import BackboneConfig, MoEConfig
 
 MANIFEST = "manifest.json"
 
 
 # ---------------------------------------------------------------------- files
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> dict:
     """Write a safetensors file atomically; return its manifest entry."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600 files; follow the umask like any file
-    os.replace(tmp, path)
+    with replacing(path, follow_umask=True) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
     return {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
@@ -177,7 +157,7 @@ def save_checkpoint(
         preprocessing=preprocessing.to_dict(),
     )
     manifest.update(extra or {})
-    atomic_write_json(directory / MANIFEST, manifest)
+    write_json_atomic(directory / MANIFEST, manifest)
     _remove_unreferenced(directory, manifest)
     return manifest
 

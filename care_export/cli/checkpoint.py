@@ -10,9 +10,10 @@ import click
 
 from runtime.errors import CareError
 from runtime.outdir import CHECKPOINT, output_dir
+from runtime.preprocess import Preprocessing
 
 from ..checkpoint.format import read_manifest, save_checkpoint
-from ..model.config import MoEConfig, Preprocessing, backbone_config
+from ..model.config import MoEConfig, backbone_config
 
 POSITIVE = click.IntRange(min=1)
 

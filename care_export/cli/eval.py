@@ -94,7 +94,7 @@ def _checkpoint_runner(target: Path, device: str, mode: str | None):
     import torch
 
     from ..checkpoint.format import load_checkpoint
-    from ..model.config import Preprocessing
+    from runtime.preprocess import Preprocessing
     from ..training.continual import resolve_device
     from ..data.sources import eval_transform
     from ..model.iterative import prediction_scores

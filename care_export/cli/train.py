@@ -95,7 +95,7 @@ _TRAINING = ("epochs", "lr", "min_lr", "batch_size", "weight_decay", "ca_lr", "c
 @click.option("--std", nargs=3, type=float, default=None, help="Input normalisation std [default: the weights'].")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="Where the built-in pre-trained ViT is cached "
-              "[default: $CARE_EXPORT_CACHE or ~/.cache/care-export].")
+              "[default: $CARE_EXPORT_CACHE, else $XDG_CACHE_HOME/care-export, else ~/.cache/care-export].")
 @click.option("--quiet", is_flag=True, help="No progress bars (the per-task lines stay).")
 def train_command(out, resume, data, skip_known, builtin_classes, builtin_train, builtin_test, init_cls, increment,
                   tasks, seed, backbone, img_size, patch_size, depth, backbone_weights, topk_routers, topk_experts, expert_dim,
@@ -180,7 +180,9 @@ def _start(out, data, builtin_classes, builtin_train, builtin_test, init_cls, in
            training, mean, std, device, cache_dir, progress) -> Path:
     from dataclasses import replace
 
-    from ..model.config import MoEConfig, Preprocessing, backbone_config
+    from runtime.preprocess import Preprocessing
+
+    from ..model.config import MoEConfig, backbone_config
     from ..training.continual import BUILTIN_WEIGHTS, default_backbone, train_sequence
     from ..data.sources import BUILTIN_KINDS
     from ..training.task import TrainConfig

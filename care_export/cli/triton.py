@@ -60,10 +60,10 @@ def model_config(art: Artifact, name: str, max_batch: int, instances: int, devic
 
 
 def write_labels(model_dir: Path, art: Artifact) -> None:
-    from ..checkpoint.format import atomic_write_bytes
+    from runtime.atomic import write_atomic
 
     # Classes are only ever appended, so the newest version's labels serve the older ones too.
-    atomic_write_bytes(model_dir / LABELS, "".join(f"{n}\n" for n in art.manifest["classes"]["names"]).encode())
+    write_atomic(model_dir / LABELS, "".join(f"{n}\n" for n in art.manifest["classes"]["names"]).encode())
 
 
 @click.command("triton")

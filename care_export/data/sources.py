@@ -16,10 +16,10 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 
 from runtime.errors import CareError
+from runtime.preprocess import Preprocessing
 
 from .builtin import BuiltinSource
-from ..model.config import Preprocessing
-from .image_folder import IMAGE_EXTENSIONS, ImageFolderSource  # noqa: F401 (re-exported)
+from .image_folder import ImageFolderSource
 
 DEFAULT_SEED = 1993  # the reference's seed for the class order
 

@@ -19,10 +19,11 @@ from torch.utils.data import ConcatDataset, DataLoader
 from tqdm import tqdm
 
 from runtime.errors import CareError, CheckpointError
+from runtime.preprocess import Preprocessing
 
 from .alignment import load_statistics, save_statistics
 from ..checkpoint.format import MANIFEST, load_checkpoint, read_manifest, save_checkpoint
-from ..model.config import BackboneConfig, MoEConfig, Preprocessing, backbone_config
+from ..model.config import BackboneConfig, MoEConfig, backbone_config
 from ..data.sources import (DEFAULT_SEED, LabelledImages, TaskSequence, eval_transform, open_source, source_from_dict,
                        train_transform)
 from .evaluate import Metrics, accuracy_by_task, write_metrics
