@@ -6,7 +6,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from care_export import checkpoint as ck
+from care_export.checkpoint import format as ck
 from care_export.checkpoint.format import load_checkpoint, read_manifest, save_checkpoint
 from care_export.cli import main
 from care_export.model.config import MoEConfig, backbone_config
