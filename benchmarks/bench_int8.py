@@ -34,7 +34,8 @@ import onnx
 import onnxruntime as ort
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-from calibration.int8 import QUANTIZED_OPS, ListReader, routing_fp16, save_model, store_growth_int8, weight_nodes
+from calibration.graph import save_model
+from calibration.int8 import QUANTIZED_OPS, ListReader, routing_fp16, store_growth_int8, weight_nodes
 from calibration.routing_nodes import routing_nodes
 from runtime.artifact import INPUT, LOGITS, Artifact
 from runtime.backends.onnxrt import session_options

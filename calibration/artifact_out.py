@@ -36,6 +36,8 @@ from runtime.artifact import (
 )
 from runtime.outdir import ARTIFACT, output_dir
 
+from .graph import sort_nodes
+
 # New weights of a rewrite (quantized backbone tensors) go to backbone.bin from this size on;
 # smaller ones (scales, zero points) stay inline in model.onnx.
 EXTERNAL_MIN_BYTES = 1024
@@ -69,26 +71,6 @@ def _external(tensor: TensorProto, spec: TensorSpec) -> None:
     for key, value in (("location", spec.file), ("offset", str(spec.offset)), ("length", str(spec.nbytes))):
         entry = tensor.external_data.add()
         entry.key, entry.value = key, value
-
-
-def sort_nodes(graph: onnx.GraphProto) -> None:
-    """Order ``graph``'s nodes topologically (rewrites append nodes), keeping the given order
-    where it already is one."""
-    known = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
-    pending, done = list(graph.node), []
-    while pending:
-        rest = []
-        for n in pending:
-            if all(i in known for i in n.input):
-                done.append(n)
-                known.update(n.output)
-            else:
-                rest.append(n)
-        if len(rest) == len(pending):
-            raise ValueError(f"the rewritten graph has a cycle or a dangling input at node {rest[0].name}")
-        pending = rest
-    del graph.node[:]
-    graph.node.extend(done)
 
 
 def growth_role(src: Artifact, name: str) -> str | None:

@@ -19,7 +19,7 @@ from onnx import TensorProto
 
 from runtime.artifact import Artifact, as_stored
 
-from .int8 import node_attr
+from .graph import node_attr, producers
 
 
 def to_fp16(model: onnx.ModelProto, keep: set[str], reduced: bool) -> onnx.ModelProto:
@@ -68,7 +68,7 @@ def drop_round_trips(model: onnx.ModelProto) -> int:
     f32 = {v.name for v in list(graph.value_info) + list(graph.input) + list(graph.output)
            if v.type.tensor_type.elem_type == TensorProto.FLOAT}
     f32 |= {t.name for t in graph.initializer if t.data_type == TensorProto.FLOAT}
-    producer = {o: n for n in graph.node for o in n.output}
+    producer = producers(graph)
     replace = {}
     for n in graph.node:
         if _cast_to(n, TensorProto.FLOAT):
