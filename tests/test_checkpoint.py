@@ -7,10 +7,11 @@ import torch
 from click.testing import CliRunner
 
 from care_export.checkpoint import format as ck
-from care_export.checkpoint.format import load_checkpoint, read_manifest, save_checkpoint
+from care_export.checkpoint.format import load_checkpoint, save_checkpoint
 from care_export.cli import main
 from care_export.model.config import MoEConfig, backbone_config
 from care_export.checkpoint.synth import randomize_task, synth_model
+from runtime.checkpoint_files import read_checkpoint_manifest
 from runtime.errors import CheckpointError
 
 CFG = backbone_config("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
@@ -129,7 +130,7 @@ def test_newer_format_version(ckpt):
     m["format_version"] = ck.FORMAT_VERSION + 1
     (ckpt / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(CheckpointError, match="newer than this reader"):
-        read_manifest(ckpt)
+        read_checkpoint_manifest(ckpt)
 
 
 @pytest.mark.parametrize("content,match", [(None, "manifest missing"), ("{not json", "not valid JSON"),

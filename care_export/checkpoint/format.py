@@ -73,11 +73,6 @@ def head_state(model) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------- manifest
-def read_manifest(path: str | Path) -> dict:
-    """The manifest of a checkpoint directory, checked for format and version."""
-    return read_checkpoint_manifest(path)
-
-
 def configs_from_manifest(manifest: dict) -> tuple[BackboneConfig, MoEConfig, Preprocessing]:
     bb = {k: v for k, v in manifest["backbone"].items() if k not in ("file", "sha256", "bytes")}
     return BackboneConfig(**bb), MoEConfig(**manifest["brmoe"]), Preprocessing.from_dict(manifest["preprocessing"])
@@ -117,7 +112,7 @@ def save_checkpoint(
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    old = read_manifest(directory) if (directory / MANIFEST).exists() else None
+    old = read_checkpoint_manifest(directory) if (directory / MANIFEST).exists() else None
     if old is not None:
         if len(old["tasks"]) > model.num_tasks:
             raise CheckpointError(f"{directory}: holds {len(old['tasks'])} tasks, the model only {model.num_tasks}")
@@ -178,7 +173,7 @@ def load_checkpoint(directory: str | Path, *, verify: bool = True, tasks: int | 
     from ..model.care_vit import empty_model
 
     directory = Path(directory)
-    manifest = read_manifest(directory)
+    manifest = read_checkpoint_manifest(directory)
     backbone_cfg, moe_cfg, _ = configs_from_manifest(manifest)
     entries = manifest["tasks"] if tasks is None else manifest["tasks"][:tasks]
     if not entries:
@@ -213,4 +208,4 @@ def load_checkpoint(directory: str | Path, *, verify: bool = True, tasks: int | 
 
 def checkpoint_digest(directory: str | Path) -> str:
     """A digest naming the checkpoint's content (the manifest's file digests)."""
-    return _manifest_digest(read_manifest(directory))
+    return _manifest_digest(read_checkpoint_manifest(directory))

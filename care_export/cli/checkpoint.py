@@ -8,11 +8,12 @@ from pathlib import Path
 
 import click
 
+from runtime.checkpoint_files import read_checkpoint_manifest
 from runtime.errors import CareError
 from runtime.outdir import CHECKPOINT, output_dir
 from runtime.preprocess import Preprocessing
 
-from ..checkpoint.format import read_manifest, save_checkpoint
+from ..checkpoint.format import save_checkpoint
 from ..model.config import MoEConfig, backbone_config
 
 POSITIVE = click.IntRange(min=1)
@@ -192,7 +193,7 @@ def info_command(path, as_json):
     Example:
       care-export info ckpt/
     """
-    m = read_manifest(path)
+    m = read_checkpoint_manifest(path)
     if as_json:
         click.echo(json.dumps(m, indent=1))
         return

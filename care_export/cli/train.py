@@ -168,9 +168,9 @@ def train_command(out, resume, data, skip_known, builtin_classes, builtin_train,
         click.echo(f"\ninterrupted: {where} holds the tasks finished before; continue with "
                    f"care-export train --resume {where}", err=True)
         sys.exit(130)
-    from ..checkpoint.format import read_manifest
+    from runtime.checkpoint_files import read_checkpoint_manifest
 
-    metrics = Metrics.from_dict(read_manifest(directory)["metrics"])
+    metrics = Metrics.from_dict(read_checkpoint_manifest(directory)["metrics"])
     click.echo(metrics.table())
     click.echo(f"checkpoint {directory}: {len(metrics.top1)} tasks; metrics in {directory / 'metrics.json'}")
 
