@@ -16,7 +16,7 @@ from runtime.preprocess import Preprocessing
 from care_export.export import export_artifact
 from care_export.export.parity import ort_session, random_images
 from care_export.checkpoint.synth import synth_model, task_sizes
-from runtime.artifact import INPUT, LOGITS, SCORES
+from runtime.layout import INPUT, LOGITS, SCORES
 from runtime.timing import median_times
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from runtime.artifact import INPUT, LOGITS, ROUTING_EXPERTS, ROUTING_TASKS
+from runtime.layout import INPUT, LOGITS, ROUTING_EXPERTS, ROUTING_TASKS
 from runtime.routing import canonical_routing
 
 from .graph import model_session, producers, prune_qdq

@@ -6,7 +6,7 @@ every edge between the two; the graph's inputs and outputs stay float32. Routing
 (``calibration.routing_nodes``) are kept in float32 unless ``routing="reduced"``, which
 converts them too (TopK included).
 
-Growth tensors that end up in float16 are stored with ``runtime.artifact.as_stored`` (float32
+Growth tensors that end up in float16 are stored with ``runtime.tensor_files.as_stored`` (float32
 first, saturating at the largest half), the rounding that growth uses for new tasks, so an FP16
 artifact that takes a task equals the FP16 rewrite of the grown FP32 artifact.
 """
@@ -17,7 +17,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from runtime.artifact import Artifact, as_stored
+from runtime.artifact import Artifact
+from runtime.tensor_files import as_stored
 
 from .graph import node_attr, producers
 

@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from runtime.artifact import as_stored
+from runtime.tensor_files import as_stored
 
 from .calib_data import batches
 from .gptq import gptq_round

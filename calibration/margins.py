@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from runtime.artifact import INPUT, LOGITS, ROUTING_EXPERTS, ROUTING_TASKS
+from runtime.layout import INPUT, LOGITS, ROUTING_EXPERTS, ROUTING_TASKS
 from runtime.routing import canonical_routing, same_routing
 
 from .graph import model_session, node_attr

@@ -16,8 +16,9 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from runtime.artifact import INPUT, Artifact
+from runtime.artifact import Artifact
 from runtime.errors import ArtifactError, InputError
+from runtime.layout import INPUT
 from runtime.outdir import ARTIFACT, check_output
 from runtime.preprocess import Preprocessing
 

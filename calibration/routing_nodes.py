@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import onnx
 
-from runtime.artifact import ROUTING_EXPERTS, ROUTING_TASKS
+from runtime.layout import ROUTING_EXPERTS, ROUTING_TASKS
 
 from .graph import consumers, producers
 

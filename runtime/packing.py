@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .artifact import Dims, Patch, task_regions
 from .checkpoint_files import require
 from .errors import CapacityError
+from .layout import Dims, task_regions
 from .numerics import NORM_EPS, PAD_LOGIT
+from .tensor_files import Patch
 
 _F64 = np.float64
 
@@ -78,7 +79,7 @@ def check_task_classes(task: int, classes: int, dims: Dims) -> None:
 
 def pack_task(tensors: dict[str, np.ndarray], task: int, classes: int, dims: Dims, where: str) -> list[Patch]:
     """The patches that write task ``task`` (its checkpoint file's tensors) into slots.bin, in
-    the order of :func:`~runtime.artifact.task_regions`."""
+    the order of :func:`~runtime.layout.task_regions`."""
     check_task_classes(task, classes, dims)
     d, r = dims.embed_dim, dims.expert_dim
     data = {}

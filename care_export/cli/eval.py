@@ -19,7 +19,7 @@ BATCH = 64
 
 def is_artifact(target: Path) -> bool:
     """True for an artifact directory, False for a checkpoint (both keep a manifest.json)."""
-    from runtime.artifact import FORMAT
+    from runtime.layout import FORMAT
 
     try:
         return json.loads((target / "manifest.json").read_text()).get("format") == FORMAT
@@ -75,7 +75,7 @@ def score(logits: np.ndarray, labels: np.ndarray, task_sizes: list[int]) -> dict
 
 def _artifact_runner(target: Path, device: str, mode: str | None):
     from runtime import Session
-    from runtime.artifact import SCORES, score_output
+    from runtime.layout import SCORES, score_output
 
     session = Session(target, device=device)
     own = "iterative" if score_output(session.manifest) == SCORES else "single"

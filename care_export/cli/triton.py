@@ -19,9 +19,10 @@ from pathlib import Path
 
 import click
 
-from runtime.artifact import INPUT, MODEL_FILE, Artifact
-from runtime.outdir import staged_dir
+from runtime.artifact import Artifact
 from runtime.errors import ArtifactError
+from runtime.layout import INPUT, MODEL_FILE
+from runtime.outdir import staged_dir
 
 CONFIG = "config.pbtxt"
 LABELS = "labels.txt"

@@ -1,8 +1,8 @@
 """The static ONNX graph of a CaRE model, written from the artifact's tensor layout.
 
-Nothing here reads weights: the graph is a function of :class:`~runtime.artifact.Dims`, the
+Nothing here reads weights: the graph is a function of :class:`~runtime.layout.Dims`, the
 opset and the batch size alone, and every weight is an external initializer named by
-:func:`~runtime.artifact.layout`. That is what makes growth a data change: the same ``Dims``
+:func:`~runtime.layout.layout`. That is what makes growth a data change: the same ``Dims``
 give the same ``model.onnx`` bytes whatever the number of learned tasks.
 
 Per block the BR-MoE runs every expert's down projection on the CLS token only (one GEMM over
@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from runtime.artifact import (
+from runtime.layout import (
     FEATURES,
     INPUT,
     LOGITS,

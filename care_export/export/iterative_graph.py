@@ -15,8 +15,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from runtime.artifact import INPUT, ROUTING_EXPERTS, ROUTING_TASKS, SCORES, Dims, TensorSpec
 from runtime.errors import CareError
+from runtime.layout import INPUT, ROUTING_EXPERTS, ROUTING_TASKS, SCORES, Dims, TensorSpec
 from runtime.numerics import COS_SCALE, ENTROPY_EPS
 
 from .graph import MIN_OPSET, Builder, _Shared, cosine_logits, finish, network, routing_widths

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.artifact import INPUT, LOGITS, ROUTING_EXPERTS, ROUTING_TASKS, SCORES, Artifact, score_output
+from runtime.artifact import Artifact
 from runtime.errors import AtolError, InputError, RoutingError, ShapeError
+from runtime.layout import INPUT, LOGITS, ROUTING_EXPERTS, ROUTING_TASKS, SCORES, score_output
 from runtime.routing import canonical_routing, pad_routing, same_routing
 
 

@@ -1,4 +1,4 @@
-"""``care-export onnx``: a checkpoint directory -> an artifact directory (runtime/artifact.py).
+"""``care-export onnx``: a checkpoint directory -> an artifact directory (docs/ARTIFACT.md).
 
 Reads the checkpoint with numpy (no model is built), packs the backbone, every task and the
 state into the artifact's layout, writes the graph, checks it, and renames the finished
@@ -12,7 +12,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from runtime.artifact import (
+from runtime.atomic import write_bytes, write_json
+from runtime.checkpoint_files import load_tensors, read_checkpoint_manifest
+from runtime.errors import CapacityError, CareError
+from runtime.growth import backbone_fields, brmoe_fields, checkpoint_fields, load_state_sources
+from runtime.layout import (
     BACKBONE_FILE,
     FORMAT,
     FORMAT_VERSION,
@@ -27,20 +31,13 @@ from runtime.artifact import (
     STATE_FILE,
     Dims,
     backbone_shapes,
-    file_entry,
     file_size,
     layout,
-    tensor_file_bytes,
-    write_bytes,
-    write_json,
-    write_patches,
 )
-from runtime.checkpoint_files import load_tensors, read_checkpoint_manifest
-from runtime.outdir import ARTIFACT, output_dir
-from runtime.errors import CapacityError, CareError
-from runtime.growth import backbone_fields, brmoe_fields, checkpoint_fields, load_state_sources
 from runtime.numerics import COS_SCALE
+from runtime.outdir import ARTIFACT, output_dir
 from runtime.packing import pack_state, pack_task
+from runtime.tensor_files import file_entry, tensor_file_bytes, write_patches
 
 from .graph import MIN_OPSET, build_model, routing_widths
 from .iterative_graph import build_iterative_model, check_capacity
