@@ -161,3 +161,19 @@ def test_synth_routing_is_not_degenerate(ckpt):
         assert len({tuple(e) for e in r.experts.flatten(1).tolist()}) > 1
     for m in model.moe:
         assert all(e.scale.abs().min() > 0 for e in m.experts)
+
+
+def test_check_state_names_the_first_problem():
+    import numpy as np
+
+    from runtime.checkpoint_files import check_state
+
+    want = {"a": (2, 3), "b": (4,)}
+    check_state({"a": np.zeros((2, 3)), "b": torch.zeros(4)}, want, "w")  # numpy and torch alike
+    with pytest.raises(CheckpointError, match=r"^w: lacks weights for b \(1 missing\)$"):
+        check_state({"a": np.zeros((2, 3))}, want, "w")
+    with pytest.raises(CheckpointError, match="w: holds weights the model cannot place, e.g. c"):
+        check_state({"a": np.zeros((2, 3)), "b": np.zeros(4), "c": np.zeros(1)}, want, "w")
+    check_state({"a": np.zeros((2, 3)), "b": np.zeros(4), "c": np.zeros(1)}, want, "w", allow_extra=True)
+    with pytest.raises(CheckpointError, match=r"w: a has shape \(3, 2\), expected \(2, 3\)"):
+        check_state({"a": np.zeros((3, 2)), "b": np.zeros(4)}, want, "w")

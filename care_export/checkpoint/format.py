@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from runtime.atomic import replacing, write_json_atomic
 from runtime.checkpoint_files import CHECKPOINT_FORMAT as FORMAT
 from runtime.checkpoint_files import CHECKPOINT_FORMAT_VERSION as FORMAT_VERSION
-from runtime.checkpoint_files import check_file, read_checkpoint_manifest, sha256_file
+from runtime.checkpoint_files import check_file, check_state, read_checkpoint_manifest, sha256_file
 from runtime.checkpoint_files import checkpoint_digest as _manifest_digest
 from runtime.errors import CheckpointError
 from runtime.preprocess import Preprocessing
@@ -83,15 +83,7 @@ def _read_tensors(path: Path, expected: dict[str, torch.Size]) -> dict[str, torc
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from None
-    missing = sorted(set(expected) - set(tensors))
-    if missing:
-        raise CheckpointError(f"{path}: lacks tensor {missing[0]} ({len(missing)} missing)")
-    extra = sorted(set(tensors) - set(expected))
-    if extra:
-        raise CheckpointError(f"{path}: unexpected tensor {extra[0]}")
-    for k, shape in expected.items():
-        if tensors[k].shape != shape:
-            raise CheckpointError(f"{path}: {k} has shape {tuple(tensors[k].shape)}, expected {tuple(shape)}")
+    check_state(tensors, expected, str(path))
     return tensors
 
 
