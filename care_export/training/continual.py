@@ -258,7 +258,7 @@ def train_sequence(out: str | Path, *, data: str | Path = "builtin", builtin: di
                         f"({source.num_classes} classes, init {init_cls}, increment {increment})")
     dev = resolve_device(device)
     model, weights_desc, default_pre = build_care_vit(backbone, weights, moe, seed=seed, cache_dir=cache_dir,
-                                                   progress=progress)
+                                                      progress=progress)
     run = ContinualRun(out, model, sequence, source, preprocessing or default_pre, cfg, limit=limit,
                        weights=weights_desc, device=dev)
     run.run(progress)
