@@ -20,7 +20,7 @@ from onnx import TensorProto
 from runtime.artifact import Artifact
 from runtime.tensor_files import as_stored
 
-from .graph import node_attr, producers
+from .graph import drop_unread, node_attr, producers
 
 
 def to_fp16(model: onnx.ModelProto, keep: set[str], reduced: bool) -> onnx.ModelProto:
@@ -77,19 +77,12 @@ def drop_round_trips(model: onnx.ModelProto) -> int:
             if _cast_to(first, TensorProto.FLOAT16) and \
                     (first.input[0] in f32 or _cast_to(producer.get(first.input[0]), TensorProto.FLOAT)):
                 replace[n.output[0]] = first.input[0]
-    outputs = {o.name for o in graph.output}
     for n in graph.node:
         for j, i in enumerate(n.input):
             if i in replace:
                 n.input[j] = replace[i]
-    # Drop casts nobody reads any more.
-    while True:
-        read = {i for n in graph.node for i in n.input} | outputs
-        dead = [n for n in graph.node if n.op_type == "Cast" and not any(o in read for o in n.output)]
-        if not dead:
-            return len(replace)
-        for n in dead:
-            graph.node.remove(n)
+    drop_unread(graph, ("Cast",))  # casts nobody reads any more
+    return len(replace)
 
 
 def _cast_to(node: onnx.NodeProto | None, dtype: int) -> bool:

@@ -38,19 +38,24 @@ def node_attr(node: onnx.NodeProto, name: str, default):
     return default
 
 
+def drop_unread(graph: onnx.GraphProto, op_types: tuple[str, ...]) -> None:
+    """Remove nodes of ``op_types`` whose outputs nothing reads (a graph output counts as read),
+    again until none is left (in place)."""
+    outputs = {o.name for o in graph.output}
+    while True:
+        read = {i for n in graph.node for i in n.input} | outputs
+        dead = [n for n in graph.node if n.op_type in op_types and not any(o in read for o in n.output)]
+        if not dead:
+            return
+        for n in dead:
+            graph.node.remove(n)
+
+
 def prune_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
     """Remove QuantizeLinear / DequantizeLinear nodes whose outputs nothing reads, and the scales
     and zero points left unread (in place)."""
     graph = model.graph
-    outputs = {o.name for o in graph.output}
-    while True:
-        used = {i for n in graph.node for i in n.input} | outputs
-        dead = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
-                and not any(o in used for o in n.output)]
-        if not dead:
-            break
-        for n in dead:
-            graph.node.remove(n)
+    drop_unread(graph, ("QuantizeLinear", "DequantizeLinear"))
     used = {i for n in graph.node for i in n.input}
     for t in [t for t in graph.initializer if t.name not in used and t.name.endswith(("_scale", "_zero_point"))]:
         graph.initializer.remove(t)
