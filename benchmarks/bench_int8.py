@@ -34,10 +34,12 @@ import onnx
 import onnxruntime as ort
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-from calibration.int8 import QUANTIZED_OPS, ListReader, routing_fp16, save_model, store_growth_int8, weight_nodes
+from calibration.graph import save_model
+from calibration.int8 import QUANTIZED_OPS, ListReader, routing_fp16, store_growth_int8, weight_nodes
 from calibration.routing_nodes import routing_nodes
-from runtime.artifact import INPUT, LOGITS, Artifact
+from runtime.artifact import Artifact
 from runtime.backends.onnxrt import session_options
+from runtime.layout import INPUT, LOGITS
 from runtime.timing import median_times
 
 VARIANTS = ("s8-in", "s8-inout", "u8-in", "u8-inout")

@@ -15,8 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 from care_export.model.config import MoEConfig  # noqa: E402
-from care_export.training.continual import (BUILTIN_WEIGHTS, ContinualRun, build_model, default_backbone,  # noqa: E402
-                                   evaluate_recorded)
+from care_export.training.continual import (BUILTIN_WEIGHTS, ContinualRun, build_care_vit,  # noqa: E402
+                                            default_backbone, evaluate_recorded)
 from care_export.data.sources import TaskSequence, open_source  # noqa: E402
 from care_export.model.iterative import prediction_scores  # noqa: E402
 from care_export.training.task import TrainConfig  # noqa: E402
@@ -33,7 +33,7 @@ def main() -> None:
     backbone = default_backbone(BUILTIN_WEIGHTS)
     source = open_source("builtin", num_classes=args.classes, image_size=backbone.img_size)
     seq = TaskSequence.build(source.num_classes, args.task_classes, args.task_classes)
-    model, weights, pre = build_model(backbone, BUILTIN_WEIGHTS, MoEConfig(), progress=False)
+    model, weights, pre = build_care_vit(backbone, BUILTIN_WEIGHTS, MoEConfig(), progress=False)
     cfg = TrainConfig(epochs=args.epochs, batch_size=16)
     run = ContinualRun(args.work, model, seq, source, pre, cfg, limit=args.tasks, weights=weights)
     print(f"{'task':>4} {'single':>8} {'iterative':>10} {'iter s':>7}")

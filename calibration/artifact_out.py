@@ -1,4 +1,4 @@
-"""Write a rewritten graph as an artifact directory of the same format (runtime/artifact.py).
+"""Write a rewritten graph as an artifact directory of the same format (docs/ARTIFACT.md).
 
 The rewrite (FP16 or INT8) hands over an in-memory ``ModelProto`` whose initializers hold their
 values. Every growth tensor (layout role other than ``backbone``) keeps its name, shape, role
@@ -17,24 +17,23 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from runtime.artifact import (
+from runtime.artifact import Artifact
+from runtime.atomic import write_bytes, write_json
+from runtime.layout import (
     ALIGN,
     BACKBONE_FILE,
-    SMALL_ALIGN,
     MANIFEST,
     MODEL_FILE,
     SLOTS_FILE,
+    SMALL_ALIGN,
     STATE_FILE,
-    Artifact,
     TensorSpec,
-    file_entry,
-    regions_digest,
     task_regions,
-    tensor_file_bytes,
-    write_bytes,
-    write_json,
 )
 from runtime.outdir import ARTIFACT, output_dir
+from runtime.tensor_files import file_entry, regions_digest, tensor_file_bytes
+
+from .graph import sort_nodes
 
 # New weights of a rewrite (quantized backbone tensors) go to backbone.bin from this size on;
 # smaller ones (scales, zero points) stay inline in model.onnx.
@@ -71,26 +70,6 @@ def _external(tensor: TensorProto, spec: TensorSpec) -> None:
         entry.key, entry.value = key, value
 
 
-def sort_nodes(graph: onnx.GraphProto) -> None:
-    """Order ``graph``'s nodes topologically (rewrites append nodes), keeping the given order
-    where it already is one."""
-    known = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
-    pending, done = list(graph.node), []
-    while pending:
-        rest = []
-        for n in pending:
-            if all(i in known for i in n.input):
-                done.append(n)
-                known.update(n.output)
-            else:
-                rest.append(n)
-        if len(rest) == len(pending):
-            raise ValueError(f"the rewritten graph has a cycle or a dangling input at node {rest[0].name}")
-        pending = rest
-    del graph.node[:]
-    graph.node.extend(done)
-
-
 def growth_role(src: Artifact, name: str) -> str | None:
     """The role of an initializer of the rewritten graph: its source role, or that of the growth
     tensor it belongs to (``X.scale`` of ``X``); None for a new backbone tensor."""
@@ -104,7 +83,7 @@ def write_artifact(model: onnx.ModelProto, src: Artifact, out: Path, precision: 
     """Write ``model`` (initializers in memory) as an artifact at ``out``; return its manifest.
 
     ``growth_values``: values to store for growth tensors instead of the initializers' (the
-    packing code's own rounding, see ``runtime.artifact.as_stored``); same dtype and shape.
+    packing code's own rounding, see ``runtime.tensor_files.as_stored``); same dtype and shape.
     ``finish(tmp)``: called with the finished temporary directory before it is renamed to ``out``.
     """
     graph = model.graph

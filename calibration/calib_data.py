@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from runtime.errors import InputError
+from runtime.preprocess import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
 Pool = dict[int, list]
 

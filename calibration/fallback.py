@@ -25,17 +25,17 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from runtime.artifact import INPUT, LOGITS, ROUTING_EXPERTS, ROUTING_TASKS
+from runtime.layout import INPUT, LOGITS, ROUTING_EXPERTS, ROUTING_TASKS
 from runtime.routing import canonical_routing
 
-from .int8 import model_session
+from .graph import model_session, producers, prune_qdq
 from .margins import Reference, flip_rates
 
 
 def _qdq_reads(model: onnx.ModelProto):
     """``(node, input index, x)`` for every input of a node that is ``DQ(Q(x))`` of an activation
     ``x`` (not of a weight initializer)."""
-    producer = {o: n for n in model.graph.node for o in n.output}
+    producer = producers(model.graph)
     inits = {t.name for t in model.graph.initializer}
     for n in model.graph.node:
         for j, i in enumerate(n.input):
@@ -58,7 +58,7 @@ def only_targets_read_qdq(model: onnx.ModelProto, targets: set[str]) -> onnx.Mod
     for n, j, x in list(_qdq_reads(model)):
         if n.name not in targets:
             n.input[j] = x
-    return prune(model)
+    return prune_qdq(model)
 
 
 def weight_only(model: onnx.ModelProto, nodes: set[str], act: dict[str, tuple[int, str]]) -> onnx.ModelProto:
@@ -70,25 +70,7 @@ def weight_only(model: onnx.ModelProto, nodes: set[str], act: dict[str, tuple[in
         if n.name in nodes and n.name in act:
             j, x = act[n.name]
             n.input[j] = x
-    return prune(m)
-
-
-def prune(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Remove QuantizeLinear / DequantizeLinear nodes whose outputs nothing reads (in place)."""
-    graph = model.graph
-    outputs = {o.name for o in graph.output}
-    while True:
-        used = {i for n in graph.node for i in n.input} | outputs
-        dead = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
-                and not any(o in used for o in n.output)]
-        if not dead:
-            break
-        for n in dead:
-            graph.node.remove(n)
-    used = {i for n in graph.node for i in n.input}
-    for t in [t for t in graph.initializer if t.name not in used and t.name.endswith(("_scale", "_zero_point"))]:
-        graph.initializer.remove(t)
-    return model
+    return prune_qdq(m)
 
 
 class Evaluator:
@@ -149,7 +131,7 @@ def sensitivity_fallback(model: onnx.ModelProto, targets: set[str], evaluator: E
               "flips": "raw" if evaluator.eps is None else f"margin-aware, eps {evaluator.eps:g}"}
     limit = target
     if full.max() <= limit and not curve:
-        return prune(model), dict(record, weight_only=[], calibration_flips=float(full.max()))
+        return prune_qdq(model), dict(record, weight_only=[], calibration_flips=float(full.max()))
     sensitivity = {}
     for name in layers:
         flips, dlogit, _ = evaluator.score(weight_only(model, set(layers) - {name}, act))

@@ -6,7 +6,7 @@ every edge between the two; the graph's inputs and outputs stay float32. Routing
 (``calibration.routing_nodes``) are kept in float32 unless ``routing="reduced"``, which
 converts them too (TopK included).
 
-Growth tensors that end up in float16 are stored with ``runtime.artifact.as_stored`` (float32
+Growth tensors that end up in float16 are stored with ``runtime.tensor_files.as_stored`` (float32
 first, saturating at the largest half), the rounding that growth uses for new tasks, so an FP16
 artifact that takes a task equals the FP16 rewrite of the grown FP32 artifact.
 """
@@ -17,9 +17,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from runtime.artifact import Artifact, as_stored
+from runtime.artifact import Artifact
+from runtime.tensor_files import as_stored
 
-from .int8 import node_attr
+from .graph import drop_unread, node_attr, producers
 
 
 def to_fp16(model: onnx.ModelProto, keep: set[str], reduced: bool) -> onnx.ModelProto:
@@ -68,7 +69,7 @@ def drop_round_trips(model: onnx.ModelProto) -> int:
     f32 = {v.name for v in list(graph.value_info) + list(graph.input) + list(graph.output)
            if v.type.tensor_type.elem_type == TensorProto.FLOAT}
     f32 |= {t.name for t in graph.initializer if t.data_type == TensorProto.FLOAT}
-    producer = {o: n for n in graph.node for o in n.output}
+    producer = producers(graph)
     replace = {}
     for n in graph.node:
         if _cast_to(n, TensorProto.FLOAT):
@@ -76,19 +77,12 @@ def drop_round_trips(model: onnx.ModelProto) -> int:
             if _cast_to(first, TensorProto.FLOAT16) and \
                     (first.input[0] in f32 or _cast_to(producer.get(first.input[0]), TensorProto.FLOAT)):
                 replace[n.output[0]] = first.input[0]
-    outputs = {o.name for o in graph.output}
     for n in graph.node:
         for j, i in enumerate(n.input):
             if i in replace:
                 n.input[j] = replace[i]
-    # Drop casts nobody reads any more.
-    while True:
-        read = {i for n in graph.node for i in n.input} | outputs
-        dead = [n for n in graph.node if n.op_type == "Cast" and not any(o in read for o in n.output)]
-        if not dead:
-            return len(replace)
-        for n in dead:
-            graph.node.remove(n)
+    drop_unread(graph, ("Cast",))  # casts nobody reads any more
+    return len(replace)
 
 
 def _cast_to(node: onnx.NodeProto | None, dtype: int) -> bool:

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .int8 import model_session, node_attr
+from .graph import model_session, node_attr
 
 DAMP = 0.01  # share of the mean diagonal added to H: calibration sets are small next to the width
 BATCH = 16  # every layer input of a batch is held at once

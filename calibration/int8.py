@@ -20,16 +20,17 @@ Two steps:
 from __future__ import annotations
 
 from collections import defaultdict
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from runtime.artifact import as_stored
+from runtime.tensor_files import as_stored
 
 from .calib_data import batches
+from .gptq import gptq_round
+from .graph import consumers, node_attr, save_model
 
 SCALE_SUFFIX = ".scale"
 # Growth tensors stored in int8, by the last part of their name, and the axes a scale spans
@@ -48,8 +49,6 @@ INT8_STORED = {
 # (docs/CALIBRATION.md). The perceptors stay float32: float16 ones flip more than that.
 ROUTING_FP16 = ("routers.weight",)
 QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
-# Protobuf refuses messages of 2 GiB; larger models keep their weights in a file beside them.
-PROTO_LIMIT = (1 << 31) - (1 << 24)
 METHODS = ("minmax", "entropy", "percentile")
 CALIB_BATCH = 1  # equal batches: the histogram methods stack per-batch outputs
 # Images per collect_data call: the calibrator holds every output of every calibrated node for them
@@ -86,14 +85,9 @@ def store_growth_int8(model: onnx.ModelProto, growth: set[str], fp16: set[str] =
     ``NAME.scale`` (rounded by :func:`~calibration.gptq.gptq_round` where ``moments`` has their
     readers' input moments), the tensors in ``fp16`` float16. Returns the names of the nodes
     added (they widen to float32; keep them float)."""
-    from .gptq import gptq_round
-
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    consumers = defaultdict(list)
-    for n in graph.node:
-        for j, i in enumerate(n.input):
-            consumers[i].append((n, j))
+    readers = consumers(graph)
     added: list[onnx.NodeProto] = []
     before: dict[str, list[onnx.NodeProto]] = defaultdict(list)  # node name -> nodes to insert before it
     for name in sorted(growth):
@@ -111,7 +105,7 @@ def store_growth_int8(model: onnx.ModelProto, growth: set[str], fp16: set[str] =
             inits[name].CopyFrom(numpy_helper.from_array(q, name))
             graph.initializer.append(numpy_helper.from_array(scale, name + SCALE_SUFFIX))
         whole = None
-        for node, j in consumers[name]:
+        for node, j in readers[name]:
             if node.op_type == "Gather" and j == 0 and node_attr(node, "axis", 0) == 0:
                 # Gather the stored rows (and their scales); widen only those.
                 base = f"{node.name}/stored"
@@ -153,13 +147,6 @@ def store_growth_int8(model: onnx.ModelProto, growth: set[str], fp16: set[str] =
     return {n.name for n in added}
 
 
-def node_attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
 def weight_nodes(model: onnx.ModelProto, growth: set[str]) -> set[str]:
     """MatMul, Gemm and Conv nodes whose weight (second input) is a float initializer other than
     a growth tensor: the backbone's linear layers. Products of two activations (attention
@@ -187,33 +174,6 @@ class ListReader:
 
     def __len__(self):  # some ORT versions ask
         return 0
-
-
-def save_model(model: onnx.ModelProto, path) -> bool:
-    """Write ``model`` to ``path``, its weights as external data beside it when one protobuf
-    cannot hold them; returns whether it did that."""
-    large = model.ByteSize() > PROTO_LIMIT
-    onnx.save_model(model, str(path), save_as_external_data=large, location=f"{Path(path).stem}.bin" if large else None)
-    return large
-
-
-@contextmanager
-def model_session(model: onnx.ModelProto, threads: int | None = None):
-    """A CPU ``InferenceSession`` of the in-memory ``model`` with the artifacts' session options;
-    a model too large for one protobuf goes through a temporary file."""
-    import tempfile
-
-    import onnxruntime as ort
-
-    from runtime.backends.onnxrt import session_options
-
-    with tempfile.TemporaryDirectory(prefix="care-session-") as tmp:
-        if model.ByteSize() > PROTO_LIMIT:
-            source = str(Path(tmp) / "m.onnx")
-            save_model(model, source)
-        else:
-            source = model.SerializeToString()
-        yield ort.InferenceSession(source, session_options(threads, quiet=True), providers=["CPUExecutionProvider"])
 
 
 def quantize_qdq(model: onnx.ModelProto, images, targets: set[str], method: str, input_name: str,

@@ -19,8 +19,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from runtime.artifact import INPUT, LOGITS, ROUTING_EXPERTS, ROUTING_TASKS
+from runtime.layout import INPUT, LOGITS, ROUTING_EXPERTS, ROUTING_TASKS
 from runtime.routing import canonical_routing, same_routing
+
+from .graph import model_session, node_attr
 
 EPSILON = 1e-3
 
@@ -30,10 +32,9 @@ def _topks(model: onnx.ModelProto) -> list[tuple[str, str, bool]]:
     out = []
     for n in model.graph.node:
         if n.op_type == "TopK":
-            attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
-            if attrs.get("axis", -1) != -1:
+            if node_attr(n, "axis", -1) != -1:
                 raise ValueError(f"TopK {n.name} is not over the last axis")
-            out.append((n.input[0], n.output[0], bool(attrs.get("largest", 1))))
+            out.append((n.input[0], n.output[0], bool(node_attr(n, "largest", 1))))
     return out
 
 
@@ -65,8 +66,6 @@ class Reference:
     """The FP32 graph's logits, canonical routing and deciding gaps on images, in chunks."""
 
     def __init__(self, model: onnx.ModelProto, images, threads: int | None = None):
-        from .int8 import model_session
-
         specs = _topks(model)
         fetch = [LOGITS, ROUTING_TASKS, ROUTING_EXPERTS] + [t for s in specs for t in s[:2]]
         parts = []

@@ -16,8 +16,9 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from runtime.artifact import INPUT, Artifact
+from runtime.artifact import Artifact
 from runtime.errors import ArtifactError, InputError
+from runtime.layout import INPUT
 from runtime.outdir import ARTIFACT, check_output
 from runtime.preprocess import Preprocessing
 
@@ -57,7 +58,7 @@ def check_quantize_output(src: Artifact, out: Path, precision: str, force: bool)
     check_output(out, ARTIFACT, force, inputs=[src.dir])
 
 
-def open_source(artifact_dir: str | Path) -> Artifact:
+def open_source_artifact(artifact_dir: str | Path) -> Artifact:
     art = Artifact(artifact_dir, verify=True)  # never build on a corrupt artifact
     if art.manifest["precision"] != "fp32":
         raise ArtifactError(f"{art.dir} is already quantized ({art.manifest['precision'].upper()}); quantize the "
@@ -91,7 +92,7 @@ def quantize_artifact(src_dir: str | Path | Artifact, out: str | Path, precision
                       tradeoff: bool = False,
                       progress: Callable[[int], None] | None = None, latency_runs: int = 7) -> tuple[dict, dict]:
     """Write the ``precision`` rewrite of the FP32 artifact ``src_dir`` (a directory, or an artifact that
-    :func:`open_source` opened) to ``out``.
+    :func:`open_source_artifact` opened) to ``out``.
 
     ``calib``: images the INT8 activation ranges are taken from (FP16 needs none). ``held_out``:
     labelled images for the report. ``progress(n)``: called as calibration images are used.
@@ -115,7 +116,7 @@ def quantize_artifact(src_dir: str | Path | Artifact, out: str | Path, precision
     if routing not in ROUTING_MODES:
         raise InputError(f"unknown routing mode {routing!r}: choose one of {', '.join(ROUTING_MODES)}")
     # A caller that opened (and so verified) the source already passes it: hash it once.
-    src = src_dir if isinstance(src_dir, Artifact) else open_source(src_dir)
+    src = src_dir if isinstance(src_dir, Artifact) else open_source_artifact(src_dir)
     out = Path(out)
     check_quantize_output(src, out, precision, force)
     pre = Preprocessing.from_dict(src.manifest["preprocessing"])

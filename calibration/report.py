@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.artifact import MANIFEST, read_manifest
+from runtime.layout import MANIFEST
+from runtime.manifest import read_manifest
 from runtime.routing import canonical_routing
 from runtime.timing import median_times
 

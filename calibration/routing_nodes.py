@@ -17,11 +17,11 @@ The result is a set of node names; reduced-precision rewrites keep these nodes i
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import onnx
 
-from runtime.artifact import ROUTING_EXPERTS, ROUTING_TASKS
+from runtime.layout import ROUTING_EXPERTS, ROUTING_TASKS
+
+from .graph import consumers, producers
 
 ROUTING_OUTPUTS = (ROUTING_TASKS, ROUTING_EXPERTS)
 
@@ -33,14 +33,8 @@ def routing_nodes(model: onnx.ModelProto) -> set[str]:
     names = [n.name for n in nodes]
     if len(set(names)) != len(names) or not all(names):
         raise ValueError("routing analysis needs unique, non-empty node names")
-    consumers: dict[str, list[str]] = defaultdict(list)
-    producer: dict[str, str] = {}
-    for n in nodes:
-        for i in n.input:
-            if i:
-                consumers[i].append(n.name)
-        for o in n.output:
-            producer[o] = n.name
+    readers = {t: [c.name for c, _ in cs] for t, cs in consumers(graph).items()}
+    producer = {t: n.name for t, n in producers(graph).items()}
     by_name = {n.name: n for n in nodes}
     outputs = {o.name for o in graph.output}
     constants = {t.name for t in graph.initializer}
@@ -54,7 +48,7 @@ def routing_nodes(model: onnx.ModelProto) -> set[str]:
         for o in n.output:
             if o in outputs and o not in ROUTING_OUTPUTS:
                 return False
-            for c in consumers.get(o, ()):
+            for c in readers.get(o, ()):
                 if c not in routing:
                     return False
                 seen = True

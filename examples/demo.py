@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from care_export.checkpoint.format import read_manifest
+from runtime.checkpoint_files import read_checkpoint_manifest
 from care_export.model.config import MoEConfig
 from care_export.training.continual import resume_sequence, train_sequence
 from care_export.data.sources import LabelledImages, source_from_dict
@@ -68,7 +68,7 @@ def compare(out: Path, data: str, care: Metrics, moe: MoEConfig, cfg: TrainConfi
         t = time.perf_counter()
         ckpt = learn_builtin_sequence(out / method.replace("care", "care-m1k1"), moe=run_moe,
                                       cfg=replace(cfg, method=method), device=device, progress=progress, data=data)
-        rows.append((name, Metrics.from_dict(read_manifest(ckpt)["metrics"])))
+        rows.append((name, Metrics.from_dict(read_checkpoint_manifest(ckpt)["metrics"])))
         print(f"  {name}: {time.perf_counter() - t:.0f} s")
     classes = DEMO_SEQUENCES[data]["num_classes"]
     print(f"\n{data}, {classes} classes in tasks of {DEMO_TASK_CLASSES}, same data and budget, top-1 %:")
@@ -79,7 +79,7 @@ def compare(out: Path, data: str, care: Metrics, moe: MoEConfig, cfg: TrainConfi
 
 def held_out_images(ckpt: Path) -> tuple[list, np.ndarray]:
     """The test images of every learned class (uint8 RGB arrays) and their global labels."""
-    m = read_manifest(ckpt)
+    m = read_checkpoint_manifest(ckpt)
     seq = m["sequence"]
     classes = range(sum(t["classes"] for t in m["tasks"]))
     data = LabelledImages(source_from_dict(seq["data"]), "test", seq["class_order"], classes, np.asarray)
@@ -133,7 +133,7 @@ def main() -> None:
     images, labels = held_out_images(ckpt)
     pred = session.predict(images)
     runtime_acc = 100 * float((pred.classes[:, 0] == labels).mean())
-    metrics = Metrics.from_dict(read_manifest(ckpt)["metrics"])
+    metrics = Metrics.from_dict(read_checkpoint_manifest(ckpt)["metrics"])
     print(f"\nCaRE on the {args.data} sequence (M={moe.topk_routers}, K={moe.topk_experts}), top-1 % after each task:")
     print(metrics.table())
     print(f"runtime.Session top-1 on {len(labels)} held-out images of all {session.num_classes} classes: "

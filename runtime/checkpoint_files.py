@@ -141,6 +141,20 @@ def require_finite(tensors: dict, where: str) -> None:
             raise CheckpointError(f"{where}: tensor {name} holds {bad} NaN or Inf values")
 
 
+def check_state(tensors: dict, expected: dict[str, tuple], where: str, *, allow_extra: bool = False) -> None:
+    """The one check of loaded weights (numpy or torch tensors) against the shapes a model expects:
+    every expected tensor present with its shape and, unless ``allow_extra``, nothing else."""
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise CheckpointError(f"{where}: lacks weights for {missing[0]} ({len(missing)} missing)")
+    extra = [] if allow_extra else sorted(set(tensors) - set(expected))
+    if extra:
+        raise CheckpointError(f"{where}: holds weights the model cannot place, e.g. {extra[0]}")
+    for k, shape in expected.items():
+        if tuple(tensors[k].shape) != tuple(shape):
+            raise CheckpointError(f"{where}: {k} has shape {tuple(tensors[k].shape)}, expected {tuple(shape)}")
+
+
 def require(tensors: dict[str, np.ndarray], key: str, shape: tuple, where: str) -> np.ndarray:
     """``tensors[key]`` with the expected shape, or a CheckpointError naming the file."""
     if key not in tensors:

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifact import BACKBONE_FILE, INPUT, MODEL_FILE, ROUTING_EXPERTS, ROUTING_TASKS, Artifact, score_output
+from .artifact import Artifact
 from .errors import ArtifactError
+from .layout import BACKBONE_FILE, INPUT, MODEL_FILE, ROUTING_EXPERTS, ROUTING_TASKS, score_output
 
 
 @dataclass

@@ -9,7 +9,7 @@ changes (in memory, numpy only); :func:`apply_growth` writes it crash-safely:
 3. rename the state into place (the graph now sees the new tasks), then the manifest (commit).
 
 Any failure before step 3 leaves an artifact that computes what it did; a crash between the two
-renames is completed by the next :func:`~runtime.artifact.read_manifest`. Every check runs before
+renames is completed by the next :func:`~runtime.manifest.read_manifest`. Every check runs before
 step 1, so a refused checkpoint leaves the artifact byte for byte as it was.
 
 A running ONNX Runtime session keeps its own copy of the state (``state.bin`` is replaced by a
@@ -26,26 +26,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifact import (
-    MANIFEST,
-    PENDING_MANIFEST,
-    PENDING_STATE,
-    SLOTS_FILE,
-    STATE_FILE,
-    Artifact,
-    Patch,
-    as_stored,
-    fsync_dir,
-    patches_digest,
-    tensor_file_bytes,
-    write_bytes,
-    write_json,
-    write_patches,
-)
+from .artifact import Artifact
+from .atomic import write_bytes, write_json
 from .checkpoint_files import checkpoint_digest, load_tensors, read_checkpoint_manifest, sha256_file
 from .errors import ArtifactError, CapacityError, MismatchError
+from .layout import MANIFEST, PENDING_MANIFEST, PENDING_STATE, SLOTS_FILE, STATE_FILE
+from .outdir import fsync_dir
 from .outdir import ARTIFACT, output_dir
 from .packing import check_task_classes, pack_state, pack_task
+from .tensor_files import Patch, as_stored, patches_digest, tensor_file_bytes, write_patches
 
 # Backbone keys of a checkpoint manifest that are configuration, not file bookkeeping.
 _FILE_KEYS = ("file", "bytes")
@@ -190,7 +179,7 @@ def apply_growth(art: Artifact, growth: Growth) -> dict:
                                                                 "bytes": len(state)}})
     write_json(d / PENDING_MANIFEST, manifest)
     os.replace(d / PENDING_STATE, d / STATE_FILE)
-    with contextlib.suppress(FileNotFoundError):  # a reader completed it (runtime.artifact.read_manifest)
+    with contextlib.suppress(FileNotFoundError):  # a reader completed it (runtime.manifest.read_manifest)
         os.replace(d / PENDING_MANIFEST, d / MANIFEST)
     fsync_dir(d)
     return manifest

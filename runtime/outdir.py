@@ -27,7 +27,7 @@ from .checkpoint_files import CHECKPOINT_FORMAT
 from .errors import ArtifactError, CheckpointError
 
 CHECKPOINT = CHECKPOINT_FORMAT
-ARTIFACT = "care-export-artifact"  # runtime.artifact.FORMAT
+ARTIFACT = "care-export-artifact"  # runtime.layout.FORMAT
 _NAMES = {CHECKPOINT: "checkpoint", ARTIFACT: "artifact"}
 _ERRORS = {CHECKPOINT: CheckpointError, ARTIFACT: ArtifactError}
 

@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .artifact import PAD_LOGIT, Dims, Patch, task_regions
 from .checkpoint_files import require
 from .errors import CapacityError
+from .layout import Dims, task_regions
+from .numerics import NORM_EPS, PAD_LOGIT
+from .tensor_files import Patch
 
 _F64 = np.float64
 
@@ -77,7 +79,7 @@ def check_task_classes(task: int, classes: int, dims: Dims) -> None:
 
 def pack_task(tensors: dict[str, np.ndarray], task: int, classes: int, dims: Dims, where: str) -> list[Patch]:
     """The patches that write task ``task`` (its checkpoint file's tensors) into slots.bin, in
-    the order of :func:`~runtime.artifact.task_regions`."""
+    the order of :func:`~runtime.layout.task_regions`."""
     check_task_classes(task, classes, dims)
     d, r = dims.embed_dim, dims.expert_dim
     data = {}
@@ -118,7 +120,7 @@ def pack_state(shared: dict[str, np.ndarray], head: dict[str, np.ndarray], task_
         m = f"moe.{i}.shared."
         out.update({m + "down": down[None], m + "down_bias": down_b[None, None], m + "up": up[None], m + "up_bias": up_b})
     rows = np.concatenate([require(head, f"head.{t}", (c, d), where).astype(_F64) for t, c in enumerate(task_classes)])
-    rows /= np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)  # F.normalize's eps
+    rows /= np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), NORM_EPS)
     w = np.zeros((d, dims.class_capacity))
     w[:, : len(rows)] = rows.T
     out["head.weight"] = w

@@ -16,7 +16,7 @@ Accepted images, alone or as a batch (a list, or one 4-D array):
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,16 +25,31 @@ from .errors import InputError
 
 _RESAMPLING = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 
+# File names read as images wherever a folder of images is taken (run, parity, calibration,
+# image-folder datasets); compared lower-case.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """The manifest's ``preprocessing`` entry."""
+    """How an image becomes the network's input (the checkpoint's and the artifact manifest's
+    ``preprocessing`` entry): resize the shorter side, centre crop, normalise."""
 
     input_size: int
     resize: int
     interpolation: str
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+
+    @classmethod
+    def for_input(cls, input_size: int, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)) -> "Preprocessing":
+        # The reference's test transform: resize to 256/224 of the input, centre crop.
+        return cls(input_size, int(input_size * 256 / 224), "bicubic", tuple(mean), tuple(std))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocessing":

@@ -1,4 +1,4 @@
-"""``Session``: run an exported artifact (runtime/artifact.py) and grow it while it runs.
+"""``Session``: run an exported artifact (docs/ARTIFACT.md) and grow it while it runs.
 
 Growth and concurrency. ``add_task(ckpt)`` reads and packs the checkpoint's new tasks outside
 any lock (``runtime.growth.plan_growth``, numpy only), then, holding the session's lock
@@ -25,20 +25,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifact import LOGITS, ROUTING_EXPERTS, ROUTING_TASKS, SCORES, Artifact, score_output
+from .artifact import Artifact
 from .backends import open_runner
+from .cache import default_cache_dir
 from .errors import ArtifactError, ClosedError, InputError
 from .graph import load_graph
+from .layout import LOGITS, ROUTING_EXPERTS, ROUTING_TASKS, SCORES, score_output
+from .numerics import COS_SCALE
 from .preprocess import Preprocessing, to_input
 from .routing import canonical_routing
 
-# Probabilities are softmax(COS_SCALE * cos) over the learned classes (docs/MODEL.md, "Single-pass inference").
-COS_SCALE = 20.0
-
-
-def default_cache_dir() -> Path:
-    """Where engines are cached: ``$CARE_EXPORT_CACHE``, else ``~/.cache/care-export``."""
-    return Path(os.environ.get("CARE_EXPORT_CACHE") or Path.home() / ".cache" / "care-export")
 
 
 @dataclass

@@ -14,11 +14,12 @@ inputs in memory only), so Triton sees `images` as the one required input.
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
-from .artifact import INPUT, MODEL_FILE, Artifact, write_bytes
+from .artifact import Artifact
+from .atomic import write_atomic
+from .layout import INPUT, MODEL_FILE
 from .errors import ArtifactError
 
 CONFIG = "config.pbtxt"
@@ -59,9 +60,7 @@ def model_config(art: Artifact, name: str, max_batch: int, instances: int, devic
 
 def write_labels(model_dir: Path, art: Artifact) -> None:
     # Classes are only ever appended, so the newest version's labels serve the older ones too.
-    tmp = model_dir / f".{LABELS}.tmp"
-    write_bytes(tmp, "".join(f"{n}\n" for n in art.manifest["classes"]["names"]).encode())
-    os.replace(tmp, model_dir / LABELS)
+    write_atomic(model_dir / LABELS, "".join(f"{n}\n" for n in art.manifest["classes"]["names"]).encode())
 
 
 def add_version(model_dir: Path, ckpt: Path, keep: int | None) -> tuple[int, list[int], list[int]]:

@@ -5,7 +5,8 @@ from click.testing import CliRunner
 
 from care_export.training.baselines import trainable_parts
 from care_export.model.brmoe import BRMoE
-from care_export.checkpoint.format import load_checkpoint, read_manifest
+from care_export.checkpoint.format import load_checkpoint
+from runtime.checkpoint_files import read_checkpoint_manifest
 from care_export.cli import main
 from care_export.model.config import MoEConfig
 from care_export.training.continual import resume_sequence, train_sequence
@@ -31,7 +32,7 @@ def test_frozen_trains_the_head_alone_and_adds_nothing_to_the_backbone(tmp_path)
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(x), model.head(model.forward_backbone(x)))
-    manifest = read_manifest(ckpt)
+    manifest = read_checkpoint_manifest(ckpt)
     assert manifest["training"]["method"] == "frozen"
     metrics = manifest["metrics"]
     assert len(metrics["top1"]) == 2 and metrics["top1"][0] > 100 / 4  # the head learned task 0
@@ -51,7 +52,7 @@ def test_shared_adapter_fine_tunes_one_adapter_through_all_tasks(tmp_path, monke
         assert all(float(e.scale.abs().sum()) == 0 for e in a.experts)  # task experts never train
         assert all(torch.equal(p, q) for p, q in zip(b.routers[0].parameters(), a.routers[0].parameters()))
         assert not all(torch.equal(p, q) for p, q in zip(b.shared.parameters(), a.shared.parameters()))
-    assert read_manifest(tmp_path / "s")["metrics"]["top1"][0] > 100 / 4
+    assert read_checkpoint_manifest(tmp_path / "s")["metrics"]["top1"][0] > 100 / 4
 
 
 def test_trainable_parts_per_method():
@@ -80,13 +81,13 @@ def test_cli_method_and_builtin_shift(tmp_path):
             "--img-size", "32", "--patch-size", "8", "--depth", "2", "--backbone-weights", str(tmp_path / "vit.safetensors")]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
-    manifest = read_manifest(ckpt)
+    manifest = read_checkpoint_manifest(ckpt)
     assert manifest["training"]["method"] == "shared-adapter"
     assert manifest["sequence"]["data"]["kind"] == "builtin-shift"
     res = CliRunner().invoke(main, ["train", "--resume", str(ckpt), "--method", "care"])
     assert res.exit_code == 2 and "fixed by the checkpoint" in res.output
     res = CliRunner().invoke(main, ["train", "--resume", str(ckpt), "--quiet"])
     assert res.exit_code == 0, res.output
-    assert read_manifest(ckpt)["training"]["method"] == "shared-adapter"
+    assert read_checkpoint_manifest(ckpt)["training"]["method"] == "shared-adapter"
     res = CliRunner().invoke(main, ["train", "-o", str(tmp_path / "x"), "--method", "nope"])
     assert res.exit_code == 2

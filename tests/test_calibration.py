@@ -19,7 +19,8 @@ from calibration.quantize import draw_images, quantize_artifact
 from calibration.report import REPORT_FILE
 from calibration.routing_nodes import routing_nodes
 from care_export.cli import main
-from care_export.model.config import Preprocessing, backbone_config
+from care_export.model.config import backbone_config
+from runtime.preprocess import Preprocessing
 from care_export.training.continual import train_sequence
 from care_export.export.writer import export_artifact
 from care_export.training.pretrain import PretrainConfig, pretrained_backbone

@@ -6,11 +6,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from care_export import checkpoint as ck
-from care_export.checkpoint.format import load_checkpoint, read_manifest, save_checkpoint
+from care_export.checkpoint import format as ck
+from care_export.checkpoint.format import load_checkpoint, save_checkpoint
 from care_export.cli import main
 from care_export.model.config import MoEConfig, backbone_config
 from care_export.checkpoint.synth import randomize_task, synth_model
+from runtime.checkpoint_files import read_checkpoint_manifest
 from runtime.errors import CheckpointError
 
 CFG = backbone_config("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
@@ -129,7 +130,7 @@ def test_newer_format_version(ckpt):
     m["format_version"] = ck.FORMAT_VERSION + 1
     (ckpt / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(CheckpointError, match="newer than this reader"):
-        read_manifest(ckpt)
+        read_checkpoint_manifest(ckpt)
 
 
 @pytest.mark.parametrize("content,match", [(None, "manifest missing"), ("{not json", "not valid JSON"),
@@ -160,3 +161,19 @@ def test_synth_routing_is_not_degenerate(ckpt):
         assert len({tuple(e) for e in r.experts.flatten(1).tolist()}) > 1
     for m in model.moe:
         assert all(e.scale.abs().min() > 0 for e in m.experts)
+
+
+def test_check_state_names_the_first_problem():
+    import numpy as np
+
+    from runtime.checkpoint_files import check_state
+
+    want = {"a": (2, 3), "b": (4,)}
+    check_state({"a": np.zeros((2, 3)), "b": torch.zeros(4)}, want, "w")  # numpy and torch alike
+    with pytest.raises(CheckpointError, match=r"^w: lacks weights for b \(1 missing\)$"):
+        check_state({"a": np.zeros((2, 3))}, want, "w")
+    with pytest.raises(CheckpointError, match="w: holds weights the model cannot place, e.g. c"):
+        check_state({"a": np.zeros((2, 3)), "b": np.zeros(4), "c": np.zeros(1)}, want, "w")
+    check_state({"a": np.zeros((2, 3)), "b": np.zeros(4), "c": np.zeros(1)}, want, "w", allow_extra=True)
+    with pytest.raises(CheckpointError, match=r"w: a has shape \(3, 2\), expected \(2, 3\)"):
+        check_state({"a": np.zeros((3, 2)), "b": np.zeros(4)}, want, "w")

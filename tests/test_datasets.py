@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from care_export.data.builtin import MAX_CLASSES, PRETRAIN_FIRST_CLASS, BuiltinSource
-from care_export.model.config import Preprocessing
+from runtime.preprocess import Preprocessing
 from care_export.data.sources import (ImageFolderSource, LabelledImages, TaskSequence, class_order, eval_transform,
                                   task_split, train_transform)
 from runtime.errors import CareError

@@ -10,8 +10,9 @@ from click.testing import CliRunner
 from care_export.cli import main
 from care_export.export import export_artifact
 from care_export.export.parity import ort_session, random_images, run_artifact
-from runtime.artifact import SLOTS_FILE, Artifact, Dims, layout, router_base, task_regions
+from runtime.artifact import Artifact
 from runtime.errors import ArtifactError, CapacityError
+from runtime.layout import SLOTS_FILE, Dims, layout, router_base, task_regions
 
 from test_export_common import make_artifact, make_checkpoint, snapshot
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from care_export.checkpoint.format import save_checkpoint
-from care_export.model.config import MoEConfig, Preprocessing, backbone_config
+from care_export.model.config import MoEConfig, backbone_config
+from runtime.preprocess import Preprocessing
 from care_export.export import export_artifact
 from care_export.checkpoint.synth import synth_model
 

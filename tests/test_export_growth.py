@@ -13,10 +13,12 @@ from safetensors.numpy import load_file, save_file
 from care_export.cli import main
 from care_export.export import export_artifact
 from care_export.export.parity import ort_session, random_images, run_artifact, run_parity
-from runtime.artifact import MANIFEST, PENDING_MANIFEST, PENDING_STATE, STATE_FILE, Artifact, read_manifest
+from runtime.artifact import Artifact
 from runtime.checkpoint_files import sha256_file
 from runtime.errors import CapacityError, MismatchError
 from runtime.growth import add_tasks, apply_growth, plan_growth
+from runtime.layout import MANIFEST, PENDING_MANIFEST, PENDING_STATE, STATE_FILE
+from runtime.manifest import read_manifest
 
 from test_export_common import make_artifact, make_checkpoint, snapshot
 

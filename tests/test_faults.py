@@ -529,7 +529,8 @@ def test_add_task_on_a_read_only_directory(world, art, monkeypatch):
     else:
         import builtins
 
-        import runtime.artifact as artifact
+        import runtime.atomic as atomic
+        import runtime.tensor_files as tensor_files
 
         def read_only(*args, **kwargs):
             raise OSError(errno.EROFS, "Read-only file system", str(args[0]))
@@ -541,7 +542,8 @@ def test_add_task_on_a_read_only_directory(world, art, monkeypatch):
                 raise OSError(errno.EROFS, "Read-only file system", str(file))
             return real_open(file, mode, *args, **kwargs)
 
-        monkeypatch.setattr(artifact, "open", open_ro, raising=False)
+        for writer in (atomic, tensor_files):  # the modules that open the artifact's files to write
+            monkeypatch.setattr(writer, "open", open_ro, raising=False)
         monkeypatch.setattr(os, "replace", read_only)
         monkeypatch.setattr(os, "unlink", read_only)
     try:

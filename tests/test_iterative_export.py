@@ -13,9 +13,9 @@ from care_export.export.iterative_graph import build_iterative_model, check_capa
 from care_export.export.writer import export_dims
 from care_export.model.iterative import iterative_scores
 from care_export.export.parity import ort_session, random_images
-from runtime.artifact import INPUT, ROUTING_EXPERTS, ROUTING_TASKS, SCORES, layout
 from runtime.checkpoint_files import read_checkpoint_manifest
 from runtime.errors import CareError
+from runtime.layout import INPUT, ROUTING_EXPERTS, ROUTING_TASKS, SCORES, layout
 
 from test_export_common import IMG, make_artifact, make_checkpoint
 

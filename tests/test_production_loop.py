@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from care_export.data.builtin import BuiltinSource
-from care_export.checkpoint.format import read_manifest
+from runtime.checkpoint_files import read_checkpoint_manifest
 from care_export.cli import main
 from care_export.model.config import backbone_config
 from care_export.training.continual import resume_sequence, train_sequence
@@ -67,7 +67,7 @@ def loop(tmp_path_factory):
 
 def test_new_folders_become_new_tasks_with_their_provenance(loop, capsys):
     root, folders, ck = loop
-    m = read_manifest(ck)
+    m = read_checkpoint_manifest(ck)
     assert [t["classes"] for t in m["tasks"]] == [3, 3]
     rec = m["task_data"][0]
     assert rec["given"] == str(folders["a"]) and rec["images"] == {"train": 15, "test": 3}
@@ -83,7 +83,7 @@ def test_new_folders_become_new_tasks_with_their_provenance(loop, capsys):
     assert res.exit_code == 2 and "--skip-known needs --data" in res.output
 
     resume_sequence(ck, data=folders["b"], progress=False)
-    m = read_manifest(ck)
+    m = read_checkpoint_manifest(ck)
     assert [t["classes"] for t in m["tasks"]] == [3, 3, 3]
     assert m["classes"]["names"][6:] == ["b0", "b1", "b2"]
     assert m["task_data"][2]["given"] == str(folders["b"]) and m["task_data"][2]["classes"] == ["b0", "b1", "b2"]
@@ -94,7 +94,7 @@ def test_new_folders_become_new_tasks_with_their_provenance(loop, capsys):
 
 def test_missing_source_is_skipped_and_named(loop, capsys):
     root, folders, ck = loop
-    if len(read_manifest(ck)["tasks"]) < 3:
+    if len(read_checkpoint_manifest(ck)["tasks"]) < 3:
         pytest.skip("needs the previous test's task")
     moved = root / "a-moved"
     os.replace(folders["a"], moved)
@@ -106,7 +106,7 @@ def test_missing_source_is_skipped_and_named(loop, capsys):
     out = capsys.readouterr().out
     assert "skipping 1 class(es)" in out and "a0" in out
     assert "evaluation skipped task 0" in out and "evaluation skipped task 1" in out
-    m = read_manifest(ck)
+    m = read_checkpoint_manifest(ck)
     assert m["classes"]["names"][9:] == ["c0", "c1"] and m["task_data"][3]["images"]["train"] == 10
     row = m["metrics"]["matrix"][-1]
     assert row[:2] == [None, None] and None not in row[2:]
@@ -115,7 +115,7 @@ def test_missing_source_is_skipped_and_named(loop, capsys):
 
 def test_export_add_task_to_a_new_version_and_eval_without_torch(loop, tmp_path):
     root, folders, ck = loop
-    if len(read_manifest(ck)["tasks"]) < 4:
+    if len(read_checkpoint_manifest(ck)["tasks"]) < 4:
         pytest.skip("needs the previous tests' tasks")
     v1 = root / "v1"
     before = snapshot(v1)
@@ -124,7 +124,8 @@ def test_export_add_task_to_a_new_version_and_eval_without_torch(loop, tmp_path)
     assert "hard-linked backbone.bin, model.onnx" in res.output and "slots.bin" in res.output
     assert snapshot(v1) == before  # the serving version is untouched
     v2 = tmp_path / "v2"
-    assert read_manifest(ck)["classes"]["names"] == json.loads((v2 / "manifest.json").read_text())["classes"]["names"]
+    assert read_checkpoint_manifest(ck)["classes"]["names"] == \
+        json.loads((v2 / "manifest.json").read_text())["classes"]["names"]
     assert os.path.samefile(v1 / "backbone.bin", v2 / "backbone.bin")
     assert not os.path.samefile(v1 / "slots.bin", v2 / "slots.bin")
     res = cli("add-task", v1, ck, "-o", tmp_path / "v2")
@@ -160,7 +161,7 @@ def test_score_counts_task_confusion():
 def test_golden_record_proves_the_new_version_without_torch(loop, tmp_path):
     root, folders, ck = loop
     v2 = root / "v2-golden"
-    if len(read_manifest(ck)["tasks"]) < 4:
+    if len(read_checkpoint_manifest(ck)["tasks"]) < 4:
         pytest.skip("needs the previous tests' tasks")
     assert cli("add-task", root / "v1", ck, "-o", v2).exit_code == 0
     golden = tmp_path / "v2.golden.npz"

@@ -15,10 +15,12 @@ from click.testing import CliRunner
 from care_export import train as train_mod
 from care_export.training.alignment import PseudoFeatures, reference_mean_decay
 from care_export.data.builtin import BuiltinSource
-from care_export.checkpoint.format import load_checkpoint, read_manifest
+from care_export.checkpoint.format import load_checkpoint
+from runtime.checkpoint_files import read_checkpoint_manifest
 from care_export.data.cifar import Cifar100Source
 from care_export.cli import main
-from care_export.model.config import MoEConfig, Preprocessing, backbone_config
+from care_export.model.config import MoEConfig, backbone_config
+from runtime.preprocess import Preprocessing
 from care_export.training.continual import REFERENCE_BACKBONE, ContinualRun, default_backbone
 from care_export.data import INPUT_SETS
 from care_export.data.sources import LabelledImages, TaskSequence, class_order, open_source, train_transform
@@ -209,7 +211,8 @@ def test_config_gives_defaults_and_options_override(tmp_path, monkeypatch):
 
     got = {}
     monkeypatch.setattr(continual, "train_sequence", lambda out, **kw: got.update(kw) or out)
-    monkeypatch.setattr("care_export.checkpoint.format.read_manifest", lambda d: {"metrics": {"top1": [1.0], "matrix": [[1.0]]}})
+    monkeypatch.setattr("runtime.checkpoint_files.read_checkpoint_manifest",
+                        lambda d: {"metrics": {"top1": [1.0], "matrix": [[1.0]]}})
     res = CliRunner().invoke(main, ["train", "-o", str(tmp_path / "c"), "--data", "builtin", "--preset", "ina_inc20",
                                     "--epochs", "4", "-M", "1", "--backbone", "vit_tiny_patch16_224"])
     assert res.exit_code == 0, res.output
@@ -266,7 +269,7 @@ def test_import_official_preset_sets_m_k_input_and_the_reference_class_order(tmp
                                     "--num-heads", "2", "--preset", "ina_inc20", "-K", "2",
                                     "--class-names", str(tmp_path / "names.txt")])
     assert res.exit_code == 0, res.output
-    m = read_manifest(tmp_path / "ckpt")
+    m = read_checkpoint_manifest(tmp_path / "ckpt")
     assert (m["brmoe"]["topk_routers"], m["brmoe"]["topk_experts"]) == (2, 2)
     assert m["preprocessing"]["mean"] == [0.5] * 3 and m["preprocessing"]["std"] == [0.5] * 3
     order = np.random.RandomState(1993).permutation(10).tolist()  # the reference's np.random.seed + permutation
@@ -357,4 +360,4 @@ def test_training_evaluates_with_the_configured_mode(tmp_path, monkeypatch):
     assert not calls  # task 0: single pass
     run.learn_next(progress=False)
     assert calls
-    assert read_manifest(tmp_path)["training"]["eval_mode"] == "iterative"
+    assert read_checkpoint_manifest(tmp_path)["training"]["eval_mode"] == "iterative"

@@ -14,9 +14,10 @@ from care_export import train as train_mod
 from care_export.training.alignment import PseudoFeatures, align_classifier, class_statistics
 from care_export.model.brmoe import MASKED_LOGIT, BRMoE
 from care_export.data.builtin import BuiltinSource
-from care_export.checkpoint.format import read_manifest
+from runtime.checkpoint_files import read_checkpoint_manifest
 from care_export.cli import main
-from care_export.model.config import MoEConfig, Preprocessing, backbone_config
+from care_export.model.config import MoEConfig, backbone_config
+from runtime.preprocess import Preprocessing
 from care_export.training.continual import ContinualRun, resume_sequence, train_sequence
 from care_export.data.sources import LabelledImages, TaskSequence, eval_transform, train_transform
 from care_export.training.evaluate import Metrics
@@ -247,7 +248,7 @@ def small_run(directory, tasks):
 def test_resume_learns_the_next_task_as_an_uninterrupted_run(tmp_path):
     small_run(tmp_path / "straight", 3)
     small_run(tmp_path / "resumed", 2)
-    assert len(read_manifest(tmp_path / "resumed")["tasks"]) == 2
+    assert len(read_checkpoint_manifest(tmp_path / "resumed")["tasks"]) == 2
     resume_sequence(tmp_path / "resumed", progress=False)
     assert task_files(tmp_path / "resumed") == task_files(tmp_path / "straight")
     with pytest.raises(CareError, match="all 3 tasks"):
@@ -267,7 +268,7 @@ def test_interrupted_task_leaves_the_checkpoint_untouched(tmp_path, monkeypatch)
     assert task_files(ckpt) == before
     monkeypatch.undo()
     resume_sequence(ckpt, tasks=3, progress=False)
-    manifest = read_manifest(ckpt)
+    manifest = read_checkpoint_manifest(ckpt)
     assert len(manifest["tasks"]) == 3 and len(Metrics.from_dict(manifest["metrics"]).top1) == 3
     assert manifest["sequence"]["tasks"] == 3
 
@@ -304,7 +305,7 @@ def test_cli_train_and_resume(tmp_path):
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     assert "A-bar" in res.output and "task 1 (2/3)" in res.output
-    manifest = read_manifest(ckpt)
+    manifest = read_checkpoint_manifest(ckpt)
     assert manifest["sequence"]["init_cls"] == 4 and len(manifest["sequence"]["class_order"]) == 12
     assert manifest["training"]["epochs"] == 2 and manifest["classes"]["names"][0].endswith(
         str(manifest["sequence"]["class_order"][0]))
@@ -318,7 +319,7 @@ def test_cli_train_and_resume(tmp_path):
     assert res.exit_code == 2
     res = CliRunner().invoke(main, ["train", "--resume", str(ckpt), "--quiet", "--ca-epochs", "1"])
     assert res.exit_code == 0, res.output
-    manifest = read_manifest(ckpt)
+    manifest = read_checkpoint_manifest(ckpt)
     assert len(manifest["tasks"]) == 3 and manifest["training"]["ca_epochs"] == 1
     res = CliRunner().invoke(main, ["train", "--resume", str(ckpt)])
     assert res.exit_code == 1 and "all 3 tasks" in res.output

@@ -28,8 +28,9 @@ def build(out: Path) -> Path:
     from care_export.checkpoint.synth import synth_model
     from care_export.export.parity import random_images, run_reference, save_golden
     from care_export.export.writer import export_artifact
-    from care_export.model.config import MoEConfig, Preprocessing, backbone_config
+    from care_export.model.config import MoEConfig, backbone_config
     from runtime.artifact import Artifact
+    from runtime.preprocess import Preprocessing
 
     cfg = backbone_config("vit_tiny_patch16_224", img_size=IMG, patch_size=8, depth=2, embed_dim=32, num_heads=2)
     moe = MoEConfig(topk_routers=2, topk_experts=2, expert_dim=4, shared_dim=8)

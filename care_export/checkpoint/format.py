@@ -18,7 +18,6 @@ directory whose manifest names a complete, consistent set of files.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -27,43 +26,24 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from runtime.atomic import replacing, write_json_atomic
 from runtime.checkpoint_files import CHECKPOINT_FORMAT as FORMAT
 from runtime.checkpoint_files import CHECKPOINT_FORMAT_VERSION as FORMAT_VERSION
-from runtime.checkpoint_files import check_file, read_checkpoint_manifest, sha256_file
+from runtime.checkpoint_files import check_file, check_state, read_checkpoint_manifest, sha256_file
 from runtime.checkpoint_files import checkpoint_digest as _manifest_digest
 from runtime.errors import CheckpointError
+from runtime.preprocess import Preprocessing
 
-from ..model.config import BackboneConfig, MoEConfig, Preprocessing
+from ..model.config import BackboneConfig, MoEConfig
 
 MANIFEST = "manifest.json"
 
 
 # ---------------------------------------------------------------------- files
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> dict:
     """Write a safetensors file atomically; return its manifest entry."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600 files; follow the umask like any file
-    os.replace(tmp, path)
+    with replacing(path, follow_umask=True) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
     return {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
@@ -93,11 +73,6 @@ def head_state(model) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------- manifest
-def read_manifest(path: str | Path) -> dict:
-    """The manifest of a checkpoint directory, checked for format and version."""
-    return read_checkpoint_manifest(path)
-
-
 def configs_from_manifest(manifest: dict) -> tuple[BackboneConfig, MoEConfig, Preprocessing]:
     bb = {k: v for k, v in manifest["backbone"].items() if k not in ("file", "sha256", "bytes")}
     return BackboneConfig(**bb), MoEConfig(**manifest["brmoe"]), Preprocessing.from_dict(manifest["preprocessing"])
@@ -108,15 +83,7 @@ def _read_tensors(path: Path, expected: dict[str, torch.Size]) -> dict[str, torc
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from None
-    missing = sorted(set(expected) - set(tensors))
-    if missing:
-        raise CheckpointError(f"{path}: lacks tensor {missing[0]} ({len(missing)} missing)")
-    extra = sorted(set(tensors) - set(expected))
-    if extra:
-        raise CheckpointError(f"{path}: unexpected tensor {extra[0]}")
-    for k, shape in expected.items():
-        if tensors[k].shape != shape:
-            raise CheckpointError(f"{path}: {k} has shape {tuple(tensors[k].shape)}, expected {tuple(shape)}")
+    check_state(tensors, expected, str(path))
     return tensors
 
 
@@ -137,7 +104,7 @@ def save_checkpoint(
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    old = read_manifest(directory) if (directory / MANIFEST).exists() else None
+    old = read_checkpoint_manifest(directory) if (directory / MANIFEST).exists() else None
     if old is not None:
         if len(old["tasks"]) > model.num_tasks:
             raise CheckpointError(f"{directory}: holds {len(old['tasks'])} tasks, the model only {model.num_tasks}")
@@ -177,7 +144,7 @@ def save_checkpoint(
         preprocessing=preprocessing.to_dict(),
     )
     manifest.update(extra or {})
-    atomic_write_json(directory / MANIFEST, manifest)
+    write_json_atomic(directory / MANIFEST, manifest)
     _remove_unreferenced(directory, manifest)
     return manifest
 
@@ -198,7 +165,7 @@ def load_checkpoint(directory: str | Path, *, verify: bool = True, tasks: int | 
     from ..model.care_vit import empty_model
 
     directory = Path(directory)
-    manifest = read_manifest(directory)
+    manifest = read_checkpoint_manifest(directory)
     backbone_cfg, moe_cfg, _ = configs_from_manifest(manifest)
     entries = manifest["tasks"] if tasks is None else manifest["tasks"][:tasks]
     if not entries:
@@ -233,4 +200,4 @@ def load_checkpoint(directory: str | Path, *, verify: bool = True, tasks: int | 
 
 def checkpoint_digest(directory: str | Path) -> str:
     """A digest naming the checkpoint's content (the manifest's file digests)."""
-    return _manifest_digest(read_manifest(directory))
+    return _manifest_digest(read_checkpoint_manifest(directory))

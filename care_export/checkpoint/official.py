@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from runtime.checkpoint_files import require_finite
+from runtime.checkpoint_files import check_state, require_finite
 from runtime.errors import CheckpointError
 
 from ..model.config import BackboneConfig, MoEConfig
@@ -164,15 +164,7 @@ def convert_state_dict(
                 raise CheckpointError(f"block {i} lacks attn.q/k/v_proj.{kind}")
             ours[f"vit.blocks.{i}.attn.qkv.{kind}"] = torch.cat(parts, 0)
 
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(ours))
-    if missing:
-        raise CheckpointError(f"reference state dict lacks weights for {missing[0]} ({len(missing)} missing)")
-    for k, v in ours.items():
-        if k not in expected:
-            raise CheckpointError(f"reference state dict has weights our model cannot place: {k}")
-        if v.shape != expected[k].shape:
-            raise CheckpointError(f"{k}: shape {tuple(v.shape)} in the reference, expected {tuple(expected[k].shape)}")
+    check_state(ours, {k: v.shape for k, v in model.state_dict().items()}, "reference state dict")
     model.load_state_dict(ours)
     model.requires_grad_(False)
     return model.eval()

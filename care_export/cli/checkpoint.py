@@ -8,11 +8,12 @@ from pathlib import Path
 
 import click
 
-from runtime.errors import CareError
 from runtime.checkpoint_files import read_checkpoint_manifest
+from runtime.errors import CareError
 from runtime.outdir import CHECKPOINT, output_dir
+from runtime.preprocess import Preprocessing
 
-from ..model.config import MoEConfig, Preprocessing, backbone_config
+from ..model.config import MoEConfig, backbone_config
 
 POSITIVE = click.IntRange(min=1)
 

@@ -12,13 +12,14 @@ import click
 import numpy as np
 
 from runtime.errors import CareError
+from runtime.numerics import COS_SCALE
 
 BATCH = 64
 
 
 def is_artifact(target: Path) -> bool:
     """True for an artifact directory, False for a checkpoint (both keep a manifest.json)."""
-    from runtime.artifact import FORMAT
+    from runtime.layout import FORMAT
 
     try:
         return json.loads((target / "manifest.json").read_text()).get("format") == FORMAT
@@ -74,7 +75,7 @@ def score(logits: np.ndarray, labels: np.ndarray, task_sizes: list[int]) -> dict
 
 def _artifact_runner(target: Path, device: str, mode: str | None):
     from runtime import Session
-    from runtime.artifact import SCORES, score_output
+    from runtime.layout import SCORES, score_output
 
     session = Session(target, device=device)
     own = "iterative" if score_output(session.manifest) == SCORES else "single"
@@ -93,7 +94,7 @@ def _checkpoint_runner(target: Path, device: str, mode: str | None):
     import torch
 
     from ..checkpoint.format import load_checkpoint
-    from ..model.config import Preprocessing
+    from runtime.preprocess import Preprocessing
     from ..training.continual import resolve_device
     from ..data.sources import eval_transform
     from ..model.iterative import prediction_scores
@@ -101,7 +102,7 @@ def _checkpoint_runner(target: Path, device: str, mode: str | None):
     model, manifest = load_checkpoint(target)
     training = manifest.get("training", {})
     mode = mode or training.get("eval_mode", "single")  # as the checkpoint was evaluated
-    scale = training.get("scale", 20.0)
+    scale = training.get("scale", COS_SCALE)
     dev = resolve_device(device)
     model.to(dev)
     transform = eval_transform(Preprocessing.from_dict(manifest["preprocessing"]))

@@ -78,14 +78,14 @@ def quantize_command(artifact, out, precision, calib_data, method, per_task, see
     """
     from tqdm import tqdm
 
-    from calibration.quantize import check_quantize_output, draw_images, open_source, quantize_artifact
+    from calibration.quantize import check_quantize_output, draw_images, open_source_artifact, quantize_artifact
     from calibration.report import REPORT_FILE, table
 
     if precision == "int8" and calib_data is None:
         raise click.UsageError("--precision int8 needs --calib-data DIR|builtin")
     if calib_data is None and eval_data is None:
         raise click.UsageError("give --eval-data (or --calib-data) for the report's held-out images")
-    src = open_source(artifact)
+    src = open_source_artifact(artifact)
     check_quantize_output(src, out, precision, force)
     calib_pool, calib_name = _pool(calib_data, src, "train") if calib_data else _pool(eval_data, src, "test")
     if eval_data is None or eval_data == calib_data:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+from runtime.preprocess import IMAGE_SUFFIXES
+
 CHUNK = 64  # images read and run at a time: memory stays flat for long lists
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from runtime.numerics import COS_SCALE
+
 from .checkpoint import moe_options, reference_options
 from ..data import DEFAULT_SEED, INPUT_SETS
 
@@ -72,7 +74,7 @@ _TRAINING = ("epochs", "lr", "min_lr", "batch_size", "weight_decay", "ca_lr", "c
               help="care, or a baseline with the same data and budget: frozen (cosine head and classifier "
                    "alignment on the frozen backbone) or shared-adapter (one adapter fine-tuned through all tasks).")
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="Data-loading processes.")
-@click.option("--scale", default=20.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--scale", default=COS_SCALE, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="s of the angular loss and of the alignment logits.")
 @click.option("--margin", default=0.0, show_default=True, type=float, help="CosFace margin m (reference key 'm').")
 @click.option("--aux-cos-loss/--no-aux-cos-loss", default=True, show_default=True,
@@ -93,7 +95,7 @@ _TRAINING = ("epochs", "lr", "min_lr", "batch_size", "weight_decay", "ca_lr", "c
 @click.option("--std", nargs=3, type=float, default=None, help="Input normalisation std [default: the weights'].")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="Where the built-in pre-trained ViT is cached "
-              "[default: $CARE_EXPORT_CACHE or ~/.cache/care-export].")
+              "[default: $CARE_EXPORT_CACHE, else $XDG_CACHE_HOME/care-export, else ~/.cache/care-export].")
 @click.option("--quiet", is_flag=True, help="No progress bars (the per-task lines stay).")
 def train_command(out, resume, data, skip_known, builtin_classes, builtin_train, builtin_test, init_cls, increment,
                   tasks, seed, backbone, img_size, patch_size, depth, backbone_weights, topk_routers, topk_experts, expert_dim,
@@ -166,9 +168,9 @@ def train_command(out, resume, data, skip_known, builtin_classes, builtin_train,
         click.echo(f"\ninterrupted: {where} holds the tasks finished before; continue with "
                    f"care-export train --resume {where}", err=True)
         sys.exit(130)
-    from ..checkpoint.format import read_manifest
+    from runtime.checkpoint_files import read_checkpoint_manifest
 
-    metrics = Metrics.from_dict(read_manifest(directory)["metrics"])
+    metrics = Metrics.from_dict(read_checkpoint_manifest(directory)["metrics"])
     click.echo(metrics.table())
     click.echo(f"checkpoint {directory}: {len(metrics.top1)} tasks; metrics in {directory / 'metrics.json'}")
 
@@ -178,7 +180,9 @@ def _start(out, data, builtin_classes, builtin_train, builtin_test, init_cls, in
            training, mean, std, device, cache_dir, progress) -> Path:
     from dataclasses import replace
 
-    from ..model.config import MoEConfig, Preprocessing, backbone_config
+    from runtime.preprocess import Preprocessing
+
+    from ..model.config import MoEConfig, backbone_config
     from ..training.continual import BUILTIN_WEIGHTS, default_backbone, train_sequence
     from ..data import BUILTIN_KINDS
     from ..training.task import TrainConfig

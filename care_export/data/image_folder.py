@@ -11,8 +11,7 @@ import numpy as np
 from PIL import Image
 
 from runtime.errors import CareError
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+from runtime.preprocess import IMAGE_SUFFIXES
 
 
 class ImageFolderSource:
@@ -51,9 +50,9 @@ class ImageFolderSource:
             raise CareError(f"{folder}: no class folders (expected one sub-folder of images per class)")
         out = {}
         for c in classes:
-            files = sorted(p for p in c.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+            files = sorted(p for p in c.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
             if not files:
-                raise CareError(f"{c}: no images ({', '.join(IMAGE_EXTENSIONS)})")
+                raise CareError(f"{c}: no images ({', '.join(IMAGE_SUFFIXES)})")
             out[c.name] = files
         return out
 

@@ -16,11 +16,11 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 
 from runtime.errors import CareError
+from runtime.preprocess import Preprocessing
 
 from . import DEFAULT_SEED, INPUT_SETS
 from .builtin import BuiltinSource
-from ..model.config import Preprocessing
-from .image_folder import IMAGE_EXTENSIONS, ImageFolderSource  # noqa: F401 (re-exported)
+from .image_folder import ImageFolderSource
 
 
 

@@ -1,4 +1,4 @@
-"""The static-graph exporter: checkpoint directory -> artifact directory (see runtime/artifact.py)."""
+"""The static-graph exporter: checkpoint directory -> artifact directory (see docs/ARTIFACT.md)."""
 
 from .writer import export_artifact, export_backbone
 

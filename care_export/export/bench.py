@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.artifact import INPUT
+from runtime.layout import INPUT
 
 INPUTS = 4  # distinct inputs cycled over rounds (different routing), the same for every engine
 # Idle time before each call: ORT's and OpenMP's worker threads spin for a while after a call

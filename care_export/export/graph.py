@@ -1,8 +1,8 @@
 """The static ONNX graph of a CaRE model, written from the artifact's tensor layout.
 
-Nothing here reads weights: the graph is a function of :class:`~runtime.artifact.Dims`, the
+Nothing here reads weights: the graph is a function of :class:`~runtime.layout.Dims`, the
 opset and the batch size alone, and every weight is an external initializer named by
-:func:`~runtime.artifact.layout`. That is what makes growth a data change: the same ``Dims``
+:func:`~runtime.layout.layout`. That is what makes growth a data change: the same ``Dims``
 give the same ``model.onnx`` bytes whatever the number of learned tasks.
 
 Per block the BR-MoE runs every expert's down projection on the CLS token only (one GEMM over
@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from runtime.artifact import (
+from runtime.layout import (
     FEATURES,
     INPUT,
     LOGITS,
@@ -33,11 +33,8 @@ from runtime.artifact import (
     TensorSpec,
     router_base,
 )
+from runtime.numerics import BACKBONE_LN_EPS, ENTROPY_EPS, NORM_EPS, PART_LN_EPS
 
-BACKBONE_LN_EPS = 1e-6
-PART_LN_EPS = 1e-5  # experts, shared expert and perceptors (PyTorch's default)
-ENTROPY_EPS = 1e-10
-COS_EPS = 1e-12  # F.normalize
 MIN_OPSET = 17  # LayerNormalization
 
 _DTYPES = {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64}
@@ -303,7 +300,7 @@ def cosine_logits(g: Builder, dims: Dims, feat: str, s: _Shared, out: str | None
     """(B, class capacity) cosine logits, -inf on classes not learned yet (named ``out`` if given)."""
     # ||f|| as Sqrt(ReduceSum(f*f)): ReduceSum takes axes as an input at every opset >= 13.
     sq = g.op("ReduceSum", g.op("Mul", feat, feat), g.i64([-1]), keepdims=1)
-    norm = g.op("Max", g.op("Sqrt", sq), g.const(COS_EPS))
+    norm = g.op("Max", g.op("Sqrt", sq), g.const(NORM_EPS))
     logits = g.op("MatMul", g.op("Div", feat, norm), g.weight("head.weight"))
     active = g.op("Less", g.i64(np.arange(dims.class_capacity)), g.weight("active_classes"))
     if out is None:

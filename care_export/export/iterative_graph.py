@@ -15,10 +15,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from runtime.artifact import INPUT, ROUTING_EXPERTS, ROUTING_TASKS, SCORES, Dims, TensorSpec
 from runtime.errors import CareError
+from runtime.layout import INPUT, ROUTING_EXPERTS, ROUTING_TASKS, SCORES, Dims, TensorSpec
+from runtime.numerics import COS_SCALE, ENTROPY_EPS
 
-from .graph import ENTROPY_EPS, MIN_OPSET, Builder, _Shared, cosine_logits, finish, network, routing_widths
+from .graph import MIN_OPSET, Builder, _Shared, cosine_logits, finish, network, routing_widths
 
 MAX_ITERATIVE_CAPACITY = 61  # tasks 0..60 (care_export.model.iterative.MAX_ITERATIVE_TASK; no torch import here)
 
@@ -30,7 +31,7 @@ def check_capacity(capacity: int) -> None:
 
 
 def build_iterative_model(dims: Dims, specs: dict[str, TensorSpec], opset: int = MIN_OPSET, batch: int | None = None,
-                          scale: float = 20.0) -> onnx.ModelProto:
+                          scale: float = COS_SCALE) -> onnx.ModelProto:
     """Outputs ``scores`` (B, class capacity) and the single pass's routing."""
     check_capacity(dims.capacity)
     cap, passes = dims.capacity, dims.capacity + 1

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.artifact import INPUT, LOGITS, ROUTING_EXPERTS, ROUTING_TASKS, SCORES, Artifact, score_output
+from runtime.artifact import Artifact
 from runtime.errors import AtolError, InputError, RoutingError, ShapeError
+from runtime.layout import INPUT, LOGITS, ROUTING_EXPERTS, ROUTING_TASKS, SCORES, score_output
 from runtime.routing import canonical_routing, pad_routing, same_routing
 
 
@@ -119,13 +120,11 @@ def random_images(n: int, size: int, seed: int = 0, channels: int = 3) -> np.nda
 def image_inputs(directory: str | Path, art: Artifact, samples: int) -> tuple[np.ndarray, list[str]]:
     """Up to ``samples`` image files found under ``directory`` (sorted), preprocessed as the
     artifact's manifest says, and their paths."""
-    from runtime.preprocess import Preprocessing, to_input
+    from runtime.preprocess import IMAGE_SUFFIXES, Preprocessing, to_input
 
-    from ..data.image_folder import IMAGE_EXTENSIONS
-
-    files = sorted(p for p in Path(directory).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)[:samples]
+    files = sorted(p for p in Path(directory).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:samples]
     if not files:
-        raise InputError(f"{directory}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
+        raise InputError(f"{directory}: no image files ({', '.join(IMAGE_SUFFIXES)})")
     return to_input(files, Preprocessing.from_dict(art.manifest["preprocessing"])), [str(f) for f in files]
 
 
@@ -192,13 +191,13 @@ def save_golden(path: str | Path, art: Artifact, images: np.ndarray, ref: tuple,
     import io
     import json
 
-    from ..checkpoint.format import atomic_write_bytes
+    from runtime.atomic import write_atomic
 
     logits, tasks, experts = ref
     buf = io.BytesIO()
     np.savez_compressed(buf, inputs=images, logits=logits.astype(np.float32), tasks=tasks, experts=experts,
                         identity=np.array(json.dumps(dict(artifact_identity(art), files=files))))
-    atomic_write_bytes(Path(path), buf.getvalue())
+    write_atomic(path, buf.getvalue())
 
 
 def check_golden(artifact_dir: str | Path, golden: str | Path, device: str = "cpu", batch: int = 32,

@@ -1,4 +1,4 @@
-"""``care-export onnx``: a checkpoint directory -> an artifact directory (runtime/artifact.py).
+"""``care-export onnx``: a checkpoint directory -> an artifact directory (docs/ARTIFACT.md).
 
 Reads the checkpoint with numpy (no model is built), packs the backbone, every task and the
 state into the artifact's layout, writes the graph, checks it, and renames the finished
@@ -12,7 +12,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from runtime.artifact import (
+from runtime.atomic import write_bytes, write_json
+from runtime.checkpoint_files import load_tensors, read_checkpoint_manifest
+from runtime.errors import CapacityError, CareError
+from runtime.growth import backbone_fields, brmoe_fields, checkpoint_fields, load_state_sources
+from runtime.layout import (
     BACKBONE_FILE,
     FORMAT,
     FORMAT_VERSION,
@@ -27,19 +31,13 @@ from runtime.artifact import (
     STATE_FILE,
     Dims,
     backbone_shapes,
-    file_entry,
     file_size,
     layout,
-    tensor_file_bytes,
-    write_bytes,
-    write_json,
-    write_patches,
 )
-from runtime.checkpoint_files import load_tensors, read_checkpoint_manifest
+from runtime.numerics import COS_SCALE
 from runtime.outdir import ARTIFACT, output_dir
-from runtime.errors import CapacityError, CareError
-from runtime.growth import backbone_fields, brmoe_fields, checkpoint_fields, load_state_sources
 from runtime.packing import pack_state, pack_task
+from runtime.tensor_files import file_entry, tensor_file_bytes, write_patches
 
 from .graph import MIN_OPSET, build_model, routing_widths
 from .iterative_graph import build_iterative_model, check_capacity
@@ -117,7 +115,7 @@ def backbone_arrays(state: dict[str, np.ndarray], dims: Dims, where: str) -> dic
 
 
 def _write_graph(directory: Path, dims: Dims, specs, opset: int, batch: int | None, moe: bool,
-                 predict: str = "single", scale: float = 20.0) -> None:
+                 predict: str = "single", scale: float = COS_SCALE) -> None:
     path = directory / MODEL_FILE
     if predict == "iterative":
         model = build_iterative_model(dims, specs, opset, batch, scale)
@@ -157,7 +155,7 @@ def export_artifact(ckpt_dir: str | Path, out: str | Path, capacity: int, *, ops
         raise CareError(f"predict must be single or iterative, got {predict!r}")
     if predict == "iterative":
         check_capacity(capacity)
-    scale = float(ckpt.get("training", {}).get("scale", 20.0))
+    scale = float(ckpt.get("training", {}).get("scale", COS_SCALE))
     if opset < MIN_OPSET:
         raise CareError(f"opset {opset} is below {MIN_OPSET} (LayerNormalization)")
     if opset > onnx.defs.onnx_opset_version():

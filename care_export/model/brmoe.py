@@ -20,11 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import MoEConfig
-from .experts import PART_LN_EPS, Expert, Perceptor, entropy, new_router
+from runtime.numerics import MASKED_LOGIT, PART_LN_EPS
 
-# What the reference writes into router logits that lose the top-K selection.
-MASKED_LOGIT = -100.0
+from .config import MoEConfig
+from .experts import Expert, Perceptor, entropy, new_router
 
 
 @dataclass

@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runtime.checkpoint_files import check_state
 from runtime.errors import CareError
+from runtime.numerics import NORM_EPS
 
 from .brmoe import BRMoE, Routing
 from .config import BackboneConfig, MoEConfig
@@ -38,7 +40,7 @@ class CosineHead(nn.Module):
         return torch.cat(list(self.blocks), 0)
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.normalize(f, dim=-1), F.normalize(self.weight, dim=-1))
+        return F.linear(F.normalize(f, dim=-1, eps=NORM_EPS), F.normalize(self.weight, dim=-1, eps=NORM_EPS))
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -116,12 +118,7 @@ def load_backbone_weights(vit: nn.Module, path: str | Path) -> None:
             state = state[wrapper]
     state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm."))}
     own = vit.state_dict()
-    missing = sorted(set(own) - set(state))
-    if missing:
-        raise CareError(f"backbone weights {path} lack {len(missing)} tensors, e.g. {missing[0]}")
-    for k, v in own.items():
-        if state[k].shape != v.shape:
-            raise CareError(f"backbone weights {path}: {k} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}")
+    check_state(state, {k: v.shape for k, v in own.items()}, f"backbone weights {path}", allow_extra=True)
     vit.load_state_dict({k: state[k] for k in own})
 
 

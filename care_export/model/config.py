@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 
 
 @dataclass(frozen=True)
@@ -91,33 +91,6 @@ class MoEConfig:
             v = getattr(self, f.name)
             if f.name != "dropout" and (not isinstance(v, int) or v < 1):
                 raise ValueError(f"{f.name} must be a positive integer, got {v!r}")
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How an image becomes the network's input: resize shorter side, centre crop, normalise."""
-
-    input_size: int = 224
-    resize: int = 256
-    interpolation: str = "bicubic"
-    mean: tuple = (0.0, 0.0, 0.0)
-    std: tuple = (1.0, 1.0, 1.0)
-
-    @classmethod
-    def for_input(cls, input_size: int, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)) -> "Preprocessing":
-        # The reference's test transform: resize to 256/224 of the input, centre crop.
-        return cls(input_size, int(input_size * 256 / 224), "bicubic", tuple(mean), tuple(std))
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["mean"], d["std"] = list(self.mean), list(self.std)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Preprocessing":
-        return cls(
-            int(d["input_size"]), int(d["resize"]), str(d["interpolation"]), tuple(d["mean"]), tuple(d["std"])
-        )
 
 
 @dataclass

@@ -7,8 +7,7 @@ import math
 import torch
 from torch import nn
 
-# Experts and perceptors use PyTorch's default LayerNorm eps; the backbone uses 1e-6.
-PART_LN_EPS = 1e-5
+from runtime.numerics import ENTROPY_EPS, PART_LN_EPS
 
 
 class Expert(nn.Module):
@@ -53,6 +52,6 @@ class Perceptor(nn.Module):
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of ``softmax(logits)`` over the last axis, with the reference's 1e-10 guard."""
+    """Entropy of ``softmax(logits)`` over the last axis, with the reference's guard."""
     p = torch.softmax(logits, dim=-1)
-    return -(p * torch.log(p + 1e-10)).sum(-1)
+    return -(p * torch.log(p + ENTROPY_EPS)).sum(-1)

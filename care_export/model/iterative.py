@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from runtime.numerics import COS_SCALE, ENTROPY_EPS
+
 MAX_ITERATIVE_TASK = 60  # the reference's cut-off (cost grows with the tasks learned)
-ENTROPY_EPS = 1e-10  # the reference's guard inside the log
 
 
 def iterative_applies(task: int) -> bool:
@@ -21,7 +22,7 @@ def iterative_applies(task: int) -> bool:
 
 
 @torch.no_grad()
-def iterative_scores(model, x: torch.Tensor, scale: float = 20.0) -> torch.Tensor:
+def iterative_scores(model, x: torch.Tensor, scale: float = COS_SCALE) -> torch.Tensor:
     """(B, classes) scores ``p_single + p_iter`` of the iterative prediction (``model`` in eval
     mode; it is put there)."""
     model.eval()
@@ -34,7 +35,7 @@ def iterative_scores(model, x: torch.Tensor, scale: float = 20.0) -> torch.Tenso
 
 
 @torch.no_grad()
-def prediction_scores(model, x: torch.Tensor, mode: str = "single", scale: float = 20.0) -> torch.Tensor:
+def prediction_scores(model, x: torch.Tensor, mode: str = "single", scale: float = COS_SCALE) -> torch.Tensor:
     """Scores to rank classes by: ``mode`` ``"single"`` (cosine logits of the single pass) or
     ``"iterative"`` (:func:`iterative_scores` where the reference uses it, else single)."""
     if mode == "iterative" and iterative_applies(model.num_tasks - 1):

@@ -8,7 +8,6 @@ images. Statistics of a class are computed once, when its task is learned, as th
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from runtime.atomic import replacing
 from runtime.errors import CareError, CheckpointError
 
 CA_METHODS = ("covariance", "variance")
@@ -42,12 +42,8 @@ def class_statistics(features: torch.Tensor, labels: torch.Tensor, classes, meth
 
 
 def save_statistics(stats: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in stats.items()}, str(tmp))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600 files; follow the umask like the checkpoint
-    os.replace(tmp, path)
+    with replacing(path, follow_umask=True) as tmp:  # follow the umask like the checkpoint
+        save_file({k: v.detach().contiguous().cpu() for k, v in stats.items()}, str(tmp))
 
 
 def load_statistics(path: Path) -> dict[str, torch.Tensor]:

@@ -18,11 +18,13 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader
 from tqdm import tqdm
 
+from runtime.checkpoint_files import read_checkpoint_manifest
 from runtime.errors import CareError, CheckpointError
+from runtime.preprocess import Preprocessing
 
 from .alignment import load_statistics, save_statistics
-from ..checkpoint.format import MANIFEST, load_checkpoint, read_manifest, save_checkpoint
-from ..model.config import BackboneConfig, MoEConfig, Preprocessing, backbone_config
+from ..checkpoint.format import MANIFEST, load_checkpoint, save_checkpoint
+from ..model.config import BackboneConfig, MoEConfig, backbone_config
 from ..data import DEFAULT_SEED
 from ..data.sources import (LabelledImages, TaskSequence, eval_transform, open_source, source_from_dict,
                        train_transform)
@@ -211,8 +213,8 @@ def default_backbone(weights: str | Path | None) -> BackboneConfig:
     return backbone_config("vit_base_patch16_224")
 
 
-def build_model(backbone: BackboneConfig, weights: str | Path | None, moe: MoEConfig, *, seed: int = DEFAULT_SEED,
-                cache_dir=None, progress: bool = True) -> tuple[CareViT, str, Preprocessing]:
+def build_care_vit(backbone: BackboneConfig, weights: str | Path | None, moe: MoEConfig, *, seed: int = DEFAULT_SEED,
+                   cache_dir=None, progress: bool = True) -> tuple[CareViT, str, Preprocessing]:
     """The untrained model, a description of its backbone weights, and the default preprocessing.
 
     ``weights``: ``"builtin-pretrained"`` (a small ViT pre-trained on built-in classes, cached),
@@ -256,8 +258,8 @@ def train_sequence(out: str | Path, *, data: str | Path = "builtin", builtin: di
         raise CareError(f"--tasks {limit}: the sequence has only {sequence.num_tasks} tasks "
                         f"({source.num_classes} classes, init {init_cls}, increment {increment})")
     dev = resolve_device(device)
-    model, weights_desc, default_pre = build_model(backbone, weights, moe, seed=seed, cache_dir=cache_dir,
-                                                   progress=progress)
+    model, weights_desc, default_pre = build_care_vit(backbone, weights, moe, seed=seed, cache_dir=cache_dir,
+                                                      progress=progress)
     run = ContinualRun(out, model, sequence, source, preprocessing or default_pre, cfg, limit=limit,
                        weights=weights_desc, device=dev)
     run.run(progress)
@@ -277,7 +279,7 @@ def resume_sequence(directory: str | Path, *, tasks: int | None = None, override
     stored training settings.
     """
     directory = Path(directory)
-    manifest = read_manifest(directory)
+    manifest = read_checkpoint_manifest(directory)
     if "class_order" not in manifest.get("sequence", {}) or "training" not in manifest:
         raise CheckpointError(f"{directory}: not written by care-export train (no task sequence); cannot resume it")
     stored = manifest["sequence"]

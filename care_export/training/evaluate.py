@@ -98,8 +98,8 @@ def _pct(a: float | None, width: int, digits: int) -> str:
 
 
 def write_metrics(directory: str | Path, metrics: Metrics, extra: dict | None = None) -> Path:
-    from ..checkpoint.format import atomic_write_json
+    from runtime.atomic import write_json_atomic
 
     path = Path(directory) / METRICS_FILE
-    atomic_write_json(path, dict(metrics.to_dict(), **(extra or {})))
+    write_json_atomic(path, dict(metrics.to_dict(), **(extra or {})))
     return path

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,8 +21,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from runtime.atomic import replacing
+from runtime.cache import default_cache_dir
+from runtime.preprocess import Preprocessing
+
 from ..data.builtin import PRETRAIN_FIRST_CLASS, BuiltinSource
-from ..model.config import BackboneConfig, Preprocessing, backbone_config
+from ..model.config import BackboneConfig, backbone_config
 from ..data.sources import LabelledImages, train_transform
 
 # Bump when the built-in images or the recipe below change, so that stale caches are not reused.
@@ -55,13 +58,6 @@ class PretrainConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def default_cache_dir() -> Path:
-    env = os.environ.get("CARE_EXPORT_CACHE")
-    if env:
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "care-export"
-
-
 def pretrained_backbone(cfg: PretrainConfig = PretrainConfig(), cache_dir: str | Path | None = None,
                         progress: bool = True) -> Path:
     """Path of the pre-trained backbone weights (safetensors), trained now if not cached."""
@@ -71,10 +67,9 @@ def pretrained_backbone(cfg: PretrainConfig = PretrainConfig(), cache_dir: str |
         return path
     vit = pretrain(cfg, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(tmp),
-              metadata={"pretrain": json.dumps(asdict(cfg))})
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(tmp),
+                  metadata={"pretrain": json.dumps(asdict(cfg))})
     return path
 
 

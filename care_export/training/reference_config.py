@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.errors import CareError
+from runtime.numerics import COS_SCALE
 
 PRESET_DIR = Path(__file__).with_name("reference_configs")
 
@@ -124,7 +125,7 @@ def parse(raw: dict, where: str) -> ReferenceSettings:
         min_lr=float(raw.get("min_lr", 1e-8)), ca_epochs=int(raw["crct_epochs"]), ca_lr=float(raw["ca_lr"]),
         ca_method=str(raw["ca_storage_efficient_method"]),
         align_decay="reference" if raw.get("decay", False) else "off",
-        scale=float(raw.get("scale", 20.0)), margin=float(raw.get("m", 0.0)),
+        scale=float(raw.get("scale", COS_SCALE)), margin=float(raw.get("m", 0.0)),
         expert_dim=int(raw.get("expert_dim", 16)), shared_dim=int(raw.get("adapter_dim", 64)),
         topk_experts=int(raw.get("topk_experts", 3)), topk_routers=int(raw.get("topk_routers", 2)),
         amp=bool(raw.get("amp", False)),

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from runtime.errors import CareError
+from runtime.numerics import COS_SCALE
 
 from .alignment import ALIGN_DECAYS, CA_METHODS, PseudoFeatures, align_classifier, class_statistics, reference_mean_decay
 from .baselines import METHODS, trainable_parts, uses_routing
@@ -39,7 +40,7 @@ class TrainConfig:
     batch_size: int = 16
     weight_decay: float = 5e-4
     momentum: float = 0.9
-    scale: float = 20.0  # s of the angular loss and of the alignment logits
+    scale: float = COS_SCALE  # s of the angular loss and of the alignment logits
     margin: float = 0.0  # m of the CosFace loss
     ca_lr: float = 0.005
     ca_epochs: int = 3

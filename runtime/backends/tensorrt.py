@@ -10,12 +10,12 @@ GPU and the TensorRT version (``onnxrt.trt_cache_dir``); an engine that no longe
 
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic import write_atomic
 from ..errors import BackendError
 from .onnxrt import trt_cache_dir
 
@@ -76,12 +76,6 @@ class Cuda:
 
     def free(self, ptr: int) -> None:
         self.rt.cudaFree(ptr)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 class TensorRTRunner:
@@ -150,8 +144,8 @@ class TensorRTRunner:
         if plan is None:
             raise BackendError("TensorRT could not build an engine from the graph (see its log above)")
         plan = bytes(plan)
-        _write_atomic(engine_path, plan)
-        _write_atomic(timing_path, bytes(config.get_timing_cache().serialize()))
+        write_atomic(engine_path, plan)
+        write_atomic(timing_path, bytes(config.get_timing_cache().serialize()))
         return plan
 
     def run(self, x: np.ndarray, outputs: list[str]) -> list[np.ndarray]:

@@ -1,0 +1,109 @@
+"""ONNX graph helpers shared by every rewriting pass (int8, GPTQ, fallback, fp16, margins,
+routing analysis, the artifact writer): who produces and who reads a tensor, node attributes,
+pruning dead Q/DQ nodes, topological order, saving and running an in-memory model."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+
+import onnx
+from onnx import helper
+
+# Protobuf refuses messages of 2 GiB; larger models keep their weights in a file beside them.
+PROTO_LIMIT = (1 << 31) - (1 << 24)
+
+
+def producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    """Tensor name -> the node that outputs it."""
+    return {o: n for n in graph.node for o in n.output}
+
+
+def consumers(graph: onnx.GraphProto) -> dict[str, list[tuple[onnx.NodeProto, int]]]:
+    """Tensor name -> ``(node, input index)`` of every node input that reads it (none: empty)."""
+    out: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
+    for n in graph.node:
+        for j, i in enumerate(n.input):
+            if i:
+                out[i].append((n, j))
+    return out
+
+
+def node_attr(node: onnx.NodeProto, name: str, default):
+    """The value of ``node``'s attribute ``name``, or ``default``."""
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def drop_unread(graph: onnx.GraphProto, op_types: tuple[str, ...]) -> None:
+    """Remove nodes of ``op_types`` whose outputs nothing reads (a graph output counts as read),
+    again until none is left (in place)."""
+    outputs = {o.name for o in graph.output}
+    while True:
+        read = {i for n in graph.node for i in n.input} | outputs
+        dead = [n for n in graph.node if n.op_type in op_types and not any(o in read for o in n.output)]
+        if not dead:
+            return
+        for n in dead:
+            graph.node.remove(n)
+
+
+def prune_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Remove QuantizeLinear / DequantizeLinear nodes whose outputs nothing reads, and the scales
+    and zero points left unread (in place)."""
+    graph = model.graph
+    drop_unread(graph, ("QuantizeLinear", "DequantizeLinear"))
+    used = {i for n in graph.node for i in n.input}
+    for t in [t for t in graph.initializer if t.name not in used and t.name.endswith(("_scale", "_zero_point"))]:
+        graph.initializer.remove(t)
+    return model
+
+
+def sort_nodes(graph: onnx.GraphProto) -> None:
+    """Order ``graph``'s nodes topologically (rewrites append nodes), keeping the given order
+    where it already is one."""
+    known = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, done = list(graph.node), []
+    while pending:
+        rest = []
+        for n in pending:
+            if all(i in known for i in n.input):
+                done.append(n)
+                known.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):
+            raise ValueError(f"the rewritten graph has a cycle or a dangling input at node {rest[0].name}")
+        pending = rest
+    del graph.node[:]
+    graph.node.extend(done)
+
+
+def save_model(model: onnx.ModelProto, path) -> bool:
+    """Write ``model`` to ``path``, its weights as external data beside it when one protobuf
+    cannot hold them; returns whether it did that."""
+    large = model.ByteSize() > PROTO_LIMIT
+    onnx.save_model(model, str(path), save_as_external_data=large, location=f"{Path(path).stem}.bin" if large else None)
+    return large
+
+
+@contextmanager
+def model_session(model: onnx.ModelProto, threads: int | None = None):
+    """A CPU ``InferenceSession`` of the in-memory ``model`` with the artifacts' session options;
+    a model too large for one protobuf goes through a temporary file."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    from runtime.backends.onnxrt import session_options
+
+    with tempfile.TemporaryDirectory(prefix="care-session-") as tmp:
+        if model.ByteSize() > PROTO_LIMIT:
+            source = str(Path(tmp) / "m.onnx")
+            save_model(model, source)
+        else:
+            source = model.SerializeToString()
+        yield ort.InferenceSession(source, session_options(threads, quiet=True), providers=["CPUExecutionProvider"])
