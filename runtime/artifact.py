@@ -98,6 +98,8 @@ class Artifact:
         """One initializer's value (read-only: a memory map, or the state snapshot)."""
         s = self.tensors[name]
         if s.file == STATE_FILE:  # the snapshot read with the manifest
+            if self._state is None:
+                raise ArtifactError(f"{self.dir}: {STATE_FILE} was not read")
             return np.frombuffer(self._state, dtype=np.dtype(s.dtype).newbyteorder("<"), offset=s.offset,
                                  count=int(np.prod(s.shape, dtype=np.int64))).reshape(s.shape)
         return np.memmap(self.dir / s.file, dtype=np.dtype(s.dtype).newbyteorder("<"), mode="r", offset=s.offset,

@@ -14,6 +14,7 @@ import json
 import os
 from dataclasses import fields
 from pathlib import Path
+from typing import TypeGuard
 
 from .checkpoint_files import sha256_file
 from .errors import ArtifactError
@@ -63,7 +64,8 @@ def read_manifest(directory: str | Path) -> dict:
     pending = _load_json(directory / PENDING_MANIFEST)
     want = pending.get("files", {}).get(STATE_FILE) if pending is not None and isinstance(pending.get("files"), dict) \
         else None
-    if isinstance(want, dict) and _is_int(want.get("bytes"), 0) and isinstance(want.get("sha256"), str):
+    if pending is not None and isinstance(want, dict) and _is_int(want.get("bytes"), 0) \
+            and isinstance(want.get("sha256"), str):
         state = directory / STATE_FILE
         if state.is_file() and state.stat().st_size == want["bytes"] and sha256_file(state) == want["sha256"]:
             if os.access(directory, os.W_OK):
@@ -84,7 +86,7 @@ def read_manifest(directory: str | Path) -> dict:
     return manifest
 
 
-def _is_int(v, low: int = -(1 << 62)) -> bool:
+def _is_int(v: object, low: int = -(1 << 62)) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool) and v >= low
 
 

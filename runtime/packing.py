@@ -113,7 +113,7 @@ def pack_state(shared: dict[str, np.ndarray], head: dict[str, np.ndarray], task_
     for t, c in enumerate(task_classes):
         check_task_classes(t, c, dims)
     d = dims.embed_dim
-    out = {"active_tasks": np.array(len(task_classes), np.int64),
+    out: dict[str, np.ndarray] = {"active_tasks": np.array(len(task_classes), np.int64),
            "active_classes": np.array(sum(task_classes), np.int64)}
     for i in range(dims.depth):
         down, down_b, up, up_b = fold_expert(shared, f"blocks.{i}.shared.", d, dims.shared_dim, where)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -54,8 +55,8 @@ class Preprocessing:
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocessing":
         try:
-            prep = cls(int(d["input_size"]), int(d["resize"]), str(d["interpolation"]).lower(),
-                       tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["std"]))
+            mean, std = (cast("tuple[float, float, float]", tuple(float(v) for v in d[k])) for k in ("mean", "std"))
+            prep = cls(int(d["input_size"]), int(d["resize"]), str(d["interpolation"]).lower(), mean, std)
         except (KeyError, TypeError, ValueError) as exc:
             raise InputError(f"preprocessing is malformed ({type(exc).__name__}: {exc})") from None
         if prep.input_size < 1 or prep.resize < 1:
@@ -106,7 +107,7 @@ def _resize_crop(img, prep: Preprocessing) -> np.ndarray:
 
 def _normalise(hwc: np.ndarray, prep: Preprocessing) -> np.ndarray:
     """uint8 NHWC -> float32 NCHW: ``(x / 255 - mean) / std`` in float32, as ToTensor + Normalize."""
-    x = hwc.astype(np.float32) / np.float32(255)
+    x: np.ndarray = hwc.astype(np.float32) / np.float32(255)
     x = (x - np.asarray(prep.mean, np.float32)) / np.asarray(prep.std, np.float32)
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 

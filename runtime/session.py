@@ -62,9 +62,9 @@ class Prediction:
         """One JSON-ready dict per image."""
         out = []
         for i in range(len(self)):
-            item = {"top": [{"class": int(c), "name": n, "prob": float(p)}
+            item: dict[str, object] = {"top": [{"class": int(c), "name": n, "prob": float(p)}
                             for c, n, p in zip(self.classes[i], self.names[i], self.probs[i])]}
-            if self.tasks is not None:
+            if self.tasks is not None and self.experts is not None:
                 item["routing"] = {"tasks": self.tasks[i].tolist(), "experts": self.experts[i].tolist()}
             out.append(item)
         return out
@@ -125,7 +125,7 @@ class Session:
                  cache_dir: str | os.PathLike | None = None, verify: bool = False):
         if max_batch < 1:
             raise InputError(f"max_batch must be at least 1, got {max_batch}")
-        self._artifact = Artifact(artifact, verify=verify)
+        self._artifact = Artifact(Path(artifact), verify=verify)
         self.preprocessing = Preprocessing.from_dict(self._artifact.manifest["preprocessing"])
         self._graph = load_graph(self._artifact)
         self._runner = open_runner(self._graph, device=device, backend=backend, threads=threads,
@@ -246,12 +246,12 @@ class Session:
         with self._growing:
             if self._closed:
                 raise ClosedError("this Session is closed; open a new one")
-            growth = plan_growth(self._artifact, checkpoint)
+            growth = plan_growth(self._artifact, Path(checkpoint))
             if growth is None:
                 return []
             if persist:
                 try:
-                    add_tasks(self._artifact.dir, checkpoint)
+                    add_tasks(self._artifact.dir, Path(checkpoint))
                 except OSError as exc:
                     raise ArtifactError(f"cannot write the new tasks into {self._artifact.dir}: {exc}") from None
             g = self._graph
