@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-from care_export import train as train_mod
+from care_export.training import task as train_mod
 from care_export.training.alignment import PseudoFeatures, reference_mean_decay
 from care_export.data.builtin import BuiltinSource
 from care_export.checkpoint.format import load_checkpoint
@@ -207,7 +207,7 @@ def test_unknown_and_unsupported_keys_are_named_in_one_line(tmp_path):
 
 
 def test_config_gives_defaults_and_options_override(tmp_path, monkeypatch):
-    from care_export import continual
+    from care_export.training import continual
 
     got = {}
     monkeypatch.setattr(continual, "train_sequence", lambda out, **kw: got.update(kw) or out)
