@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
 
 import click
 
 from runtime.errors import CareError
+
+from .log import command_logging, error
 
 
 class CareGroup(click.Group):
@@ -35,14 +38,22 @@ class CareGroup(click.Group):
         try:
             return super().invoke(ctx)
         except CareError as exc:
-            click.echo(f"error: {exc}", err=True)
+            error(str(exc))
             sys.exit(1)
 
 
 @click.group(cls=CareGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="care-export")
-def main():
+@click.option("-v", "--verbose", count=True, help="Also show debug lines (per-epoch training summaries, timings).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr (no progress lines, no hints).")
+@click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write every log line (debug included, no progress bars) and the results to FILE.")
+def main(verbose, quiet, log_file):
     """Train, export and run CaRE continual learners (BR-MoE on a frozen ViT).
+
+    Results go to stdout, log lines (progress, per-task summaries, "next:" hints) to stderr;
+    progress bars are drawn only on a terminal. Options before the command:
+    care-export -v --log-file run.log train ...
 
     \b
     Example, from nothing to a deployed 301-task artifact:
@@ -50,3 +61,7 @@ def main():
       care-export onnx ckpt/ --tasks 301 -o model/
       care-export parity ckpt/ model/
     """
+    if verbose and quiet:
+        raise click.UsageError("give -v or -q, not both")
+    ctx = click.get_current_context()
+    ctx.with_resource(command_logging(verbose, quiet, log_file))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,8 @@ from tqdm import tqdm
 from ..data.builtin import PRETRAIN_FIRST_CLASS, BuiltinSource
 from ..model.config import BackboneConfig, Preprocessing, backbone_config
 from ..data.sources import LabelledImages, train_transform
+
+log = logging.getLogger(__name__)
 
 # Bump when the built-in images or the recipe below change, so that stale caches are not reused.
 RECIPE_VERSION = 1
@@ -103,8 +106,8 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> nn.Module:
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     vit.train()
-    bar = tqdm(range(cfg.epochs), desc="pre-training backbone", unit="epoch", disable=not progress)
-    for _ in bar:
+    bar = tqdm(range(cfg.epochs), desc="pre-training backbone", unit="epoch", disable=None if progress else True)
+    for epoch in bar:
         correct = seen = 0
         for x, y in loader:
             logits = head(vit(x))
@@ -117,5 +120,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> nn.Module:
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
         bar.set_postfix(loss=f"{loss.item():.3f}", train_acc=f"{100 * correct / seen:.1f}%")
+        log.debug("pre-training epoch %d/%d: loss %.3f, train accuracy %.1f%%", epoch + 1, cfg.epochs, loss.item(),
+                  100 * correct / seen)
     vit.requires_grad_(False)
     return vit.eval()
