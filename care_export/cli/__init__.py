@@ -18,8 +18,8 @@ from .log import command_logging, error
 
 
 class CareGroup(click.Group):
-    """Loads each command's module on first use, and shows user errors as one line
-    (``error: ...``, exit 1) without a traceback."""
+    """Loads each command's module on first use, sets up logging for the command (``log.py``),
+    and shows user errors as one line (``error: ...``, exit 1) without a traceback."""
 
     def list_commands(self, ctx):
         from .commands import COMMANDS
@@ -35,11 +35,15 @@ class CareGroup(click.Group):
         return getattr(importlib.import_module(f"{__package__}.{module}"), attr)
 
     def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except CareError as exc:
-            error(str(exc))
-            sys.exit(1)
+        p = ctx.params
+        if p["verbose"] and p["quiet"]:
+            raise click.UsageError("give -v or -q, not both")
+        with command_logging(p["verbose"], p["quiet"], p["log_file"]):
+            try:
+                return super().invoke(ctx)
+            except CareError as exc:
+                error(str(exc))
+                sys.exit(1)
 
 
 @click.group(cls=CareGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -61,7 +65,3 @@ def main(verbose, quiet, log_file):
       care-export onnx ckpt/ --tasks 301 -o model/
       care-export parity ckpt/ model/
     """
-    if verbose and quiet:
-        raise click.UsageError("give -v or -q, not both")
-    ctx = click.get_current_context()
-    ctx.with_resource(command_logging(verbose, quiet, log_file))

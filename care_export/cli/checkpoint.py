@@ -1,8 +1,7 @@
-"""Commands that make or inspect checkpoints: ``synth-ckpt``, ``import-official``, ``info``."""
+"""Commands that make checkpoints: ``synth-ckpt``, ``import-official`` (``info`` describes them)."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import click
 from runtime.errors import CareError
 from runtime.outdir import CHECKPOINT, output_dir
 
-from ..checkpoint.format import read_manifest, save_checkpoint
+from ..checkpoint.format import save_checkpoint
 from ..model.config import MoEConfig, Preprocessing, backbone_config
 
 POSITIVE = click.IntRange(min=1)
@@ -180,29 +179,3 @@ def import_official_command(state_dict_path, out, topk_routers, topk_experts, ba
     click.echo(f"wrote {out}: {model.num_tasks} tasks, {model.num_classes} classes, depth {model.backbone_cfg.depth}, "
                f"width {model.backbone_cfg.embed_dim}")
 
-
-@click.command("info")
-@click.argument("path", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
-def info_command(path, as_json):
-    """Describe a checkpoint directory.
-
-    \b
-    Example:
-      care-export info ckpt/
-    """
-    m = read_manifest(path)
-    if as_json:
-        click.echo(json.dumps(m, indent=1))
-        return
-    bb, moe, tasks = m["backbone"], m["brmoe"], m["tasks"]
-    sizes = [t["classes"] for t in tasks]
-    nbytes = sum(e["bytes"] for e in [bb, m["shared"], m["head"], *tasks])
-    click.echo(f"checkpoint   {path} (format {m['format_version']})")
-    click.echo(f"backbone     {bb['name']} {bb['img_size']}px/{bb['patch_size']}, width {bb['embed_dim']}, "
-               f"depth {bb['depth']}, {bb['num_heads']} heads")
-    click.echo(f"BR-MoE       M={moe['topk_routers']} K={moe['topk_experts']} r={moe['expert_dim']} "
-               f"r_s={moe['shared_dim']}")
-    click.echo(f"tasks        {len(tasks)} ({sum(sizes)} classes; first {sizes[0]}, "
-               f"later {sorted(set(sizes[1:])) or '-'})")
-    click.echo(f"size         {nbytes / 2**20:.1f} MiB in {len(tasks) + 4} files")

@@ -10,7 +10,7 @@ COMMANDS = {
     "train": "train:train_command",
     "synth-ckpt": "checkpoint:synth_ckpt_command",
     "import-official": "checkpoint:import_official_command",
-    "info": "checkpoint:info_command",
+    "info": "info:info_command",
     "onnx": "export:onnx_command",
     "add-task": "export:add_task_command",
     "parity": "export:parity_command",
