@@ -18,6 +18,7 @@ COMMANDS = {
     "run": "run:run_command",
     "verify": "run:verify_command",
     "eval": "eval:eval_command",
+    "plot": "plot:plot_command",
     "triton": "triton:triton_command",
     "quantize": "quantize:quantize_command",
 }
