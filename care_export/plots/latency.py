@@ -23,8 +23,11 @@ def plot_latency(rows: list[dict], path: str | Path) -> dict:
                 label = f"{engine}, batch {batch}"
                 (lines[label],) = ax.plot(*zip(*pts), STYLES[engine], label=label)
     ax.set(xlabel="tasks learned", ylabel="median latency, ms", title="latency against tasks")
-    if len({r["tasks"] for r in rows}) > 2:
+    counts = sorted({r["tasks"] for r in rows})
+    if len(counts) > 2:
         ax.set_xscale("log")
+    ax.set_xticks(counts, labels=[str(c) for c in counts])
+    ax.tick_params(axis="x", which="minor", bottom=False, labelbottom=False)
     ax.set_yscale("log")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
