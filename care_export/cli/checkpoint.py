@@ -11,6 +11,7 @@ from runtime.errors import CareError
 from runtime.outdir import CHECKPOINT, output_dir
 
 from ..checkpoint.format import save_checkpoint
+from .log import hint, say
 from ..model.config import MoEConfig, Preprocessing, backbone_config
 
 POSITIVE = click.IntRange(min=1)
@@ -122,8 +123,9 @@ def synth_ckpt_command(out, backbone, img_size, patch_size, embed_dim, depth, nu
         t2 = time.perf_counter()
     nbytes = sum(e["bytes"] for e in [manifest["backbone"], manifest["shared"], manifest["head"], *manifest["tasks"]])
     params = sum(p.numel() for p in model.parameters())
-    click.echo(f"wrote {out}: {tasks} tasks, {model.num_classes} classes, {params / 1e6:.1f} M parameters, "
-               f"{nbytes / 2**20:.1f} MiB (build {t1 - t0:.1f} s, write {t2 - t1:.1f} s)")
+    say(f"wrote {out}: {tasks} tasks, {model.num_classes} classes, {params / 1e6:.1f} M parameters, "
+        f"{nbytes / 2**20:.1f} MiB (build {t1 - t0:.1f} s, write {t2 - t1:.1f} s)")
+    hint(f"care-export onnx {out} --tasks CAPACITY -o ARTIFACT")
 
 
 @click.command("import-official")
@@ -176,6 +178,7 @@ def import_official_command(state_dict_path, out, topk_routers, topk_experts, ba
             extra["reference_class_order"] = {"seed": seed, "order": order}
         save_checkpoint(model, tmp, class_names=names,
                         preprocessing=Preprocessing.for_input(model.backbone_cfg.img_size, mean, std), extra=extra)
-    click.echo(f"wrote {out}: {model.num_tasks} tasks, {model.num_classes} classes, depth {model.backbone_cfg.depth}, "
-               f"width {model.backbone_cfg.embed_dim}")
+    say(f"wrote {out}: {model.num_tasks} tasks, {model.num_classes} classes, depth {model.backbone_cfg.depth}, "
+        f"width {model.backbone_cfg.embed_dim}")
+    hint(f"care-export onnx {out} --tasks CAPACITY -o ARTIFACT")
 

@@ -123,5 +123,4 @@ def quantize_command(artifact, out, precision, calib_data, method, per_task, see
                 f"{100 * fb['calibration_flips']:.2f}%, int8 weights alone {100 * fb['floor']:.2f}%)")
     say(f"wrote {out}: {precision.upper()} ({how}); report in {out / REPORT_FILE}")
     say(table(report, precision))
-    hint(f"care-export parity {out} --golden GOLDEN.npz   (a golden record from care-export parity CKPT "
-         f"{artifact} --save-golden GOLDEN.npz), or care-export eval {out} DATA")
+    hint(f"care-export eval {out} DATA   (accuracy on your labelled images; care-export info {out})")
