@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
 import click
 
 from .log import hint, say
+
+log = logging.getLogger(__name__)
 
 
 class BatchParam(click.ParamType):
@@ -192,8 +195,8 @@ def parity_command(paths, samples, images_dir, save_golden, golden, device, batc
     _report_parity(report, 1.0, as_json, {"mode": "checkpoint", "checkpoint": str(paths[0]),
                                            "artifact": str(paths[1]), "golden": None, "backend": "onnxruntime on cpu",
                                            "precision": None}, "")
-    if save_golden:
-        say(f"golden record {save_golden}: {report.samples} inputs")
+    if save_golden:  # with --json a log line: stdout holds the object alone
+        (log.info if as_json else say)(f"golden record {save_golden}: {report.samples} inputs")
     if not as_json:
         say("parity ok")
         hint(f"care-export info {paths[1]}   (then deploy it: care-export run {paths[1]} IMAGE...)")
