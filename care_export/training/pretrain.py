@@ -71,7 +71,9 @@ def pretrained_backbone(cfg: PretrainConfig = PretrainConfig(), cache_dir: str |
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = cache / "pretrained" / f"{cfg.backbone.name}-{cfg.backbone.img_size}px-{cfg.key()}.safetensors"
     if path.is_file():
+        log.debug(f"pre-trained backbone from the cache: {path}")
         return path
+    log.info(f"pre-training the built-in backbone ({cfg.epochs} epochs; cached afterwards as {path})")
     vit = pretrain(cfg, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
