@@ -229,6 +229,8 @@ def test_plot_without_matplotlib_names_the_extra(world, monkeypatch):
     assert res.exit_code == 1 and res.stderr.strip() == ("error: plotting needs matplotlib: pip install "
                                                          "'care-export[plot]'")
     assert not (world["root"] / "x.png").exists()
+    res = cli("bench", "--ckpt", world["ckpt"], "--task-counts", "1", "--plot", world["root"] / "l.png")
+    assert res.exit_code == 1 and "care-export[plot]" in res.stderr and "cores" not in res.stderr  # before timing
 
 
 def test_plot_refuses_an_untrained_checkpoint(tmp_path):

@@ -7,13 +7,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .figure import new_figure, save_figure
+from .figure import check_plot_path, new_figure, save_figure
 
 
 def plot_accuracy(metrics: dict, path: str | Path, title: str = "") -> dict:
     """Draw ``metrics`` (``metrics.json``: ``top1``, ``matrix``) into ``path``; returns the
     numbers as drawn, read back from the figure: ``tasks`` (1-based), ``top1`` (None where not
     measured) and ``matrix`` (rows: after task i; None above the diagonal or not measured)."""
+    check_plot_path(path)
     top1, matrix = metrics["top1"], metrics["matrix"]
     n = len(top1)
     tasks = np.arange(1, n + 1)

@@ -11,12 +11,26 @@ FORMATS = {".png": "png", ".svg": "svg"}
 DPI = 80  # small files: the README embeds one
 
 
-def new_figure(width: float, height: float):
-    """A headless figure (no pyplot, no display); a one-line error without matplotlib."""
+def check_plot_path(path: str | Path) -> str:
+    """The format of plot file ``path``; a one-line error for another extension, a missing
+    directory or a missing matplotlib (commands call it before long work)."""
+    path = Path(path)
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise CareError(f"{path}: plots are written as .png or .svg")
+    if not path.parent.is_dir():
+        raise CareError(f"{path.parent}: no such directory")
     try:
-        from matplotlib.figure import Figure
+        import matplotlib.figure  # noqa: F401
     except ImportError:
         raise CareError("plotting needs matplotlib: pip install 'care-export[plot]'") from None
+    return fmt
+
+
+def new_figure(width: float, height: float):
+    """A headless figure: no pyplot, no display."""
+    from matplotlib.figure import Figure
+
     return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
 
 
@@ -24,13 +38,7 @@ def save_figure(fig, path: str | Path) -> Path:
     """Write ``fig`` to ``path`` (temporary name, then rename: an old file survives a failure)."""
     from ..checkpoint.format import atomic_write_bytes
 
-    path = Path(path)
-    fmt = FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        raise CareError(f"{path}: plots are written as .png or .svg")
-    if not path.parent.is_dir():
-        raise CareError(f"{path.parent}: no such directory")
     buf = io.BytesIO()
-    fig.savefig(buf, format=fmt)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    fig.savefig(buf, format=check_plot_path(path))
+    atomic_write_bytes(Path(path), buf.getvalue())
+    return Path(path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .figure import new_figure, save_figure
+from .figure import check_plot_path, new_figure, save_figure
 
 STYLES = {"artifact (ORT)": "-o", "backbone (ORT)": "--s", "eager (PyTorch)": ":^"}
 
@@ -13,6 +13,7 @@ def plot_latency(rows: list[dict], path: str | Path) -> dict:
     """Draw the median latency of ``rows`` (``care-export bench`` rows) against tasks into
     ``path``; returns the series as drawn, read back from the figure:
     ``{"<engine>, batch <b>": {"tasks": [...], "ms": [...]}}``."""
+    check_plot_path(path)
     fig = new_figure(6.5, 4)
     ax = fig.subplots()
     lines = {}
