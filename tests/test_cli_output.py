@@ -173,13 +173,19 @@ def test_verify_json_of_a_damaged_artifact(world, tmp_path):
 
 
 # ---------------------------------------------------------------------- info of an artifact
-def test_info_describes_an_artifact_without_torch(world):
-    art = world["art"]
+def without_torch(*args) -> str:
+    """stdout of ``care-export ARGS`` in an interpreter where ``import torch`` fails."""
     proc = subprocess.run([sys.executable, "-c", BLOCK_TORCH + "from care_export.cli import main\n"
-                           f"main(['info', {str(art)!r}, '--json'])\n"], capture_output=True, text=True, cwd=ROOT,
+                           f"main({[str(a) for a in args]!r})\n"], capture_output=True, text=True, cwd=ROOT,
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert proc.returncode == 0, proc.stderr
-    d = json.loads(proc.stdout)
+    return proc.stdout
+
+
+def test_info_describes_an_artifact_without_torch(world):
+    art = world["art"]
+    d = json.loads(without_torch("info", art, "--json"))
+    assert json.loads(without_torch("verify", art, "--json"))["ok"]
     manifest = json.loads((art / "manifest.json").read_text())
     assert (d["kind"], d["precision"], d["capacity"], d["tasks"], d["classes"]) == ("artifact", "fp32", 4, 2, 8)
     assert d["graph"] == {"nodes": len(onnx.load(str(art / "model.onnx"), load_external_data=False).graph.node),

@@ -41,7 +41,8 @@ def _disk_bytes(directory: Path) -> int:
 @click.command("onnx")
 @click.argument("ckpt", type=click.Path(path_type=Path))
 @click.option("--tasks", "capacity", type=click.IntRange(min=1), required=True,
-              help="Capacity: task slots the artifact holds (later tasks are added in place).")
+              help="Capacity: the task slots the artifact holds, not the tasks learned so far (later tasks are "
+                   "added in place, up to this many).")
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path), help="Artifact directory [default: CKPT-onnx].")
 @click.option("--opset", type=click.IntRange(min=17), default=17, show_default=True, help="ONNX opset.")
 @click.option("--batch", type=BatchParam(), default="dynamic", show_default=True, help="Fixed batch size, or dynamic.")
