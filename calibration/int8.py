@@ -19,7 +19,10 @@ Two steps:
 
 from __future__ import annotations
 
+import io
+import logging
 from collections import defaultdict
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +57,37 @@ CALIB_BATCH = 1  # equal batches: the histogram methods stack per-batch outputs
 # Images per collect_data call: the calibrator holds every output of every calibrated node for them
 # (212 MB per image on ViT-B/16, 391 tensors); merging per call costs about the same.
 CALIB_GROUP = 2
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def quiet_ort_quantization():
+    """ONNX Runtime's quantization tool prints its histogram chatter and logs a "consider
+    pre-processing" warning on the root logger at every call: both become debug lines of ours."""
+    root = logging.getLogger()
+
+    def from_ort(record) -> bool:
+        if "onnxruntime" in record.pathname:
+            log.debug("onnxruntime: %s", record.getMessage())
+            return False
+        return True
+
+    placeholder = logging.NullHandler() if not root.handlers else None  # logging.warning would call basicConfig
+    if placeholder:
+        root.addHandler(placeholder)
+    root.addFilter(from_ort)
+    printed = io.StringIO()
+    try:
+        with redirect_stdout(printed):
+            yield
+    finally:
+        root.removeFilter(from_ort)
+        if placeholder:
+            root.removeHandler(placeholder)
+        for line in printed.getvalue().splitlines():
+            if line.strip():
+                log.debug("onnxruntime: %s", line.strip())
 
 
 def stored_kind(name: str) -> tuple[int, ...] | None:
@@ -194,7 +228,7 @@ def quantize_qdq(model: onnx.ModelProto, images, targets: set[str], method: str,
         return model
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
-    with tempfile.TemporaryDirectory(prefix="care-quantize-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="care-quantize-") as tmp, quiet_ort_quantization():
         src, dst, cache = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx", Path(tmp) / "ranges.json"
         large = save_model(model, src)
         calibrator = create_calibrator(src, list(QUANTIZED_OPS), augmented_model_path=str(Path(tmp) / "aug.onnx"),
@@ -215,4 +249,5 @@ def quantize_qdq(model: onnx.ModelProto, images, targets: set[str], method: str,
             extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
                            "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OPS)},
         )
+        log.info(f"int8: {len(targets)} MatMul/Gemm/Conv nodes quantized, activation ranges by {method}")
         return onnx.load(str(dst))

@@ -9,7 +9,8 @@
 3. Export the checkpoint as a static ONNX graph with room for 301 tasks, and prove it equal to
    PyTorch (max |dlogit|, top-1 and routing agreement on random inputs).
 4. Learn the last task and give it to the running artifact in place (no re-export), then classify the
-   held-out images with ``runtime.Session`` (no PyTorch) and check parity again.
+   held-out images with ``runtime.Session`` (no PyTorch) and check parity again; draw the accuracy
+   after each task into OUT/accuracy.png (with matplotlib).
 5. With ``--compare``: learn the same sequence with the same budget as the baselines (frozen
    backbone with the cosine head and classifier alignment; one shared adapter fine-tuned through
    all tasks) and as CaRE with M=1, K=1, and print the comparison.
@@ -22,6 +23,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import tempfile
 import time
 from dataclasses import replace
@@ -38,6 +40,7 @@ from care_export.export.writer import export_artifact
 from care_export.export.parity import run_parity
 from care_export.training.task import TrainConfig
 from runtime import Session
+from runtime.errors import CareError
 
 # Scaled down from the reference's 20 epochs and batch 16 so that the demo runs on two CPU cores.
 # The built-in data of each sequence: classes and images per class (train, test).
@@ -138,6 +141,14 @@ def main() -> None:
     print(metrics.table())
     print(f"runtime.Session top-1 on {len(labels)} held-out images of all {session.num_classes} classes: "
           f"{runtime_acc:.2f}% (PyTorch: {metrics.a_last:.2f}%)")
+    try:
+        from care_export.plots.accuracy import plot_accuracy
+
+        plot_accuracy(metrics.to_dict(), out / "accuracy.png",
+                      title=f"CaRE on {args.data}, M={moe.topk_routers}, K={moe.topk_experts}")
+        print(f"accuracy after each task drawn in {out / 'accuracy.png'}")
+    except CareError as exc:  # matplotlib missing
+        print(f"no plot: {exc}")
     if args.compare:
         print("\n== 5. the same sequence and budget: baselines and CaRE M=1, K=1")
         compare(out / "compare", args.data, metrics, moe, cfg, args.device, progress=not args.quiet)
@@ -145,4 +156,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    # The library's per-task lines are log records: show them, between the progress bars.
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("care_export").setLevel(logging.INFO)
+    with logging_redirect_tqdm():
+        main()

@@ -43,7 +43,7 @@ def test_the_committed_artifact_verifies_and_matches_its_golden_record(art):
     assert cli("verify", art).exit_code == 0
     r = cli("parity", art, "--golden", DATA / "golden-3.npz", "--json")
     assert r.exit_code == 0, r.output
-    report = json.loads(r.output.strip().splitlines()[-1])
+    report = json.loads(r.stdout.strip().splitlines()[-1])
     assert report["top1"] == 1.0 and report["max_abs"] <= 1e-3
 
 
@@ -67,11 +67,11 @@ def test_run_and_eval_on_image_files(art, tmp_path):
             Image.fromarray(pixels).save(tmp_path / "data" / name / f"{k}.png")
     r = cli("run", art, tmp_path / "data" / names[0] / "0.png", "--json", "-k", "2")
     assert r.exit_code == 0, r.output
-    line = json.loads(r.output.strip().splitlines()[-1])
+    line = json.loads(r.stdout.strip().splitlines()[-1])
     assert len(line["top"]) == 2 and all(names[c["class"]] == c["name"] for c in line["top"])
     r = cli("eval", art, tmp_path / "data", "--split", "all", "--json")
     assert r.exit_code == 0, r.output
-    assert json.loads(r.output.strip().splitlines()[-1])["images"] == 4
+    assert json.loads(r.stdout.strip().splitlines()[-1])["images"] == 4
 
 
 def test_the_committed_tiny_model_is_what_this_exporter_writes(tmp_path):

@@ -66,7 +66,7 @@ def synth_model(
     with torch.no_grad():
         for m in model.moe:
             m.shared.scale.copy_(torch.randn(m.shared.scale.shape, generator=gen) * EXPERT_SCALE_STD)
-    for t, c in enumerate(tqdm(task_classes, desc="tasks", unit="task", disable=not progress)):
+    for t, c in enumerate(tqdm(task_classes, desc="tasks", unit="task", disable=None if progress else True)):
         model.add_task(c, init_from_older=False)
         randomize_task(model, t, gen)
     model.requires_grad_(False)

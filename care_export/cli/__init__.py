@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
 
 import click
 
 from runtime.errors import CareError
 
 TRAIN_EXTRA = {"torch", "torchvision", "timm"}  # what `pip install care-export[train]` adds
+from .log import command_logging, error
 
 
 class CareGroup(click.Group):
-    """Loads each command's module on first use, and shows user errors as one line
-    (``error: ...``, exit 1) without a traceback."""
+    """Loads each command's module on first use, sets up logging for the command (``log.py``),
+    and shows user errors as one line (``error: ...``, exit 1) without a traceback."""
 
     def list_commands(self, ctx):
         from .commands import COMMANDS
@@ -34,24 +36,36 @@ class CareGroup(click.Group):
         return getattr(importlib.import_module(f"{__package__}.{module}"), attr)
 
     def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except CareError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(1)
-        except ModuleNotFoundError as exc:
-            if exc.name not in TRAIN_EXTRA:
-                raise
-            # The base install is the runtime; this command is on the PyTorch side.
-            click.echo(f"error: care-export {ctx.invoked_subcommand} needs {exc.name}, which is not installed: "
-                       f"pip install 'care-export[train]'", err=True)
-            sys.exit(1)
+        p = ctx.params
+        if p["verbose"] and p["quiet"]:
+            raise click.UsageError("give -v or -q, not both")
+        with command_logging(p["verbose"], p["quiet"], p["log_file"]):
+            try:
+                return super().invoke(ctx)
+            except CareError as exc:
+                error(str(exc))
+                sys.exit(1)
+            except ModuleNotFoundError as exc:
+                if exc.name not in TRAIN_EXTRA:
+                    raise
+                # The base install is the runtime; this command is on the PyTorch side.
+                error(f"care-export {ctx.invoked_subcommand} needs {exc.name}, which is not installed: "
+                      f"pip install 'care-export[train]'")
+                sys.exit(1)
 
 
 @click.group(cls=CareGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="care-export")
-def main():
+@click.option("-v", "--verbose", count=True, help="Also show debug lines (per-epoch training summaries, timings).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr (no progress lines, no hints).")
+@click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write every log line (debug included, no progress bars) and the results to FILE.")
+def main(verbose, quiet, log_file):
     """Train, export and run CaRE continual learners (BR-MoE on a frozen ViT).
+
+    Results go to stdout, log lines (progress, per-task summaries, "next:" hints) to stderr;
+    progress bars are drawn only on a terminal. Options before the command:
+    care-export -v --log-file run.log train ...
 
     \b
     Example, from nothing to a deployed 301-task artifact:

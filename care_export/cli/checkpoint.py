@@ -1,19 +1,18 @@
-"""Commands that make or inspect checkpoints: ``synth-ckpt``, ``import-official``, ``info``."""
+"""Commands that make checkpoints: ``synth-ckpt``, ``import-official`` (``info`` describes them)."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import click
 
-from runtime.checkpoint_files import read_checkpoint_manifest
 from runtime.errors import CareError
 from runtime.outdir import CHECKPOINT, output_dir
 from runtime.preprocess import Preprocessing
 
 from ..model.config import MoEConfig, backbone_config
+from .log import hint, say
 
 POSITIVE = click.IntRange(min=1)
 
@@ -125,8 +124,9 @@ def synth_ckpt_command(out, backbone, img_size, patch_size, embed_dim, depth, nu
         t2 = time.perf_counter()
     nbytes = sum(e["bytes"] for e in [manifest["backbone"], manifest["shared"], manifest["head"], *manifest["tasks"]])
     params = sum(p.numel() for p in model.parameters())
-    click.echo(f"wrote {out}: {tasks} tasks, {model.num_classes} classes, {params / 1e6:.1f} M parameters, "
-               f"{nbytes / 2**20:.1f} MiB (build {t1 - t0:.1f} s, write {t2 - t1:.1f} s)")
+    say(f"wrote {out}: {tasks} tasks, {model.num_classes} classes, {params / 1e6:.1f} M parameters, "
+        f"{nbytes / 2**20:.1f} MiB (build {t1 - t0:.1f} s, write {t2 - t1:.1f} s)")
+    hint(f"care-export onnx {out} --tasks CAPACITY -o ARTIFACT")
 
 
 @click.command("import-official")
@@ -180,32 +180,7 @@ def import_official_command(state_dict_path, out, topk_routers, topk_experts, ba
             extra["reference_class_order"] = {"seed": seed, "order": order}
         save_checkpoint(model, tmp, class_names=names,
                         preprocessing=Preprocessing.for_input(model.backbone_cfg.img_size, mean, std), extra=extra)
-    click.echo(f"wrote {out}: {model.num_tasks} tasks, {model.num_classes} classes, depth {model.backbone_cfg.depth}, "
-               f"width {model.backbone_cfg.embed_dim}")
+    say(f"wrote {out}: {model.num_tasks} tasks, {model.num_classes} classes, depth {model.backbone_cfg.depth}, "
+        f"width {model.backbone_cfg.embed_dim}")
+    hint(f"care-export onnx {out} --tasks CAPACITY -o ARTIFACT")
 
-
-@click.command("info")
-@click.argument("path", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
-def info_command(path, as_json):
-    """Describe a checkpoint directory.
-
-    \b
-    Example:
-      care-export info ckpt/
-    """
-    m = read_checkpoint_manifest(path)
-    if as_json:
-        click.echo(json.dumps(m, indent=1))
-        return
-    bb, moe, tasks = m["backbone"], m["brmoe"], m["tasks"]
-    sizes = [t["classes"] for t in tasks]
-    nbytes = sum(e["bytes"] for e in [bb, m["shared"], m["head"], *tasks])
-    click.echo(f"checkpoint   {path} (format {m['format_version']})")
-    click.echo(f"backbone     {bb['name']} {bb['img_size']}px/{bb['patch_size']}, width {bb['embed_dim']}, "
-               f"depth {bb['depth']}, {bb['num_heads']} heads")
-    click.echo(f"BR-MoE       M={moe['topk_routers']} K={moe['topk_experts']} r={moe['expert_dim']} "
-               f"r_s={moe['shared_dim']}")
-    click.echo(f"tasks        {len(tasks)} ({sum(sizes)} classes; first {sizes[0]}, "
-               f"later {sorted(set(sizes[1:])) or '-'})")
-    click.echo(f"size         {nbytes / 2**20:.1f} MiB in {len(tasks) + 4} files")

@@ -10,7 +10,7 @@ COMMANDS = {
     "train": "train:train_command",
     "synth-ckpt": "checkpoint:synth_ckpt_command",
     "import-official": "checkpoint:import_official_command",
-    "info": "checkpoint:info_command",
+    "info": "info:info_command",
     "onnx": "export:onnx_command",
     "add-task": "export:add_task_command",
     "parity": "export:parity_command",
@@ -18,6 +18,7 @@ COMMANDS = {
     "run": "run:run_command",
     "verify": "run:verify_command",
     "eval": "eval:eval_command",
+    "plot": "plot:plot_command",
     "triton": "triton:triton_command",
     "quantize": "quantize:quantize_command",
 }

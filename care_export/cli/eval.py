@@ -14,6 +14,8 @@ import numpy as np
 from runtime.errors import CareError
 from runtime.numerics import COS_SCALE
 
+from .log import say
+
 BATCH = 64
 
 
@@ -155,8 +157,8 @@ def eval_command(target, data, split, skip_unknown, builtin_test, device, eval_m
     if as_json:
         click.echo(json.dumps(result))
         return
-    click.echo(f"{target} ({backend}) on {data}: {result['images']} images"
-               + (f", {len(skipped)} unknown classes skipped" if skipped else ""))
-    click.echo(f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  task confusion "
-               f"{result['task_confusion']:.2f}%  {result['images_per_second']:.1f} images/s")
-    click.echo("per task  " + " ".join("-" if a is None else f"T{t} {a:.1f}" for t, a in enumerate(result["per_task"])))
+    say(f"{target} ({backend}) on {data}: {result['images']} images"
+        + (f", {len(skipped)} unknown classes skipped" if skipped else ""))
+    say(f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  task confusion "
+        f"{result['task_confusion']:.2f}%  {result['images_per_second']:.1f} images/s")
+    say("per task  " + " ".join("-" if a is None else f"T{t} {a:.1f}" for t, a in enumerate(result["per_task"])))

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
 import click
+
+from .log import hint, say
+
+log = logging.getLogger(__name__)
 
 
 class BatchParam(click.ParamType):
@@ -36,7 +41,8 @@ def _disk_bytes(directory: Path) -> int:
 @click.command("onnx")
 @click.argument("ckpt", type=click.Path(path_type=Path))
 @click.option("--tasks", "capacity", type=click.IntRange(min=1), required=True,
-              help="Capacity: task slots the artifact holds (later tasks are added in place).")
+              help="Capacity: the task slots the artifact holds, not the tasks learned so far (later tasks are "
+                   "added in place, up to this many).")
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path), help="Artifact directory [default: CKPT-onnx].")
 @click.option("--opset", type=click.IntRange(min=17), default=17, show_default=True, help="ONNX opset.")
 @click.option("--batch", type=BatchParam(), default="dynamic", show_default=True, help="Fixed batch size, or dynamic.")
@@ -80,9 +86,10 @@ def onnx_command(ckpt, capacity, out, opset, batch, task_classes, predict, force
     nodes = len(onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node)
     size = sum(f["bytes"] for f in m["files"].values())
     dims = m["dims"]
-    click.echo(f"wrote {out}: {len(m['tasks'])} of {dims['capacity']} tasks, "
-               f"{sum(t['classes'] for t in m['tasks'])} classes, {nodes} nodes, {_mib(size)} "
-               f"({_mib(_disk_bytes(out))} on disk), {dt:.1f} s")
+    say(f"wrote {out}: {len(m['tasks'])} of {dims['capacity']} tasks, "
+        f"{sum(t['classes'] for t in m['tasks'])} classes, {nodes} nodes, {_mib(size)} "
+        f"({_mib(_disk_bytes(out))} on disk), {dt:.1f} s")
+    hint(f"care-export parity {ckpt} {out}")
 
 
 @click.command("add-task")
@@ -120,26 +127,29 @@ def add_task_command(artifact, ckpt, out, triton, keep):
         from runtime.triton import add_version
 
         version, added, removed = add_version(artifact, ckpt, keep)
-        click.echo(f"wrote {artifact}/{version}: tasks {added[0]}-{added[-1]} added"
-                   + (f"; removed version(s) {', '.join(map(str, removed))}" if removed else "")
-                   + f" ({time.perf_counter() - t0:.1f} s)")
+        say(f"wrote {artifact}/{version}: tasks {added[0]}-{added[-1]} added"
+            + (f"; removed version(s) {', '.join(map(str, removed))}" if removed else "")
+            + f" ({time.perf_counter() - t0:.1f} s)")
+        hint(f"care-export info {artifact}/{version}")
         return
     if out is not None:
         added, m, how = add_tasks_to_copy(artifact, ckpt, out)
         which = f"task {added[0]}" if len(added) == 1 else f"tasks {added[0]}-{added[-1]}"
-        click.echo(f"wrote {out}: {artifact} + {which}, {len(m['tasks'])} of {m['dims']['capacity']} tasks, "
-                   f"{sum(t['classes'] for t in m['tasks'])} classes; hard-linked {', '.join(how['linked']) or '-'}; "
-                   f"written {', '.join(how['written'])} ({_mib(how['written_bytes'])}) "
-                   f"({time.perf_counter() - t0:.1f} s)")
+        say(f"wrote {out}: {artifact} + {which}, {len(m['tasks'])} of {m['dims']['capacity']} tasks, "
+            f"{sum(t['classes'] for t in m['tasks'])} classes; hard-linked {', '.join(how['linked']) or '-'}; "
+            f"written {', '.join(how['written'])} ({_mib(how['written_bytes'])}) "
+            f"({time.perf_counter() - t0:.1f} s)")
+        hint(f"care-export parity {ckpt} {out}")
         return
     added, m = add_tasks(artifact, ckpt)
     total = len(m["tasks"])
     if not added:
-        click.echo(f"{artifact} already holds every task of {ckpt} ({total} tasks)")
+        say(f"{artifact} already holds every task of {ckpt} ({total} tasks)")
         return
     which = f"task {added[0]}" if len(added) == 1 else f"tasks {added[0]}-{added[-1]}"
-    click.echo(f"added {which} to {artifact}: {total} of {m['dims']['capacity']} tasks, "
-               f"{sum(t['classes'] for t in m['tasks'])} classes ({time.perf_counter() - t0:.1f} s)")
+    say(f"added {which} to {artifact}: {total} of {m['dims']['capacity']} tasks, "
+        f"{sum(t['classes'] for t in m['tasks'])} classes ({time.perf_counter() - t0:.1f} s)")
+    hint(f"care-export parity {ckpt} {artifact}")
 
 
 @click.command("parity")
@@ -159,7 +169,7 @@ def add_task_command(artifact, ckpt, out, triton, keep):
               help="Tolerance on |dlogit| [default: 1e-4; with --golden per precision: fp32 1e-3, fp16 5e-2, "
                    "int8 0.5].")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="With --golden: one JSON object.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (schema in docs/CLI.md) instead of the report.")
 def parity_command(paths, samples, images_dir, save_golden, golden, device, batch, atol, seed, as_json):
     """Compare ARTIFACT (ONNX Runtime, CPU) with the PyTorch reference forward of CKPT, or, with
     --golden, a deployed ARTIFACT with a golden record on any backend (no PyTorch needed).
@@ -183,38 +193,46 @@ def parity_command(paths, samples, images_dir, save_golden, golden, device, batc
 
     report = run_parity(*paths, samples=samples, batch=batch, atol=1e-4 if atol is None else atol, seed=seed,
                         images_dir=images_dir, golden=save_golden)
-    for line in report.lines():
-        click.echo(line)
-    report.check()
-    if save_golden:
-        click.echo(f"golden record {save_golden}: {report.samples} inputs")
-    click.echo("parity ok")
+    _report_parity(report, 1.0, as_json, {"mode": "checkpoint", "checkpoint": str(paths[0]),
+                                           "artifact": str(paths[1]), "golden": None, "backend": "onnxruntime on cpu",
+                                           "precision": None}, "")
+    if save_golden:  # with --json a log line: stdout holds the object alone
+        (log.info if as_json else say)(f"golden record {save_golden}: {report.samples} inputs")
+    if not as_json:
+        say("parity ok")
+        hint(f"care-export info {paths[1]}   (then deploy it: care-export run {paths[1]} IMAGE...)")
 
 
-def _check_golden(artifact, golden, device, batch, atol, as_json):
+def _report_parity(report, min_agree: float, as_json: bool, about: dict, title: str) -> None:
+    """The report (or its JSON object), then the error of a failed check."""
     import json
 
     from runtime.errors import ValidationError
 
-    from ..export.parity import GOLDEN_TOLERANCE, check_golden
-
-    report, identity, backend = check_golden(artifact, golden, device=device, batch=batch, atol=atol)
-    min_agree = GOLDEN_TOLERANCE[identity["precision"]][1]
     try:
         report.check(min_agree)
         failure = None
     except ValidationError as exc:
         failure = str(exc)
     if as_json:
-        click.echo(json.dumps({"artifact": str(artifact), "golden": str(golden), "backend": backend,
-                               "precision": identity["precision"], "ok": failure is None, "error": failure,
-                               "max_abs": report.max_abs, "mean_abs": report.mean_abs, "atol": report.atol,
-                               "top1": report.top1, "routing": report.routing, "min_agree": min_agree}))
+        click.echo(json.dumps(dict(about, ok=failure is None, error=failure, samples=report.samples,
+                                   classes=report.classes, max_abs=report.max_abs, mean_abs=report.mean_abs,
+                                   atol=report.atol, top1=report.top1, routing=report.routing, min_agree=min_agree,
+                                   same_checkpoint=report.same_checkpoint)))
     else:
-        click.echo(f"{artifact} ({backend}, {identity['precision']}) against {golden}")
-        for line in report.lines():
-            click.echo(line)
+        for line in ([title] if title else []) + report.lines():
+            say(line)
     if failure is not None:
         raise ValidationError(failure)
+
+
+def _check_golden(artifact, golden, device, batch, atol, as_json):
+    from ..export.parity import GOLDEN_TOLERANCE, check_golden
+
+    report, identity, backend = check_golden(artifact, golden, device=device, batch=batch, atol=atol)
+    _report_parity(report, GOLDEN_TOLERANCE[identity["precision"]][1], as_json,
+                   {"mode": "golden", "checkpoint": None, "artifact": str(artifact), "golden": str(golden),
+                    "backend": backend, "precision": identity["precision"]},
+                   f"{artifact} ({backend}, {identity['precision']}) against {golden}")
     if not as_json:
-        click.echo("golden parity ok")
+        say("golden parity ok")

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import click
 
+from .log import hint, say
+
 BUILTIN = "builtin"
 
 
@@ -61,8 +63,9 @@ def _pool(data: str, art, split: str):
 @click.option("--eval-samples", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Held-out images in the report, spread over the tasks.")
 @click.option("--force", is_flag=True, help="Replace an existing OUTPUT artifact.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (schema in docs/CLI.md) instead of the table.")
 def quantize_command(artifact, out, precision, calib_data, method, per_task, seed, routing, fallback_target,
-                     fallback_flips, flip_margin, tradeoff, rounding, eval_data, eval_samples, force):
+                     fallback_flips, flip_margin, tradeoff, rounding, eval_data, eval_samples, force, as_json):
     """Rewrite an FP32 artifact to FP16 or INT8, keeping its routing decisions in float32.
 
     The result is an artifact of the same format (runtime.Session and `care-export run` load it)
@@ -105,6 +108,12 @@ def quantize_command(artifact, out, precision, calib_data, method, per_task, see
     finally:
         bar.close()
     q = manifest["quantization"]
+    if as_json:
+        import json
+
+        click.echo(json.dumps({"artifact": str(artifact), "output": str(out), "precision": precision,
+                               "report_file": str(out / REPORT_FILE), "quantization": q, "report": report}))
+        return
     how = f"routing {routing}" + (f", {method} on {q['calibration']['samples']} images of "
                                   f"{q['calibration']['tasks_covered']}/{q['calibration']['tasks']} tasks"
                                   f", {rounding} rounding" if precision == "int8" else "")
@@ -112,5 +121,6 @@ def quantize_command(artifact, out, precision, calib_data, method, per_task, see
         fb = q["fallback"]
         how += (f"; {len(fb['weight_only'])} layer(s) weight-only int8 (calibration flips "
                 f"{100 * fb['calibration_flips']:.2f}%, int8 weights alone {100 * fb['floor']:.2f}%)")
-    click.echo(f"wrote {out}: {precision.upper()} ({how}); report in {out / REPORT_FILE}")
-    click.echo(table(report, precision))
+    say(f"wrote {out}: {precision.upper()} ({how}); report in {out / REPORT_FILE}")
+    say(table(report, precision))
+    hint(f"care-export eval {out} DATA   (accuracy on your labelled images; care-export info {out})")

@@ -4,11 +4,16 @@ write Python. Imports only the runtime (numpy, onnxruntime, PIL), never torch.""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import click
 
 from runtime.preprocess import IMAGE_SUFFIXES
+
+from .log import error, say
+
+log = logging.getLogger(__name__)
 
 CHUNK = 64  # images read and run at a time: memory stays flat for long lists
 
@@ -52,11 +57,17 @@ def run_command(artifact, images, top_k, device, backend, routing, as_json, veri
     files = _expand(images)
     if not files:
         raise click.UsageError("no image files found in the given directories")
+    missing = [f for f in files if not f.is_file()]
+    for f in missing:  # named before the backend is chosen and loaded
+        error(f"image not found: {f}")
+    if len(missing) == len(files):
+        raise CareError(f"{len(files)} of {len(files)} images could not be classified (see above)")
     session = Session(artifact, device=device, backend=backend, verify=verify)
-    click.echo(f"{session.backend} on {session.device} ({', '.join(session.providers)}): {session.num_tasks} tasks, "
-               f"{session.num_classes} classes", err=True)
+    log.info(f"{session.backend} on {session.device} ({', '.join(session.providers)}): {session.num_tasks} tasks, "
+             f"{session.num_classes} classes")
     top_k = min(top_k, session.num_classes)
-    failed = 0
+    failed = len(missing)
+    files = [f for f in files if f not in missing]
 
     def predict(paths):
         """(path, result) of each readable file; an unreadable one is reported and skipped."""
@@ -68,7 +79,7 @@ def run_command(artifact, images, top_k, device, backend, routing, as_json, veri
                 return [r for p in paths for r in predict([p])]
             failed += 1
             msg = str(exc).removeprefix("image 0: ")
-            click.echo(f"error: {msg if str(paths[0]) in msg else f'{paths[0]}: {msg}'}", err=True)
+            error(msg if str(paths[0]) in msg else f"{paths[0]}: {msg}")
             return []
 
     for start in range(0, len(files), CHUNK):
@@ -81,12 +92,14 @@ def run_command(artifact, images, top_k, device, backend, routing, as_json, veri
                 for b, (tasks, experts) in enumerate(zip(item["routing"]["tasks"], item["routing"]["experts"])):
                     click.echo(f"  block {b}: tasks {tasks} experts {experts}")
     if failed:
-        raise CareError(f"{failed} of {len(files)} images could not be classified (see above)")
+        raise CareError(f"{failed} of {len(files) + len(missing)} images could not be classified (see above)")
 
 
 @click.command("verify")
 @click.argument("directory", type=click.Path(path_type=Path))
-def verify_command(directory):
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (schema in docs/CLI.md); a damaged "
+              "directory gets one too (ok false), then the error line and exit 1.")
+def verify_command(directory, as_json):
     """Check every byte of an artifact (or a checkpoint) against its manifest's digests.
 
     Hashes the graph, the backbone, the state and every learned task's slot; for a checkpoint,
@@ -95,21 +108,39 @@ def verify_command(directory):
 
     \b
     Example:
-      care-export verify model/
+      care-export verify model/ --json
     """
     import time
 
     from runtime.artifact import Artifact
     from runtime.checkpoint_files import load_tensors, read_checkpoint_manifest
+    from runtime.errors import CareError
     from runtime.outdir import CHECKPOINT, directory_kind
 
     t0 = time.perf_counter()
-    if directory_kind(directory) == CHECKPOINT:
-        m = read_checkpoint_manifest(directory)
-        for e in [m["backbone"], m["shared"], m["head"], *m["tasks"]]:
-            load_tensors(directory, e)
-        what = f"checkpoint, {len(m['tasks'])} tasks"
-    else:
-        art = Artifact(directory, verify=True)
-        what = f"{art.manifest['precision'].upper()} artifact, {art.num_tasks} of {art.dims.capacity} tasks"
-    click.echo(f"ok: {directory} ({what}, every digest matches; {time.perf_counter() - t0:.2f} s)")
+    result = {"path": str(directory), "kind": None, "ok": False, "error": None, "tasks": None, "capacity": None,
+              "precision": None}
+    try:
+        if directory_kind(directory) == CHECKPOINT:
+            result["kind"] = "checkpoint"
+            m = read_checkpoint_manifest(directory)
+            for e in [m["backbone"], m["shared"], m["head"], *m["tasks"]]:
+                load_tensors(directory, e)
+            result["tasks"] = len(m["tasks"])
+            what = f"checkpoint, {len(m['tasks'])} tasks"
+        else:
+            result["kind"] = "artifact"
+            art = Artifact(directory, verify=True)
+            result.update(tasks=art.num_tasks, capacity=art.dims.capacity, precision=art.manifest["precision"])
+            what = f"{art.manifest['precision'].upper()} artifact, {art.num_tasks} of {art.dims.capacity} tasks"
+    except CareError as exc:
+        if not as_json:
+            raise
+        result["error"] = str(exc)
+    result["seconds"] = time.perf_counter() - t0
+    if as_json:
+        click.echo(json.dumps(dict(result, ok=result["error"] is None)))
+        if result["error"] is not None:
+            raise CareError(result["error"])
+        return
+    say(f"ok: {directory} ({what}, every digest matches; {result['seconds']:.2f} s)")

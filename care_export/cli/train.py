@@ -12,6 +12,7 @@ from runtime.numerics import COS_SCALE
 
 from .checkpoint import moe_options, reference_options
 from ..data import DEFAULT_SEED, INPUT_SETS
+from .log import hint, say
 
 # Options that define the model or the sequence: a resumed run takes them from the checkpoint.
 _FIXED_ON_RESUME = ("builtin_classes", "builtin_train", "builtin_test", "init_cls", "increment", "seed", "backbone",
@@ -43,8 +44,9 @@ _TRAINING = ("epochs", "lr", "min_lr", "batch_size", "weight_decay", "ca_lr", "c
 @click.option("--init-cls", default=10, show_default=True, type=click.IntRange(min=1), help="Classes of the first task.")
 @click.option("--increment", default=10, show_default=True, type=click.IntRange(min=1),
               help="Classes of every later task (the remainder forms a last task).")
-@click.option("--tasks", type=click.IntRange(min=1), help="Learn until the checkpoint holds this many tasks "
-              "(default: the whole sequence; with --resume: finish an interrupted run, else one more task).")
+@click.option("--learn-tasks", "--tasks", "tasks", type=click.IntRange(min=1), help="Learn until the checkpoint "
+              "holds this many tasks (default: the whole sequence; with --resume: finish an interrupted run, else one "
+              "more task). --tasks is the old name.")
 @click.option("--seed", default=DEFAULT_SEED, show_default=True, help="Class order and training randomness.")
 @click.option("--backbone", default=None, help="timm ViT name [default: the built-in ViT with builtin-pretrained "
               "weights, else vit_base_patch16_224].")
@@ -96,7 +98,8 @@ _TRAINING = ("epochs", "lr", "min_lr", "batch_size", "weight_decay", "ca_lr", "c
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="Where the built-in pre-trained ViT is cached "
               "[default: $CARE_EXPORT_CACHE, else $XDG_CACHE_HOME/care-export, else ~/.cache/care-export].")
-@click.option("--quiet", is_flag=True, help="No progress bars (the per-task lines stay).")
+@click.option("--quiet", is_flag=True, help="No progress bars (the per-task lines stay; bars are drawn only on a "
+              "terminal anyway).")
 def train_command(out, resume, data, skip_known, builtin_classes, builtin_train, builtin_test, init_cls, increment,
                   tasks, seed, backbone, img_size, patch_size, depth, backbone_weights, topk_routers, topk_experts, expert_dim,
                   shared_dim, epochs, lr, min_lr, batch_size, weight_decay, ca_lr, ca_epochs, ca_method, min_crop,
@@ -111,7 +114,7 @@ def train_command(out, resume, data, skip_known, builtin_classes, builtin_train,
 
     \b
     Example (built-in data, 100 classes in tasks of 10; learn 8 tasks, then the 9th):
-      care-export train -o ckpt/ --data builtin --init-cls 10 --increment 10 --tasks 8 --epochs 4
+      care-export train -o ckpt/ --data builtin --init-cls 10 --increment 10 --learn-tasks 8 --epochs 4
       care-export train --resume ckpt/
     \b
     Example (classes that arrive later: a folder of new classes becomes the next task):
@@ -122,7 +125,7 @@ def train_command(out, resume, data, skip_known, builtin_classes, builtin_train,
           --backbone vit_base_patch16_224.augreg_in21k --backbone-weights hub
     \b
     Example (a reference configuration; options given override it):
-      care-export train -o ckpt/ --data omnibench1k/ --preset ob1k_b100inc3 --tasks 5
+      care-export train -o ckpt/ --data omnibench1k/ --preset ob1k_b100inc3 --learn-tasks 5
       care-export train -o ckpt/ --data cifar-100-python/ --config care_cifar_inc10.json --epochs 10
     """
     from ..training.continual import resume_sequence
@@ -171,8 +174,9 @@ def train_command(out, resume, data, skip_known, builtin_classes, builtin_train,
     from runtime.checkpoint_files import read_checkpoint_manifest
 
     metrics = Metrics.from_dict(read_checkpoint_manifest(directory)["metrics"])
-    click.echo(metrics.table())
-    click.echo(f"checkpoint {directory}: {len(metrics.top1)} tasks; metrics in {directory / 'metrics.json'}")
+    say(metrics.table())
+    say(f"checkpoint {directory}: {len(metrics.top1)} tasks; metrics in {directory / 'metrics.json'}")
+    hint(f"care-export onnx {directory} --tasks CAPACITY   (or care-export plot {directory})")
 
 
 def _start(out, data, builtin_classes, builtin_train, builtin_test, init_cls, increment, tasks, seed, backbone,

@@ -11,6 +11,8 @@ from runtime.errors import ArtifactError
 from runtime.outdir import staged_dir
 from runtime.triton import CONFIG, model_config, write_labels
 
+from .log import hint, say
+
 
 @click.command("triton")
 @click.argument("artifact", type=click.Path(path_type=Path))
@@ -47,5 +49,6 @@ def triton_command(artifact, repo, name, max_batch, instances, device):
         clone_artifact(art, tmp / "1")
         (tmp / CONFIG).write_text(config)
         write_labels(tmp, art)
-    click.echo(f"wrote {model_dir}: version 1 ({art.num_tasks} tasks, {art.num_classes} classes), max batch "
-               f"{max_batch}, {instances} {device} instance(s)")
+    say(f"wrote {model_dir}: version 1 ({art.num_tasks} tasks, {art.num_classes} classes), max batch "
+        f"{max_batch}, {instances} {device} instance(s)")
+    hint(f"tritonserver --model-repository {repo}")

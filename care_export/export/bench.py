@@ -7,7 +7,8 @@ rotating), on the same inputs, in one process:
 * ``artifact``: the exported graph in ONNX Runtime (CPU, every graph optimisation on);
 * ``backbone``: the plain ViT without BR-MoE, exported by the same graph builder.
 
-Latency is the median over rounds; memory is read from /proc (Linux): ``load`` is the resident
+Latency is the median over rounds (p50; p90 and p99 beside it: with few rounds they are the
+slowest calls); memory is read from /proc (Linux): ``load`` is the resident
 growth when the engine is loaded (weights, ORT's pre-packed copies), ``run peak`` the largest
 high-water mark of one call above the resident size before it, warm-up calls included (the
 first call of a batch size allocates the activations). The eager reference is slow and memory hungry at hundreds of tasks
@@ -136,8 +137,10 @@ def bench_tasks(ckpt: Path, tasks: int, capacity: int, batches: list[int], round
         base = {e.name: float(np.median(e.times)) for e in engines}
         for e in engines:
             med = base[e.name]
+            p90, p99 = np.percentile(e.times, [90, 99]) * 1e3
             rows.append({
                 "tasks": tasks, "batch": batch, "engine": e.name, "rounds": len(e.times), "ms": med * 1e3,
+                "p50_ms": med * 1e3, "p90_ms": float(p90), "p99_ms": float(p99),
                 "img_s": batch / med, "load_mb": e.load_bytes / 2**20, "peak_mb": e.peak_bytes / 2**20,
                 "vs_backbone": med / base["backbone (ORT)"],
                 "eager_vs": base["eager (PyTorch)"] / med if "eager (PyTorch)" in base else None, "note": note,
@@ -149,11 +152,12 @@ def bench_tasks(ckpt: Path, tasks: int, capacity: int, batches: list[int], round
 
 
 def format_rows(rows: list[dict]) -> list[str]:
-    out = [f"{'T':>4} {'batch':>5} {'engine':16} {'rounds':>6} {'median ms':>10} {'img/s':>7} {'load MB':>8} "
-           f"{'run peak MB':>11} {'x backbone':>10} {'eager / this':>12}"]
+    out = [f"{'T':>4} {'batch':>5} {'engine':16} {'rounds':>6} {'median ms':>10} {'p90 ms':>8} {'p99 ms':>8} "
+           f"{'img/s':>7} {'load MB':>8} {'run peak MB':>11} {'x backbone':>10} {'eager / this':>12}"]
     for r in rows:
         eager = f"{r['eager_vs']:.1f}" if r["eager_vs"] is not None else "-"
         out.append(f"{r['tasks']:>4} {r['batch']:>5} {r['engine']:16} {r['rounds']:>6} {r['ms']:>10.1f} "
+                   f"{r['p90_ms']:>8.1f} {r['p99_ms']:>8.1f} "
                    f"{r['img_s']:>7.2f} {r['load_mb']:>8.0f} {r['peak_mb']:>11.0f} {r['vs_backbone']:>10.3f} {eager:>12}")
     notes = sorted({r["note"] for r in rows if r["note"]})
     return out + [f"note: {n}" for n in notes]

@@ -121,7 +121,7 @@ def align_classifier(head, sampler: PseudoFeatures, *, lr: float, epochs: int, p
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=CA_SCHEDULE_PERIOD)
     acc = 0.0
-    for _ in tqdm(range(epochs), desc="aligning classifier", unit="epoch", leave=False, disable=not progress):
+    for _ in tqdm(range(epochs), desc="aligning classifier", unit="epoch", leave=False, disable=None if progress else True):
         x, y = sampler.sample(per_class)
         order = torch.randperm(len(y), device=x.device)
         x, y = x[order], y[order]

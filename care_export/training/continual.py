@@ -9,6 +9,7 @@ learns the next task exactly as an uninterrupted run would.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import replace
 from functools import partial
@@ -32,6 +33,8 @@ from .evaluate import Metrics, accuracy_by_task, write_metrics
 from ..model.iterative import prediction_scores
 from ..model.care_vit import CareViT
 from .task import TaskData, TrainConfig, learn_task
+
+log = logging.getLogger(__name__)
 
 STATS_FILE = "class-stats-{:04d}.safetensors"
 BUILTIN_WEIGHTS = "builtin-pretrained"
@@ -173,11 +176,11 @@ class ContinualRun:
         self.stats.append({k: v.to(self.device) for k, v in own.items()})
         self._save()
         for line in skipped:
-            tqdm.write(f"evaluation skipped {line}")
+            log.warning(f"evaluation skipped {line}")
         old = [a for a in per_task[:-1] if a is not None]
         old = f", old tasks {sum(old) / len(old):.1f}%" if old else ""
         seen = "n/a" if top1 is None else f"{top1:.2f}%"
-        tqdm.write(f"task {task} ({task + 1}/{max(seq.num_tasks, self.limit)}): classes {classes.start}-"
+        log.info(f"task {task} ({task + 1}/{max(seq.num_tasks, self.limit)}): classes {classes.start}-"
                    f"{classes.stop - 1}, top-1 over {self.model.num_classes} seen classes {seen} (new task "
                    f"{per_task[-1]:.1f}%{old}) in {time.perf_counter() - t0:.1f} s")
 
@@ -197,7 +200,7 @@ class ContinualRun:
     def run(self, progress: bool = True) -> Metrics:
         """Learn tasks until ``limit``; the checkpoint is saved after each."""
         todo = range(self.model.num_tasks, self.limit)
-        for _ in tqdm(todo, desc="tasks", unit="task", disable=not progress or len(todo) < 2):
+        for _ in tqdm(todo, desc="tasks", unit="task", disable=None if progress and len(todo) > 1 else True):
             self.learn_next(progress)
         return self.metrics
 
@@ -343,5 +346,5 @@ def _new_labels(source, known_names: list[str], data, directory: Path, skip_know
     if not labels:
         raise CareError(f"{data} holds no class that {directory} does not know")
     if overlap:
-        tqdm.write(f"skipping {len(overlap)} class(es) {directory} already knows: {', '.join(overlap)}")
+        log.info(f"skipping {len(overlap)} class(es) {directory} already knows: {', '.join(overlap)}")
     return labels

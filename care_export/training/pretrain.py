@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +29,8 @@ from runtime.preprocess import Preprocessing
 from ..data.builtin import PRETRAIN_FIRST_CLASS, BuiltinSource
 from ..model.config import BackboneConfig, backbone_config
 from ..data.sources import LabelledImages, train_transform
+
+log = logging.getLogger(__name__)
 
 # Bump when the built-in images or the recipe below change, so that stale caches are not reused.
 RECIPE_VERSION = 1
@@ -64,7 +67,9 @@ def pretrained_backbone(cfg: PretrainConfig = PretrainConfig(), cache_dir: str |
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = cache / "pretrained" / f"{cfg.backbone.name}-{cfg.backbone.img_size}px-{cfg.key()}.safetensors"
     if path.is_file():
+        log.debug(f"pre-trained backbone from the cache: {path}")
         return path
+    log.info(f"pre-training the built-in backbone ({cfg.epochs} epochs; cached afterwards as {path})")
     vit = pretrain(cfg, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     with replacing(path) as tmp:
@@ -98,8 +103,8 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> nn.Module:
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     vit.train()
-    bar = tqdm(range(cfg.epochs), desc="pre-training backbone", unit="epoch", disable=not progress)
-    for _ in bar:
+    bar = tqdm(range(cfg.epochs), desc="pre-training backbone", unit="epoch", disable=None if progress else True)
+    for epoch in bar:
         correct = seen = 0
         for x, y in loader:
             logits = head(vit(x))
@@ -112,5 +117,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> nn.Module:
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
         bar.set_postfix(loss=f"{loss.item():.3f}", train_acc=f"{100 * correct / seen:.1f}%")
+        log.debug("pre-training epoch %d/%d: loss %.3f, train accuracy %.1f%%", epoch + 1, cfg.epochs, loss.item(),
+                  100 * correct / seen)
     vit.requires_grad_(False)
     return vit.eval()

@@ -11,6 +11,7 @@ fewer parts trained.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -23,6 +24,8 @@ from runtime.numerics import COS_SCALE
 
 from .alignment import ALIGN_DECAYS, CA_METHODS, PseudoFeatures, align_classifier, class_statistics, reference_mean_decay
 from .baselines import METHODS, trainable_parts, uses_routing
+
+log = logging.getLogger(__name__)
 
 EVAL_MODES = ("single", "iterative")
 
@@ -162,8 +165,9 @@ def _train_round(model, task: int, first_class: int, loader: DataLoader, cfg: Tr
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=eta_min)
     # float16 gradients need loss scaling; bfloat16 has float32's range and does not.
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and torch.device(device).type == "cuda")
-    bar = tqdm(range(epochs), desc=f"task {task}", unit="epoch", leave=False, disable=not progress)
-    for _ in bar:
+    # disable=None: bars only on a terminal; the log gets one line per epoch
+    bar = tqdm(range(epochs), desc=f"task {task}", unit="epoch", leave=False, disable=None if progress else True)
+    for epoch in bar:
         model.train()
         total = main = correct = seen = 0.0
         for x, y in loader:
@@ -184,6 +188,8 @@ def _train_round(model, task: int, first_class: int, loader: DataLoader, cfg: Tr
         sched.step()
         bar.set_postfix(loss=f"{total / seen:.3f}", main=f"{main / seen:.3f}", acc=f"{100 * correct / seen:.1f}%",
                         lr=f"{opt.param_groups[0]['lr']:.2e}")
+        log.debug("task %d epoch %d/%d: loss %.3f (main %.3f), train accuracy %.1f%%, lr %.2e", task, epoch + 1,
+                  epochs, total / seen, main / seen, 100 * correct / seen, opt.param_groups[0]["lr"])
     return opt.param_groups[0]["lr"]
 
 
