@@ -23,6 +23,9 @@ def test_shifted_source_is_deterministic_and_reopens_from_its_description():
         assert np.array_equal(pixels(a, "test", label, index % 20), pixels(b, "test", label, index % 20))
     assert not np.array_equal(pixels(a, "train", 3, 0), pixels(a, "train", 3, 1))
     assert not np.array_equal(pixels(a, "train", 3, 0), pixels(a, "test", 3, 0))
+    # A second load (from the source's cache of drawn images) gives the first load's pixels.
+    assert np.array_equal(pixels(a, "train", 17, 5), pixels(b, "train", 17, 5))
+    assert len(a._drawn) == 9 and ("test", 3, 0) in a._drawn
     other = ShiftedSource(30, init_cls=10, increment=10, seed=4)
     assert not np.array_equal(pixels(a, "train", 3, 0), pixels(other, "train", 3, 0))
 
@@ -56,3 +59,13 @@ def test_shifted_source_limits():
         ShiftedSource(1001)
     with pytest.raises(CareError, match="init-cls"):
         ShiftedSource(5, init_cls=10)
+
+
+def test_cache_of_drawn_images_stops_at_its_room(monkeypatch):
+    import care_export.data.shift as shift
+
+    monkeypatch.setattr(shift, "_CACHE_BYTES", 3 * 32 * 32 * 2)  # room for two 32 px images
+    src = ShiftedSource(4, init_cls=2, increment=2)
+    first = [pixels(src, "train", c, 0) for c in range(4)]
+    assert len(src._drawn) == 2
+    assert all(np.array_equal(f, pixels(src, "train", c, 0)) for c, f in enumerate(first))

@@ -26,6 +26,7 @@ _SPLITS = {"train": 0, "test": 1}
 RANDOM_ROLES = 0.5
 # Offsets that keep this source's random streams apart from builtin.py's.
 _STYLE_STREAM, _DOMAIN_STREAM, _IMAGE_STREAM = 7001, 7002, 7003
+_CACHE_BYTES = 256 << 20
 
 
 class ShiftStyle:
@@ -160,6 +161,9 @@ class ShiftedSource:
         self.image_size, self.seed = image_size, seed
         self.styles = [ShiftStyle(seed, c) for c in range(num_classes)]
         self.class_names = [f"{s.name}-d{self.domain_of[c]}-{c}" for c, s in enumerate(self.styles)]
+        # Every epoch reloads the same images: keep them drawn, up to _CACHE_BYTES.
+        self._drawn: dict[tuple[str, int, int], np.ndarray] = {}
+        self._cache_room = _CACHE_BYTES // (3 * image_size**2)
 
     @property
     def num_classes(self) -> int:
@@ -182,6 +186,12 @@ class ShiftedSource:
 
     def load(self, split: str, item: tuple[int, int]) -> Image.Image:
         label, index = item
-        rng = np.random.default_rng([_IMAGE_STREAM, self.seed, label, _SPLITS[split], index])
-        style, domain = self.styles[label], self.domains[self.domain_of[label]]
-        return Image.fromarray(render_shifted(style, domain, rng, self.image_size))
+        key = (split, label, index)
+        pixels = self._drawn.get(key)
+        if pixels is None:
+            rng = np.random.default_rng([_IMAGE_STREAM, self.seed, label, _SPLITS[split], index])
+            style, domain = self.styles[label], self.domains[self.domain_of[label]]
+            pixels = render_shifted(style, domain, rng, self.image_size)
+            if len(self._drawn) < self._cache_room:
+                self._drawn[key] = pixels
+        return Image.fromarray(pixels)
