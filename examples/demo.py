@@ -95,16 +95,17 @@ def held_out_images(ckpt: Path) -> tuple[list, np.ndarray]:
     return list(images), np.array(labels)
 
 
-# Routers that have not moved from their start decide by near-ties of perceptor entropy (the shifted
-# sequence at this budget): float rounding then flips a sample now and then. The demo goes on past
-# such flips, naming them; |dlogit| stays within atol.
-DEMO_MIN_AGREE = 0.99
+# On the shifted sequence at this budget the routers have barely moved from their start and decide
+# by near-ties of perceptor entropy: float rounding then flips a sample now and then. There the demo
+# goes on past such flips (naming them; |dlogit| stays within atol); on the default sequence, and in
+# `care-export parity`, any flip fails.
+MIN_AGREE = {"builtin": 1.0, "builtin-shift": 0.99}
 
 
-def parity(ckpt: Path, artifact: Path) -> None:
+def parity(ckpt: Path, artifact: Path, min_agree: float) -> None:
     report = run_parity(ckpt, artifact, samples=256)
     print("\n".join("  " + line for line in report.lines()))
-    report.check(DEMO_MIN_AGREE)  # raises (AtolError / RoutingError) outside tolerance
+    report.check(min_agree)  # raises (AtolError / RoutingError) outside tolerance
     if not report.ok:
         print(f"  note: routing differs on {len(report.mismatched)} of {report.samples} random inputs, top-1 "
               f"agreement {report.top1:.4f} (near-tie routing decisions; `care-export parity` refuses any)")
@@ -137,7 +138,7 @@ def main() -> None:
 
     print(f"\n== 3. export with room for {args.capacity} tasks, and parity against PyTorch")
     export_artifact(ckpt, artifact, args.capacity)
-    parity(ckpt, artifact)
+    parity(ckpt, artifact, MIN_AGREE[args.data])
 
     print(f"\n== 4. learn task {tasks}, add it to the running artifact in place")
     session = Session(artifact, device="cpu")
@@ -145,7 +146,7 @@ def main() -> None:
     before = session.num_tasks
     session.add_task(ckpt, persist=True)
     print(f"  {session!r}: {before} -> {session.num_tasks} tasks without re-export")
-    parity(ckpt, artifact)
+    parity(ckpt, artifact, MIN_AGREE[args.data])
 
     images, labels = held_out_images(ckpt)
     pred = session.predict(images)
