@@ -13,8 +13,8 @@ import copy
 
 import torch
 
-from care_export.model.config import MoEConfig, backbone_config
 from care_export.model.care_vit import CareViT
+from care_export.model.config import MoEConfig, backbone_config
 from care_export.training.task import TrainConfig, angular_loss, autocast_context, perceptor_loss, set_trainable
 from runtime.timing import median_times
 
@@ -53,8 +53,14 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
-    cfg = backbone_config("vit_tiny_patch16_224", img_size=args.img, patch_size=16, depth=args.depth,
-                          embed_dim=args.width, num_heads=max(1, args.width // 64))
+    cfg = backbone_config(
+        "vit_tiny_patch16_224",
+        img_size=args.img,
+        patch_size=16,
+        depth=args.depth,
+        embed_dim=args.width,
+        num_heads=max(1, args.width // 64),
+    )
     base = CareViT(cfg, MoEConfig())
     for _ in range(args.tasks):
         base.add_task(10)
@@ -62,11 +68,15 @@ def main() -> None:
     x = torch.randn(args.batch, 3, args.img, args.img, device=device)
     y = torch.randint(0, 10, (args.batch,), device=device)
     task = args.tasks - 1
-    calls = {name: step_fn(copy.deepcopy(base).to(device), x, y, task, amp, device)
-             for name, amp in (("float32", False), ("amp", True))}
+    calls = {
+        name: step_fn(copy.deepcopy(base).to(device), x, y, task, amp, device)
+        for name, amp in (("float32", False), ("amp", True))
+    }
     t = median_times(calls, args.rounds, warmup=2)
-    print(f"{device.type}: ViT width {args.width}, depth {args.depth}, {args.img}px, batch {args.batch}, "
-          f"task {task}; median of {args.rounds} interleaved steps")
+    print(
+        f"{device.type}: ViT width {args.width}, depth {args.depth}, {args.img}px, batch {args.batch}, "
+        f"task {task}; median of {args.rounds} interleaved steps"
+    )
     for name, s in t.items():
         print(f"  {name:8s} {1000 * s:8.1f} ms/step")
     print(f"  amp / float32 = {t['amp'] / t['float32']:.2f}")

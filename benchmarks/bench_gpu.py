@@ -23,9 +23,26 @@ from runtime.timing import median_times
 
 
 def synth(ckpt: Path, tasks: int) -> None:
-    subprocess.run([sys.executable, "-m", "care_export", "synth-ckpt", "-o", str(ckpt), "--backbone",
-                    "vit_base_patch16_224", "--init-cls", "100", "--increment", "3", "--tasks", str(tasks)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "care_export",
+            "synth-ckpt",
+            "-o",
+            str(ckpt),
+            "--backbone",
+            "vit_base_patch16_224",
+            "--init-cls",
+            "100",
+            "--increment",
+            "3",
+            "--tasks",
+            str(tasks),
+        ],
+        check=True,
+        capture_output=True,
+    )
 
 
 class BoundOrt:
@@ -83,8 +100,10 @@ def main() -> None:
     bb_model = export_backbone(ckpt, bb)
     print(f"synth {t1 - t0:.1f} s, export {t2 - t1:.1f} s ({torch.cuda.get_device_name(0)})")
 
-    engines = {"artifact (ORT CUDA EP)": BoundOrt(art / "model.onnx", "logits"),
-               "backbone (ORT CUDA EP)": BoundOrt(bb_model, "features")}
+    engines = {
+        "artifact (ORT CUDA EP)": BoundOrt(art / "model.onnx", "logits"),
+        "backbone (ORT CUDA EP)": BoundOrt(bb_model, "features"),
+    }
     session = Session(art, device="cuda", backend="onnxruntime", providers=["cuda"])
     model, _ = load_checkpoint(ckpt, verify=False)
     model = model.cuda().eval()
@@ -99,12 +118,15 @@ def main() -> None:
             runs[name] = eng
         runs["runtime.Session.logits"] = lambda: session.logits(x)
         if b <= args.eager_max_batch:
+
             def eager(mode):
                 def run():
                     with torch.no_grad():
                         model(xt, mode=mode)
                     torch.cuda.synchronize()
+
                 return run
+
             runs["PyTorch eager, sparse"] = eager("sparse")
             runs["PyTorch eager, reference"] = eager("reference")
         med = median_times(runs, args.rounds)

@@ -51,11 +51,19 @@ def quantize_variant(src: Path, dst: Path, targets: set[str], variant: str, x: n
     extra = {"ActivationSymmetric": not u8, "WeightSymmetric": True}
     if inputs_only:
         extra["OpTypesToExcludeOutputQuantization"] = list(QUANTIZED_OPS)
-    quantize_static(str(src), str(dst), ListReader(INPUT, [x[i: i + 1] for i in range(len(x))]),
-                    quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANTIZED_OPS),
-                    nodes_to_quantize=sorted(targets), per_channel=True,
-                    activation_type=QuantType.QUInt8 if u8 else QuantType.QInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax, extra_options=extra)
+    quantize_static(
+        str(src),
+        str(dst),
+        ListReader(INPUT, [x[i : i + 1] for i in range(len(x))]),
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=list(QUANTIZED_OPS),
+        nodes_to_quantize=sorted(targets),
+        per_channel=True,
+        activation_type=QuantType.QUInt8 if u8 else QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+        extra_options=extra,
+    )
 
 
 def fused_ops(optimized: Path) -> dict[str, int]:
@@ -103,8 +111,9 @@ def main() -> None:
             for n, d in (("artifact-fp32", args.artifact), ("artifact-int8", args.int8)):
                 runs[n] = Session(d, device="cpu", threads=args.threads).logits
         for b in (1, 8):
-            t = median_times({n: (lambda f=f: f(batch[:b])) for n, f in runs.items()}, args.runs, warmup=1,
-                             pause_s=PAUSE_S)
+            t = median_times(
+                {n: (lambda f=f: f(batch[:b])) for n, f in runs.items()}, args.runs, warmup=1, pause_s=PAUSE_S
+            )
             print(f"batch {b}: " + "  ".join(f"{n} {1e3 * v:.0f} ms ({v / t['fp32']:.3f})" for n, v in t.items()))
         ref = runs["fp32"](batch)
         learned = np.isfinite(ref)

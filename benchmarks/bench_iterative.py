@@ -11,12 +11,12 @@ import argparse
 from pathlib import Path
 
 from care_export.checkpoint.format import save_checkpoint
-from care_export.model.config import MoEConfig, backbone_config
-from runtime.preprocess import Preprocessing
+from care_export.checkpoint.synth import synth_model, task_sizes
 from care_export.export import export_artifact
 from care_export.export.parity import ort_session, random_images
-from care_export.checkpoint.synth import synth_model, task_sizes
+from care_export.model.config import MoEConfig, backbone_config
 from runtime.layout import INPUT, LOGITS, SCORES
+from runtime.preprocess import Preprocessing
 from runtime.timing import median_times
 
 
@@ -37,8 +37,10 @@ def main() -> None:
         model = synth_model(cfg, MoEConfig(), task_sizes(10, 3, max(counts)), seed=0)
         save_checkpoint(model, ckpt, preprocessing=Preprocessing.for_input(args.img, (0.5,) * 3, (0.5,) * 3))
     x = random_images(args.batch, args.img)
-    print(f"{args.backbone} {args.img}px depth {args.depth}, batch {args.batch}, ONNX Runtime CPU, "
-          f"median of {args.rounds} interleaved runs")
+    print(
+        f"{args.backbone} {args.img}px depth {args.depth}, batch {args.batch}, ONNX Runtime CPU, "
+        f"median of {args.rounds} interleaved runs"
+    )
     print(f"{'tasks':>5} {'single ms':>10} {'iterative ms':>13} {'ratio':>7}")
     for t in counts:
         arts = {}
@@ -48,10 +50,19 @@ def main() -> None:
                 export_artifact(ckpt, out, t, tasks=t, predict=predict)
             arts[predict] = out
         single, iterative = (ort_session(arts[p] / "model.onnx") for p in ("single", "iterative"))
-        times = median_times({"single": lambda: single.run([LOGITS], {INPUT: x}),
-                              "iterative": lambda: iterative.run([SCORES], {INPUT: x})}, args.rounds, warmup=2)
-        print(f"{t:>5} {1000 * times['single']:>10.2f} {1000 * times['iterative']:>13.2f} "
-              f"{times['iterative'] / times['single']:>6.1f}x", flush=True)
+        times = median_times(
+            {
+                "single": lambda: single.run([LOGITS], {INPUT: x}),
+                "iterative": lambda: iterative.run([SCORES], {INPUT: x}),
+            },
+            args.rounds,
+            warmup=2,
+        )
+        print(
+            f"{t:>5} {1000 * times['single']:>10.2f} {1000 * times['iterative']:>13.2f} "
+            f"{times['iterative'] / times['single']:>6.1f}x",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

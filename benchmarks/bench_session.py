@@ -32,8 +32,24 @@ def build_artifact(directory: Path, tasks: int, capacity: int) -> Path:
     """A random ViT-Ti/16 (224 px, 12 blocks) checkpoint of ``tasks`` tasks, exported for ``capacity``."""
     ckpt, art = directory / "ckpt", directory / "art"
     cli = [sys.executable, "-m", "care_export"]
-    subprocess.run(cli + ["synth-ckpt", "-o", str(ckpt), "--backbone", "vit_tiny_patch16_224", "--init-cls", "10",
-                          "--increment", "3", "--tasks", str(tasks)], check=True, capture_output=True)
+    subprocess.run(
+        cli
+        + [
+            "synth-ckpt",
+            "-o",
+            str(ckpt),
+            "--backbone",
+            "vit_tiny_patch16_224",
+            "--init-cls",
+            "10",
+            "--increment",
+            "3",
+            "--tasks",
+            str(tasks),
+        ],
+        check=True,
+        capture_output=True,
+    )
     from care_export.export.writer import export_artifact
 
     export_artifact(ckpt, art, capacity)
@@ -69,11 +85,15 @@ def main() -> None:
         session = Session(art, device=args.device, threads=args.threads, providers=args.providers)
         bare = bare_session(art, session.providers, args.threads)
         size = session.preprocessing.input_size
-        print(f"artifact {art}: {session.num_tasks}/{session.capacity} tasks, {size} px; "
-              f"{session.backend} {session.providers[0]}, threads {args.threads or 'all'}")
+        print(
+            f"artifact {art}: {session.num_tasks}/{session.capacity} tasks, {size} px; "
+            f"{session.backend} {session.providers[0]}, threads {args.threads or 'all'}"
+        )
         rng = np.random.default_rng(0)
-        print(f"{'batch':>5} {'bare run ms':>12} {'predict ms':>11} {'ratio':>6} {'predict uint8 ms':>17} "
-              f"{'ratio':>6} {'logits ms':>10} {'ratio':>6}")
+        print(
+            f"{'batch':>5} {'bare run ms':>12} {'predict ms':>11} {'ratio':>6} {'predict uint8 ms':>17} "
+            f"{'ratio':>6} {'logits ms':>10} {'ratio':>6}"
+        )
         for batch in args.batch:
             x = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
             images = rng.integers(0, 256, (batch, size + size // 7, size + size // 5, 3), dtype=np.uint8)
@@ -85,9 +105,11 @@ def main() -> None:
             }
             med = {k: t * 1e3 for k, t in median_times(calls, args.repeats, pause_s=PAUSE_S).items()}
             b = med["bare"]
-            print(f"{batch:>5} {b:>12.2f} {med['predict']:>11.2f} {med['predict'] / b:>6.3f} "
-                  f"{med['predict_uint8']:>17.2f} {med['predict_uint8'] / b:>6.3f} {med['logits']:>10.2f} "
-                  f"{med['logits'] / b:>6.3f}")
+            print(
+                f"{batch:>5} {b:>12.2f} {med['predict']:>11.2f} {med['predict'] / b:>6.3f} "
+                f"{med['predict_uint8']:>17.2f} {med['predict_uint8'] / b:>6.3f} {med['logits']:>10.2f} "
+                f"{med['logits'] / b:>6.3f}"
+            )
 
 
 if __name__ == "__main__":

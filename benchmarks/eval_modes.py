@@ -14,11 +14,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-from care_export.model.config import MoEConfig  # noqa: E402
-from care_export.training.continual import (BUILTIN_WEIGHTS, ContinualRun, build_care_vit,  # noqa: E402
-                                            default_backbone, evaluate_recorded)
 from care_export.data.sources import TaskSequence, open_source  # noqa: E402
+from care_export.model.config import MoEConfig  # noqa: E402
 from care_export.model.iterative import prediction_scores  # noqa: E402
+from care_export.training.continual import (  # noqa: E402
+    BUILTIN_WEIGHTS,
+    ContinualRun,
+    build_care_vit,
+    default_backbone,
+    evaluate_recorded,
+)
 from care_export.training.task import TrainConfig  # noqa: E402
 
 
@@ -42,8 +47,14 @@ def main() -> None:
         row = []
         for mode in ("single", "iterative"):
             t0 = time.perf_counter()
-            top1, _, _ = evaluate_recorded(model, run.records, pre, 48, "cpu",
-                                           predict=partial(prediction_scores, model, mode=mode, scale=cfg.scale))
+            top1, _, _ = evaluate_recorded(
+                model,
+                run.records,
+                pre,
+                48,
+                "cpu",
+                predict=partial(prediction_scores, model, mode=mode, scale=cfg.scale),
+            )
             row.append((top1, time.perf_counter() - t0))
         print(f"{task:>4} {row[0][0]:>7.2f}% {row[1][0]:>9.2f}% {row[1][1]:>6.1f}", flush=True)
 

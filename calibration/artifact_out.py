@@ -10,8 +10,8 @@ The directory is written under a temporary name beside ``out`` and renamed into 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
@@ -38,8 +38,13 @@ from .graph import sort_nodes
 # New weights of a rewrite (quantized backbone tensors) go to backbone.bin from this size on;
 # smaller ones (scales, zero points) stay inline in model.onnx.
 EXTERNAL_MIN_BYTES = 1024
-_FILE_OF_ROLE = {"backbone": BACKBONE_FILE, "first": SLOTS_FILE, "slot": SLOTS_FILE, "router": SLOTS_FILE,
-                 "state": STATE_FILE}
+_FILE_OF_ROLE = {
+    "backbone": BACKBONE_FILE,
+    "first": SLOTS_FILE,
+    "slot": SLOTS_FILE,
+    "router": SLOTS_FILE,
+    "state": STATE_FILE,
+}
 
 
 def _place(names: list[str], arrays: dict[str, np.ndarray], roles: dict[str, str], file: str) -> list[TensorSpec]:
@@ -77,9 +82,16 @@ def growth_role(src: Artifact, name: str) -> str | None:
     return spec.role if spec is not None else None
 
 
-def write_artifact(model: onnx.ModelProto, src: Artifact, out: Path, precision: str, quantization: dict,
-                   growth_values: dict[str, np.ndarray] | None = None, force: bool = False,
-                   finish: Callable[[Path], None] | None = None) -> dict:
+def write_artifact(
+    model: onnx.ModelProto,
+    src: Artifact,
+    out: Path,
+    precision: str,
+    quantization: dict,
+    growth_values: dict[str, np.ndarray] | None = None,
+    force: bool = False,
+    finish: Callable[[Path], None] | None = None,
+) -> dict:
     """Write ``model`` (initializers in memory) as an artifact at ``out``; return its manifest.
 
     ``growth_values``: values to store for growth tensors instead of the initializers' (the
@@ -88,8 +100,11 @@ def write_artifact(model: onnx.ModelProto, src: Artifact, out: Path, precision: 
     """
     graph = model.graph
     sort_nodes(graph)
-    inline = {t.name for t in onnx.load(str(src.model_path), load_external_data=False).graph.initializer
-              if t.data_location != TensorProto.EXTERNAL}
+    inline = {
+        t.name
+        for t in onnx.load(str(src.model_path), load_external_data=False).graph.initializer
+        if t.data_location != TensorProto.EXTERNAL
+    }
     arrays, roles, order = {}, {}, {}
     source_order = {name: i for i, name in enumerate(src.tensors)}
     for i, t in enumerate(graph.initializer):
@@ -133,14 +148,20 @@ def _nbytes(t: TensorProto) -> int:
 
 def _manifest(src: Artifact, tmp: Path, specs: dict[str, TensorSpec], precision: str, quantization: dict) -> dict:
     m = dict(src.manifest)
-    tasks = [dict(task, slot_sha256=regions_digest(tmp / SLOTS_FILE, specs, task_regions(t, src.dims)))
-             for t, task in enumerate(m["tasks"])]
+    tasks = [
+        dict(task, slot_sha256=regions_digest(tmp / SLOTS_FILE, specs, task_regions(t, src.dims)))
+        for t, task in enumerate(m["tasks"])
+    ]
     slots = file_entry(tmp / SLOTS_FILE) if precision == "int8" else {"bytes": (tmp / SLOTS_FILE).stat().st_size}
     m.update(
         precision=precision,
         tasks=tasks,
-        files={MODEL_FILE: file_entry(tmp / MODEL_FILE), BACKBONE_FILE: file_entry(tmp / BACKBONE_FILE),
-               SLOTS_FILE: slots, STATE_FILE: file_entry(tmp / STATE_FILE)},
+        files={
+            MODEL_FILE: file_entry(tmp / MODEL_FILE),
+            BACKBONE_FILE: file_entry(tmp / BACKBONE_FILE),
+            SLOTS_FILE: slots,
+            STATE_FILE: file_entry(tmp / STATE_FILE),
+        },
         tensors={name: s.to_dict() for name, s in specs.items()},
         quantization=quantization,
     )

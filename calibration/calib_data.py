@@ -20,7 +20,6 @@ import numpy as np
 from runtime.errors import InputError
 from runtime.preprocess import IMAGE_SUFFIXES
 
-
 Pool = dict[int, list]
 
 
@@ -46,8 +45,10 @@ def folder_pool(root: str | Path, class_names: list[str]) -> Pool:
             if files:
                 pool[ids[sub.name]] = files
     if not pool:
-        raise InputError(f"{root}: no images of the artifact's classes (expected sub-folders named as its classes, "
-                         f"e.g. {root / class_names[0]}/, holding image files)")
+        raise InputError(
+            f"{root}: no images of the artifact's classes (expected sub-folders named as its classes, "
+            f"e.g. {root / class_names[0]}/, holding image files)"
+        )
     return pool
 
 
@@ -83,7 +84,7 @@ def load(items: list) -> list:
 
 def batches(x: np.ndarray, size: int):
     """``x`` in consecutive chunks of ``size``."""
-    return [x[i: i + size] for i in range(0, len(x), size)]
+    return [x[i : i + size] for i in range(0, len(x), size)]
 
 
 CHUNK = 16  # images preprocessed and held at once (ViT-B/16: 9.6 MB of input)
@@ -106,7 +107,7 @@ class Chunks:
         from runtime.preprocess import to_input
 
         for i in range(0, len(self.items), self.chunk):
-            x = np.ascontiguousarray(to_input(load(self.items[i: i + self.chunk]), self.pre), np.float32)
+            x = np.ascontiguousarray(to_input(load(self.items[i : i + self.chunk]), self.pre), np.float32)
             self.largest = max(self.largest, len(x))
             yield x
 

@@ -21,7 +21,6 @@ change); only the activation's QuantizeLinear / DequantizeLinear pair in front o
 
 from __future__ import annotations
 
-
 import numpy as np
 import onnx
 
@@ -78,8 +77,14 @@ class Evaluator:
     with the FP32 source's. ``eps``: flips are counted margin-aware (``calibration.margins``)
     beyond this deciding gap; ``None``: every flip counts."""
 
-    def __init__(self, images, reference: onnx.ModelProto, threads: int | None = None, eps: float | None = None,
-                 timed: bool = False):
+    def __init__(
+        self,
+        images,
+        reference: onnx.ModelProto,
+        threads: int | None = None,
+        eps: float | None = None,
+        timed: bool = False,
+    ):
         self.images, self.threads, self.eps = images, threads, eps
         self.ref = Reference(reference, images, threads)
         self.reference = None
@@ -108,14 +113,21 @@ class Evaluator:
         with model_session(self.reference, self.threads) as ref, model_session(model, self.threads) as cand:
             out = {}
             for b in (1, len(x)):
-                t = median_times({"ref": lambda: ref.run([LOGITS], {INPUT: x[:b]}),
-                                  "cand": lambda: cand.run([LOGITS], {INPUT: x[:b]})}, runs, warmup=1)
+                t = median_times(
+                    {
+                        "ref": lambda: ref.run([LOGITS], {INPUT: x[:b]}),
+                        "cand": lambda: cand.run([LOGITS], {INPUT: x[:b]}),
+                    },
+                    runs,
+                    warmup=1,
+                )
                 out[b] = t["cand"] / t["ref"]
         return out
 
 
-def sensitivity_fallback(model: onnx.ModelProto, targets: set[str], evaluator: Evaluator, target: float,
-                         progress=None, curve: bool = False) -> tuple[onnx.ModelProto, dict]:
+def sensitivity_fallback(
+    model: onnx.ModelProto, targets: set[str], evaluator: Evaluator, target: float, progress=None, curve: bool = False
+) -> tuple[onnx.ModelProto, dict]:
     """``model`` (after static quantization of ``targets``) with its most routing-sensitive layers
     at weight-only INT8 (module doc), and a JSON-ready record of the decision. ``curve`` (needs an
     evaluator made ``timed``): the record also holds the trade-off of falling back the first k
@@ -124,11 +136,15 @@ def sensitivity_fallback(model: onnx.ModelProto, targets: set[str], evaluator: E
     layers = sorted(act)
     floor, *_ = evaluator.score(weight_only(model, set(layers), act))
     full, *_ = evaluator.score(model)
-    record = {"rule": "layers fall back to weight-only int8 in decreasing routing sensitivity (calibration "
-                      "images) until max per-block flips <= target (all of them if the floor is above it)",
-              "target": target, "floor": float(floor.max()), "w8a8": float(full.max()),
-              "calibration_images": int(len(evaluator.images)),
-              "flips": "raw" if evaluator.eps is None else f"margin-aware, eps {evaluator.eps:g}"}
+    record = {
+        "rule": "layers fall back to weight-only int8 in decreasing routing sensitivity (calibration "
+        "images) until max per-block flips <= target (all of them if the floor is above it)",
+        "target": target,
+        "floor": float(floor.max()),
+        "w8a8": float(full.max()),
+        "calibration_images": int(len(evaluator.images)),
+        "flips": "raw" if evaluator.eps is None else f"margin-aware, eps {evaluator.eps:g}",
+    }
     limit = target
     if full.max() <= limit and not curve:
         return prune_qdq(model), dict(record, weight_only=[], calibration_flips=float(full.max()))
@@ -151,8 +167,11 @@ def sensitivity_fallback(model: onnx.ModelProto, targets: set[str], evaluator: E
         else:
             lo = k + 1
     k, flips = best
-    record.update(weight_only=ranked[:k], calibration_flips=float(flips.max()),
-                  sensitivity={n: round(sensitivity[n][0], 4) for n in ranked})
+    record.update(
+        weight_only=ranked[:k],
+        calibration_flips=float(flips.max()),
+        sensitivity={n: round(sensitivity[n][0], 4) for n in ranked},
+    )
     if curve:
         record["curve"] = []
         n = len(ranked)
@@ -160,6 +179,12 @@ def sensitivity_fallback(model: onnx.ModelProto, targets: set[str], evaluator: E
             m = weight_only(model, set(ranked[:j]), act)
             f, _, agree = evaluator.score(m)
             lat = evaluator.latency_ratio(m)
-            record["curve"].append({"weight_only": j, "calibration_flips": float(f.max()), "top1_agreement": agree,
-                                    "latency_ratio": {str(b): round(r, 3) for b, r in lat.items()}})
+            record["curve"].append(
+                {
+                    "weight_only": j,
+                    "calibration_flips": float(f.max()),
+                    "top1_agreement": agree,
+                    "latency_ratio": {str(b): round(r, 3) for b, r in lat.items()},
+                }
+            )
     return weight_only(model, set(ranked[:k]), act), record

@@ -66,16 +66,20 @@ def drop_round_trips(model: onnx.ModelProto) -> int:
     enough to move perceptor entropies by 1e-4 and flip routing choices. Readers of such a pair
     read the float32 tensor itself instead."""
     graph = model.graph
-    f32 = {v.name for v in list(graph.value_info) + list(graph.input) + list(graph.output)
-           if v.type.tensor_type.elem_type == TensorProto.FLOAT}
+    f32 = {
+        v.name
+        for v in list(graph.value_info) + list(graph.input) + list(graph.output)
+        if v.type.tensor_type.elem_type == TensorProto.FLOAT
+    }
     f32 |= {t.name for t in graph.initializer if t.data_type == TensorProto.FLOAT}
     producer = producers(graph)
     replace = {}
     for n in graph.node:
         if _cast_to(n, TensorProto.FLOAT):
             first = producer.get(n.input[0])
-            if _cast_to(first, TensorProto.FLOAT16) and \
-                    (first.input[0] in f32 or _cast_to(producer.get(first.input[0]), TensorProto.FLOAT)):
+            if _cast_to(first, TensorProto.FLOAT16) and (
+                first.input[0] in f32 or _cast_to(producer.get(first.input[0]), TensorProto.FLOAT)
+            ):
                 replace[n.output[0]] = first.input[0]
     for n in graph.node:
         for j, i in enumerate(n.input):

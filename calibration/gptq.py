@@ -50,7 +50,7 @@ def _gptq_in_order(rows: np.ndarray, scale: np.ndarray, h: np.ndarray, damp: flo
         qj = np.clip(np.rint(w[:, j] / s[:, 0]), -127, 127)
         ql[:, j] = qj
         err = (w[:, j] - qj * s[:, 0]) / u[j, j]
-        w[:, j + 1:] -= np.outer(err, u[j, j + 1:])
+        w[:, j + 1 :] -= np.outer(err, u[j, j + 1 :])
     q[live] = ql
     return q
 
@@ -68,14 +68,20 @@ def patch_conv(node: onnx.NodeProto) -> tuple[int, int] | None:
     """The kernel of a Conv whose input rows are its non-overlapping patches (a ViT patch
     embedding: stride = kernel, no padding, dilation or groups); ``None`` for any other Conv."""
     k = tuple(node_attr(node, "kernel_shape", ()))
-    if len(k) != 2 or tuple(node_attr(node, "strides", (1, 1))) != k or any(node_attr(node, "pads", (0,) * 4)) \
-            or any(d != 1 for d in node_attr(node, "dilations", (1, 1))) or node_attr(node, "group", 1) != 1:
+    if (
+        len(k) != 2
+        or tuple(node_attr(node, "strides", (1, 1))) != k
+        or any(node_attr(node, "pads", (0,) * 4))
+        or any(d != 1 for d in node_attr(node, "dilations", (1, 1)))
+        or node_attr(node, "group", 1) != 1
+    ):
         return None
     return k
 
 
-def input_moments(model: onnx.ModelProto, nodes: dict[str, onnx.NodeProto], images,
-                  input_name: str) -> dict[str, np.ndarray]:
+def input_moments(
+    model: onnx.ModelProto, nodes: dict[str, onnx.NodeProto], images, input_name: str
+) -> dict[str, np.ndarray]:
     """``E[a a^T]`` of the activation each of ``nodes`` (weight name -> MatMul / Gemm / patch
     Conv) reads, on ``images`` (an iterable of image arrays: ``calib_data.Chunks``)
     run through ``model`` (float, unmodified): weight name -> H. Sums are kept, not activations,
@@ -90,8 +96,8 @@ def input_moments(model: onnx.ModelProto, nodes: dict[str, onnx.NodeProto], imag
     sums = {a: 0.0 for a in acts}
     count = {a: 0 for a in acts}
     with model_session(m) as sess:
-        for x, i in ((x, i) for x in images for i in range(0, len(x), BATCH)):
-            feed = {input_name: np.ascontiguousarray(x[i: i + BATCH], np.float32)}
+        for chunk, i in ((c, i) for c in images for i in range(0, len(c), BATCH)):
+            feed = {input_name: np.ascontiguousarray(chunk[i : i + BATCH], np.float32)}
             values = dict(zip(fetch, sess.run(fetch, feed)), **feed)
             for a in acts:
                 v = values[a]
@@ -110,8 +116,11 @@ def weight_readers(model: onnx.ModelProto, weights: set[str]) -> dict[str, onnx.
     for n in model.graph.node:
         if len(n.input) > 1 and n.input[1] in weights and n.op_type in ("MatMul", "Gemm", "Conv"):
             readers.setdefault(n.input[1], []).append(n)
-    return {w: ns[0] for w, ns in readers.items() if len(ns) == 1 and not node_attr(ns[0], "transA", 0)
-            and (ns[0].op_type != "Conv" or patch_conv(ns[0]))}
+    return {
+        w: ns[0]
+        for w, ns in readers.items()
+        if len(ns) == 1 and not node_attr(ns[0], "transA", 0) and (ns[0].op_type != "Conv" or patch_conv(ns[0]))
+    }
 
 
 def output_axis(node: onnx.NodeProto) -> int:
@@ -128,8 +137,9 @@ def from_rows(rows: np.ndarray, shape: tuple[int, ...], axis: int) -> np.ndarray
     return np.moveaxis(rows.reshape(moved), 0, axis)
 
 
-def gptq_qdq_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray],
-                     moments: dict[str, np.ndarray]) -> list[str]:
+def gptq_qdq_weights(
+    model: onnx.ModelProto, weights: dict[str, np.ndarray], moments: dict[str, np.ndarray]
+) -> list[str]:
     """In place: the int8 weights ONNX Runtime's static quantization wrote (``W_quantized`` read
     by a per-channel ``DequantizeLinear``) re-rounded with :func:`gptq_round` from the float
     ``weights`` and their ``moments``, keeping ORT's scales. Returns the weights re-rounded."""

@@ -113,8 +113,9 @@ def quantize_symmetric(a: np.ndarray, axes: tuple[int, ...]) -> tuple[np.ndarray
     return q, scale
 
 
-def store_growth_int8(model: onnx.ModelProto, growth: set[str], fp16: set[str] = frozenset(),
-                      moments: dict[str, np.ndarray] | None = None) -> set[str]:
+def store_growth_int8(
+    model: onnx.ModelProto, growth: set[str], fp16: set[str] = frozenset(), moments: dict[str, np.ndarray] | None = None
+) -> set[str]:
     """Rewrite ``model`` in place: the growth tensors named in ``INT8_STORED`` become int8 plus
     ``NAME.scale`` (rounded by :func:`~calibration.gptq.gptq_round` where ``moments`` has their
     readers' input moments), the tensors in ``fp16`` float16. Returns the names of the nodes
@@ -153,10 +154,12 @@ def store_growth_int8(model: onnx.ModelProto, growth: set[str], fp16: set[str] =
                     node.attribute.append(helper.make_attribute("to", TensorProto.FLOAT))
                 else:
                     srows = f"{base}/scales"
-                    new += [helper.make_node("Gather", [name + SCALE_SUFFIX, node.input[1]], [srows],
-                                             name=f"{base}/gather_scale", axis=0),
-                            helper.make_node("Cast", [rows], [rows + "_f"], name=f"{base}/cast",
-                                             to=TensorProto.FLOAT)]
+                    new += [
+                        helper.make_node(
+                            "Gather", [name + SCALE_SUFFIX, node.input[1]], [srows], name=f"{base}/gather_scale", axis=0
+                        ),
+                        helper.make_node("Cast", [rows], [rows + "_f"], name=f"{base}/cast", to=TensorProto.FLOAT),
+                    ]
                     node.op_type = "Mul"
                     del node.input[:]
                     node.input.extend([rows + "_f", srows])
@@ -166,10 +169,21 @@ def store_growth_int8(model: onnx.ModelProto, growth: set[str], fp16: set[str] =
             else:
                 if whole is None:
                     whole = f"{name}/dequant"
-                    cast = helper.make_node("Cast", [name], [whole + "/cast" if scale is not None else whole],
-                                            name=whole + "/cast", to=TensorProto.FLOAT)
-                    new = [cast] if scale is None else \
-                        [cast, helper.make_node("Mul", [whole + "/cast", name + SCALE_SUFFIX], [whole], name=whole)]
+                    cast = helper.make_node(
+                        "Cast",
+                        [name],
+                        [whole + "/cast" if scale is not None else whole],
+                        name=whole + "/cast",
+                        to=TensorProto.FLOAT,
+                    )
+                    new = (
+                        [cast]
+                        if scale is None
+                        else [
+                            cast,
+                            helper.make_node("Mul", [whole + "/cast", name + SCALE_SUFFIX], [whole], name=whole),
+                        ]
+                    )
                     before[node.name] += new
                     added += new
                 node.input[j] = whole
@@ -186,8 +200,9 @@ def weight_nodes(model: onnx.ModelProto, growth: set[str]) -> set[str]:
     a growth tensor: the backbone's linear layers. Products of two activations (attention
     scores, the gathered experts of the token path, whose weights are int8 already) stay float."""
     floats = {t.name for t in model.graph.initializer if t.data_type == TensorProto.FLOAT} - growth
-    return {n.name for n in model.graph.node
-            if n.op_type in QUANTIZED_OPS and len(n.input) > 1 and n.input[1] in floats}
+    return {
+        n.name for n in model.graph.node if n.op_type in QUANTIZED_OPS and len(n.input) > 1 and n.input[1] in floats
+    }
 
 
 class ListReader:
@@ -210,8 +225,9 @@ class ListReader:
         return 0
 
 
-def quantize_qdq(model: onnx.ModelProto, images, targets: set[str], method: str, input_name: str,
-                 progress=None) -> onnx.ModelProto:
+def quantize_qdq(
+    model: onnx.ModelProto, images, targets: set[str], method: str, input_name: str, progress=None
+) -> onnx.ModelProto:
     """Static QDQ quantization of the nodes named in ``targets`` of ``model`` (weights in memory),
     activation ranges from ``images`` (an iterable of image arrays, ``calib_data.Chunks``).
 
@@ -226,28 +242,48 @@ def quantize_qdq(model: onnx.ModelProto, images, targets: set[str], method: str,
 
     if not targets:  # quantize_static would take an empty list for "every node"
         return model
-    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-               "percentile": CalibrationMethod.Percentile}
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }
     with tempfile.TemporaryDirectory(prefix="care-quantize-") as tmp, quiet_ort_quantization():
         src, dst, cache = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx", Path(tmp) / "ranges.json"
         large = save_model(model, src)
-        calibrator = create_calibrator(src, list(QUANTIZED_OPS), augmented_model_path=str(Path(tmp) / "aug.onnx"),
-                                       calibrate_method=methods[method], use_external_data_format=large)
+        calibrator = create_calibrator(
+            src,
+            list(QUANTIZED_OPS),
+            augmented_model_path=str(Path(tmp) / "aug.onnx"),
+            calibrate_method=methods[method],
+            use_external_data_format=large,
+        )
         for chunk in images:
             for group in batches(chunk, CALIB_GROUP):
                 calibrator.collect_data(ListReader(input_name, batches(group, CALIB_BATCH), progress))
         save_tensors_data(calibrator.compute_data(), cache)
         del calibrator
         quantize_static(
-            str(src), str(dst), None, quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=list(QUANTIZED_OPS), nodes_to_quantize=sorted(targets), per_channel=True,
-            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=methods[method],
-            use_external_data_format=large, calibration_cache_path=cache,
+            str(src),
+            str(dst),
+            None,
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(QUANTIZED_OPS),
+            nodes_to_quantize=sorted(targets),
+            per_channel=True,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=methods[method],
+            use_external_data_format=large,
+            calibration_cache_path=cache,
             # Q/DQ on the inputs of the quantized nodes only: their outputs (the residual branch
             # before its bias) stay float, as TensorRT's int8 GEMMs write them.
             # Biases stay float32: the outputs are float, and an artifact stores no int32 tensors.
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
-                           "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OPS)},
+            extra_options={
+                "ActivationSymmetric": True,
+                "WeightSymmetric": True,
+                "QuantizeBias": False,
+                "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OPS),
+            },
         )
         log.info(f"int8: {len(targets)} MatMul/Gemm/Conv nodes quantized, activation ranges by {method}")
         return onnx.load(str(dst))

@@ -44,8 +44,9 @@ def with_gap_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
     m.CopyFrom(model)
     known = {o.name for o in m.graph.output}
     for names in _topks(model):
-        m.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None)
-                              for t in names[:2] if t not in known)
+        m.graph.output.extend(
+            helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in names[:2] if t not in known
+        )
     return m
 
 

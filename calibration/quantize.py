@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
@@ -61,15 +61,25 @@ def check_quantize_output(src: Artifact, out: Path, precision: str, force: bool)
 def open_source_artifact(artifact_dir: str | Path) -> Artifact:
     art = Artifact(artifact_dir, verify=True)  # never build on a corrupt artifact
     if art.manifest["precision"] != "fp32":
-        raise ArtifactError(f"{art.dir} is already quantized ({art.manifest['precision'].upper()}); quantize the "
-                            f"FP32 artifact it came from")
+        raise ArtifactError(
+            f"{art.dir} is already quantized ({art.manifest['precision'].upper()}); quantize the "
+            f"FP32 artifact it came from"
+        )
     if art.manifest.get("predict") == "iterative":
         raise ArtifactError(f"{art.dir} is an iterative-prediction artifact; quantize a single-pass export")
     return art
 
 
-def draw_images(art: Artifact, calib_pool: calib_data.Pool, eval_pool: calib_data.Pool, per_task: int,
-                eval_samples: int, seed: int, calib_name: str, eval_name: str) -> tuple[Images, Images]:
+def draw_images(
+    art: Artifact,
+    calib_pool: calib_data.Pool,
+    eval_pool: calib_data.Pool,
+    per_task: int,
+    eval_samples: int,
+    seed: int,
+    calib_name: str,
+    eval_name: str,
+) -> tuple[Images, Images]:
     """Calibration images (``per_task`` per learned task) and held-out evaluation images
     (``eval_samples`` in all, spread over the tasks), never the same image twice."""
     tasks = calib_data.task_classes(art.manifest)
@@ -81,16 +91,32 @@ def draw_images(art: Artifact, calib_pool: calib_data.Pool, eval_pool: calib_dat
     e_items, e_labels, e_covered, _ = calib_data.sample(eval_pool, tasks, per_eval, seed + 1, skip)
     if not e_items:
         raise InputError(f"{eval_name}: no held-out images left for the report (calibration used them all)")
-    return (Images(items, labels, covered, calib_name), Images(e_items[:eval_samples], e_labels[:eval_samples],
-                                                               e_covered, eval_name))
+    return (
+        Images(items, labels, covered, calib_name),
+        Images(e_items[:eval_samples], e_labels[:eval_samples], e_covered, eval_name),
+    )
 
 
-def quantize_artifact(src_dir: str | Path | Artifact, out: str | Path, precision: str, calib: Images, held_out: Images, *,
-                      routing: str = "fp32", method: str = "percentile", seed: int = 0, force: bool = False,
-                      fallback_target: float | None = FALLBACK_TARGET, rounding: str = "gptq",
-                      fallback_eps: float | None = None, flip_eps: float = EPSILON, chunk: int = calib_data.CHUNK,
-                      tradeoff: bool = False,
-                      progress: Callable[[int], None] | None = None, latency_runs: int = 7) -> tuple[dict, dict]:
+def quantize_artifact(
+    src_dir: str | Path | Artifact,
+    out: str | Path,
+    precision: str,
+    calib: Images,
+    held_out: Images,
+    *,
+    routing: str = "fp32",
+    method: str = "percentile",
+    seed: int = 0,
+    force: bool = False,
+    fallback_target: float | None = FALLBACK_TARGET,
+    rounding: str = "gptq",
+    fallback_eps: float | None = None,
+    flip_eps: float = EPSILON,
+    chunk: int = calib_data.CHUNK,
+    tradeoff: bool = False,
+    progress: Callable[[int], None] | None = None,
+    latency_runs: int = 7,
+) -> tuple[dict, dict]:
     """Write the ``precision`` rewrite of the FP32 artifact ``src_dir`` (a directory, or an artifact that
     :func:`open_source_artifact` opened) to ``out``.
 
@@ -125,9 +151,14 @@ def quantize_artifact(src_dir: str | Path | Artifact, out: str | Path, precision
     model = onnx.load(str(src.model_path))  # with its weights
     reference = Reference(model, eval_images)  # the FP32 graph on the held-out images, before any rewrite
     keep = routing_nodes(model) if routing == "fp32" else set()
-    info = {"routing": routing, "routing_nodes": len(keep), "source_artifact_digest": source_digest(src),
-            "onnxruntime": _ort_version(), "seed": seed,
-            "evaluation": {"data": held_out.describe, "samples": int(len(held_out.labels))}}
+    info = {
+        "routing": routing,
+        "routing_nodes": len(keep),
+        "source_artifact_digest": source_digest(src),
+        "onnxruntime": _ort_version(),
+        "seed": seed,
+        "evaluation": {"data": held_out.describe, "samples": int(len(held_out.labels))},
+    }
     growth_values = None
     if precision == "fp16":
         from .fp16 import fp16_growth_values, to_fp16
@@ -145,37 +176,56 @@ def quantize_artifact(src_dir: str | Path | Artifact, out: str | Path, precision
         targets = set(backbone)
         if routing == "reduced":  # the routing path's products too, but for those reading float growth tensors
             path = routing_nodes(model)
-            targets |= {n.name for n in model.graph.node
-                        if n.op_type in QUANTIZED_OPS and n.name in path and not growth & set(n.input)}
+            targets |= {
+                n.name
+                for n in model.graph.node
+                if n.op_type in QUANTIZED_OPS and n.name in path and not growth & set(n.input)
+            }
         calib_images = calib_data.Chunks(calib.items, pre, chunk)
         fp16 = routing_fp16(growth) if routing == "fp32" else set()
         moments = {}
         if rounding == "gptq":
-            weights = {n.input[1] for n in model.graph.node if n.name in targets} | \
-                {g for g in growth - fp16 if stored_kind(g) == (1,)}
-            readers = {w: n for w, n in weight_readers(model, weights).items() if w not in growth or output_axis(n) == 0}
+            weights = {n.input[1] for n in model.graph.node if n.name in targets} | {
+                g for g in growth - fp16 if stored_kind(g) == (1,)
+            }
+            readers = {
+                w: n for w, n in weight_readers(model, weights).items() if w not in growth or output_axis(n) == 0
+            }
             moments = input_moments(model, readers, calib_images, INPUT)
-        floats = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer
-                  if t.name in moments and t.name not in growth}
+        floats = {
+            t.name: onnx.numpy_helper.to_array(t)
+            for t in model.graph.initializer
+            if t.name in moments and t.name not in growth
+        }
         # The fallback compares with the FP32 graph: measure it before the rewrite changes it in place.
-        evaluator = Evaluator(calib_images, model, eps=fallback_eps, timed=tradeoff) \
-            if fallback_target is not None else None
+        evaluator = (
+            Evaluator(calib_images, model, eps=fallback_eps, timed=tradeoff) if fallback_target is not None else None
+        )
         store_growth_int8(model, growth, fp16, moments)
         model = quantize_qdq(model, calib_images, targets, method, INPUT, progress)
         gptq_qdq_weights(model, floats, moments)
         model = only_targets_read_qdq(model, targets)
         if evaluator is not None:
-            model, info["fallback"] = sensitivity_fallback(model, backbone, evaluator, fallback_target,
-                                                                 curve=tradeoff)
-        info.update(rounding=rounding, float16_routing_weights=sorted(fp16), method=method,
-                    calibration={"data": calib.describe, "samples": int(len(calib.labels)),
-                                 "per_task": int(np.bincount(_task_of(src, calib.labels)).max()),
-                                 "tasks_covered": calib.tasks_covered, "tasks": src.num_tasks, "chunk": chunk})
+            model, info["fallback"] = sensitivity_fallback(model, backbone, evaluator, fallback_target, curve=tradeoff)
+        info.update(
+            rounding=rounding,
+            float16_routing_weights=sorted(fp16),
+            method=method,
+            calibration={
+                "data": calib.describe,
+                "samples": int(len(calib.labels)),
+                "per_task": int(np.bincount(_task_of(src, calib.labels)).max()),
+                "tasks_covered": calib.tasks_covered,
+                "tasks": src.num_tasks,
+                "chunk": chunk,
+            },
+        )
     report: dict = {}
 
     def measure(tmp: Path) -> None:
-        report.update(compare(src.dir, tmp, reference, eval_images, held_out.labels, latency_runs=latency_runs,
-                              eps=flip_eps))
+        report.update(
+            compare(src.dir, tmp, reference, eval_images, held_out.labels, latency_runs=latency_runs, eps=flip_eps)
+        )
         report.update(precision=precision, routing=routing, method=info["method"], source=str(src.dir))
         if info.get("fallback") is not None:  # layers kept at weight-only int8 (float activations)
             report["weight_only"] = info["fallback"]["weight_only"]

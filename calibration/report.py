@@ -31,9 +31,18 @@ def artifact_bytes(directory: str | Path) -> int:
     return sum(int(e["bytes"]) for e in files.values()) + (directory / MANIFEST).stat().st_size
 
 
-def compare(reference_dir: str | Path, candidate_dir: str | Path, reference, images, labels: np.ndarray, *,
-            latency_runs: int = 7, latency_batch: int = 8, threads: int | None = None,
-            eps: float = EPSILON) -> dict:
+def compare(
+    reference_dir: str | Path,
+    candidate_dir: str | Path,
+    reference,
+    images,
+    labels: np.ndarray,
+    *,
+    latency_runs: int = 7,
+    latency_batch: int = 8,
+    threads: int | None = None,
+    eps: float = EPSILON,
+) -> dict:
     """The report (a JSON-ready dict) of ``candidate_dir`` against ``reference_dir`` on ``images``
     (``calib_data.Chunks``) with global class ``labels``. ``reference``: the FP32 source graph's
     outputs and deciding gaps on those images (``calibration.margins.Reference``)."""
@@ -53,8 +62,14 @@ def compare(reference_dir: str | Path, candidate_dir: str | Path, reference, ima
 
     ref = Session(reference_dir, device="cpu", threads=threads)
     batch = images.head(latency_batch)
-    times = {b: median_times({"ref": lambda b=b: ref.logits(batch[:b]), "cand": lambda b=b: cand.logits(batch[:b])},
-                             latency_runs, warmup=1) for b in sorted({1, len(batch)})}
+    times = {
+        b: median_times(
+            {"ref": lambda b=b: ref.logits(batch[:b]), "cand": lambda b=b: cand.logits(batch[:b])},
+            latency_runs,
+            warmup=1,
+        )
+        for b in sorted({1, len(batch)})
+    }
     ref.close()
     cand.close()
     lat = times[len(batch)]
@@ -65,13 +80,21 @@ def compare(reference_dir: str | Path, candidate_dir: str | Path, reference, ima
         "accuracy": {"fp32": float((r_top == labels).mean()), "quantized": float((c_top == labels).mean())},
         "top1_agreement": float((r_top == c_top).mean()),
         "routing_flip_rate": [float(v) for v in raw],
-        "routing_flip_rate_margin": {"eps": eps, "per_block": [float(v) for v in margin],
-                                     "near_ties": [float(v) for v in near.mean(0)]},
+        "routing_flip_rate_margin": {
+            "eps": eps,
+            "per_block": [float(v) for v in margin],
+            "near_ties": [float(v) for v in near.mean(0)],
+        },
         "max_abs_dlogit": float(np.abs(cl - rl).max()),
         "bytes": {"fp32": size_ref, "quantized": size_cand, "ratio": size_cand / size_ref},
-        "latency_ms": {"batch": int(len(batch)), "runs": latency_runs, "fp32": 1e3 * lat["ref"],
-                       "quantized": 1e3 * lat["cand"], "ratio": lat["cand"] / lat["ref"],
-                       "batch1_ratio": times[1]["cand"] / times[1]["ref"]},
+        "latency_ms": {
+            "batch": int(len(batch)),
+            "runs": latency_runs,
+            "fp32": 1e3 * lat["ref"],
+            "quantized": 1e3 * lat["cand"],
+            "ratio": lat["cand"] / lat["ref"],
+            "batch1_ratio": times[1]["cand"] / times[1]["ref"],
+        },
     }
 
 
@@ -85,18 +108,31 @@ def table(report: dict, precision: str) -> str:
         ("top-1 accuracy", f"FP32 {100 * acc['fp32']:.2f}%  {q} {100 * acc['quantized']:.2f}%"),
         ("top-1 agreement", f"{100 * report['top1_agreement']:.2f}%"),
         ("routing flips", " ".join(f"{100 * f:.2f}%" for f in flips) + f"  (per block, max {100 * max(flips):.2f}%)"),
-        (f"  beyond gap {margin['eps']:g}", " ".join(f"{100 * f:.2f}%" for f in margin["per_block"])
-         + f"  (near ties: {' '.join(f'{100 * f:.0f}%' for f in margin['near_ties'])})"),
+        (
+            f"  beyond gap {margin['eps']:g}",
+            " ".join(f"{100 * f:.2f}%" for f in margin["per_block"])
+            + f"  (near ties: {' '.join(f'{100 * f:.0f}%' for f in margin['near_ties'])})",
+        ),
         ("max |dlogit|", f"{report['max_abs_dlogit']:.3g}"),
-        ("size", f"FP32 {size['fp32'] / 2**20:.1f} MiB  {q} {size['quantized'] / 2**20:.1f} MiB  "
-                 f"ratio {size['ratio']:.3f}"),
-        ("CPU latency", f"FP32 {lat['fp32']:.1f} ms  {q} {lat['quantized']:.1f} ms  ratio {lat['ratio']:.2f}  "
-                        f"(batch {lat['batch']}, median of {lat['runs']}; batch 1 ratio {lat['batch1_ratio']:.2f})"),
+        (
+            "size",
+            f"FP32 {size['fp32'] / 2**20:.1f} MiB  {q} {size['quantized'] / 2**20:.1f} MiB  ratio {size['ratio']:.3f}",
+        ),
+        (
+            "CPU latency",
+            f"FP32 {lat['fp32']:.1f} ms  {q} {lat['quantized']:.1f} ms  ratio {lat['ratio']:.2f}  "
+            f"(batch {lat['batch']}, median of {lat['runs']}; batch 1 ratio {lat['batch1_ratio']:.2f})",
+        ),
     ]
     for point in report.get("tradeoff", ()):  # the fallback's trade-off curve (calibration images)
         lat = point["latency_ratio"]
-        rows.append((f"  {point['weight_only']} layer(s) weight-only",
-                     f"calibration flips {100 * point['calibration_flips']:.2f}%  agreement "
-                     f"{100 * point['top1_agreement']:.2f}%  latency ratio " + " ".join(f"{v:.2f} (batch {b})" for b, v in lat.items())))
+        rows.append(
+            (
+                f"  {point['weight_only']} layer(s) weight-only",
+                f"calibration flips {100 * point['calibration_flips']:.2f}%  agreement "
+                f"{100 * point['top1_agreement']:.2f}%  latency ratio "
+                + " ".join(f"{v:.2f} (batch {b})" for b, v in lat.items()),
+            )
+        )
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

@@ -31,37 +31,54 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.checkpoint_files import read_checkpoint_manifest
+from care_export.data.sources import LabelledImages, source_from_dict
+from care_export.export.parity import run_parity
+from care_export.export.writer import export_artifact
 from care_export.model.config import MoEConfig
 from care_export.training.continual import resume_sequence, train_sequence
-from care_export.data.sources import LabelledImages, source_from_dict
 from care_export.training.evaluate import Metrics
-from care_export.export.writer import export_artifact
-from care_export.export.parity import run_parity
 from care_export.training.task import TrainConfig
 from runtime import Session
+from runtime.checkpoint_files import read_checkpoint_manifest
 from runtime.errors import CareError
 
 # Scaled down from the reference's 20 epochs and batch 16 so that the demo runs on two CPU cores.
 # The built-in data of each sequence: classes and images per class (train, test).
-DEMO_SEQUENCES = {"builtin-shift": dict(num_classes=40, train_per_class=40, test_per_class=20),
-                  "builtin": dict(num_classes=100, train_per_class=60, test_per_class=20)}
+DEMO_SEQUENCES = {
+    "builtin-shift": dict(num_classes=40, train_per_class=40, test_per_class=20),
+    "builtin": dict(num_classes=100, train_per_class=60, test_per_class=20),
+}
 DEMO_TASK_CLASSES = 10
 DEMO_TRAIN = TrainConfig(epochs=4, batch_size=16)
 
 
-def learn_builtin_sequence(out: Path, tasks: int | None = None, moe: MoEConfig = MoEConfig(),
-                           cfg: TrainConfig = DEMO_TRAIN, device: str = "auto", progress: bool = True,
-                           data: str = "builtin") -> Path:
+def learn_builtin_sequence(
+    out: Path,
+    tasks: int | None = None,
+    moe: MoEConfig = MoEConfig(),
+    cfg: TrainConfig = DEMO_TRAIN,
+    device: str = "auto",
+    progress: bool = True,
+    data: str = "builtin",
+) -> Path:
     """Pre-train (cached) and learn ``tasks`` tasks (all by default) of a demo sequence into
     checkpoint ``out``."""
-    return train_sequence(out, data=data, builtin=DEMO_SEQUENCES[data], init_cls=DEMO_TASK_CLASSES,
-                          increment=DEMO_TASK_CLASSES, tasks=tasks, weights="builtin-pretrained", moe=moe, cfg=cfg,
-                          device=device, progress=progress)
+    return train_sequence(
+        out,
+        data=data,
+        builtin=DEMO_SEQUENCES[data],
+        init_cls=DEMO_TASK_CLASSES,
+        increment=DEMO_TASK_CLASSES,
+        tasks=tasks,
+        weights="builtin-pretrained",
+        moe=moe,
+        cfg=cfg,
+        device=device,
+        progress=progress,
+    )
 
 
-def compare(out: Path, data: str, care: Metrics, moe: MoEConfig, cfg: TrainConfig, device: str,
-            progress: bool) -> None:
+def compare(out: Path, data: str, care: Metrics, moe: MoEConfig, cfg: TrainConfig, device: str, progress: bool) -> None:
     """Learn the whole sequence as each baseline and as CaRE M=1/K=1; print one row per method."""
     rows = [(f"CaRE M={moe.topk_routers}, K={moe.topk_experts}", care)]
     runs = [("frozen backbone (head + alignment)", "frozen", moe), ("one shared adapter", "shared-adapter", moe)]
@@ -69,8 +86,14 @@ def compare(out: Path, data: str, care: Metrics, moe: MoEConfig, cfg: TrainConfi
         runs.append(("CaRE M=1, K=1", "care", replace(moe, topk_routers=1, topk_experts=1)))
     for name, method, run_moe in runs:
         t = time.perf_counter()
-        ckpt = learn_builtin_sequence(out / method.replace("care", "care-m1k1"), moe=run_moe,
-                                      cfg=replace(cfg, method=method), device=device, progress=progress, data=data)
+        ckpt = learn_builtin_sequence(
+            out / method.replace("care", "care-m1k1"),
+            moe=run_moe,
+            cfg=replace(cfg, method=method),
+            device=device,
+            progress=progress,
+            data=data,
+        )
         rows.append((name, Metrics.from_dict(read_checkpoint_manifest(ckpt)["metrics"])))
         print(f"  {name}: {time.perf_counter() - t:.0f} s")
     classes = DEMO_SEQUENCES[data]["num_classes"]
@@ -107,8 +130,10 @@ def parity(ckpt: Path, artifact: Path, min_agree: float) -> None:
     print("\n".join("  " + line for line in report.lines()))
     report.check(min_agree)  # raises (AtolError / RoutingError) outside tolerance
     if not report.ok:
-        print(f"  note: routing differs on {len(report.mismatched)} of {report.samples} random inputs, top-1 "
-              f"agreement {report.top1:.4f} (near-tie routing decisions; `care-export parity` refuses any)")
+        print(
+            f"  note: routing differs on {len(report.mismatched)} of {report.samples} random inputs, top-1 "
+            f"agreement {report.top1:.4f} (near-tie routing decisions; `care-export parity` refuses any)"
+        )
 
 
 def main() -> None:
@@ -120,9 +145,13 @@ def main() -> None:
     ap.add_argument("--capacity", type=int, default=301, help="tasks the exported graph has room for")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
-    ap.add_argument("--data", choices=sorted(DEMO_SEQUENCES), default="builtin",
-                    help="the sequence: builtin-shift (a domain shift from pre-training, 4 tasks) or builtin "
-                         "(the pre-training's families, 10 tasks)")
+    ap.add_argument(
+        "--data",
+        choices=sorted(DEMO_SEQUENCES),
+        default="builtin",
+        help="the sequence: builtin-shift (a domain shift from pre-training, 4 tasks) or builtin "
+        "(the pre-training's families, 10 tasks)",
+    )
     ap.add_argument("--compare", action="store_true", help="step 5: the baselines and M=1/K=1 (about 3 more runs)")
     args = ap.parse_args()
 
@@ -154,13 +183,18 @@ def main() -> None:
     metrics = Metrics.from_dict(read_checkpoint_manifest(ckpt)["metrics"])
     print(f"\nCaRE on the {args.data} sequence (M={moe.topk_routers}, K={moe.topk_experts}), top-1 % after each task:")
     print(metrics.table())
-    print(f"runtime.Session top-1 on {len(labels)} held-out images of all {session.num_classes} classes: "
-          f"{runtime_acc:.2f}% (PyTorch: {metrics.a_last:.2f}%)")
+    print(
+        f"runtime.Session top-1 on {len(labels)} held-out images of all {session.num_classes} classes: "
+        f"{runtime_acc:.2f}% (PyTorch: {metrics.a_last:.2f}%)"
+    )
     try:
         from care_export.plots.accuracy import plot_accuracy
 
-        plot_accuracy(metrics.to_dict(), out / "accuracy.png",
-                      title=f"CaRE on {args.data}, M={moe.topk_routers}, K={moe.topk_experts}")
+        plot_accuracy(
+            metrics.to_dict(),
+            out / "accuracy.png",
+            title=f"CaRE on {args.data}, M={moe.topk_routers}, K={moe.topk_experts}",
+        )
         print(f"accuracy after each task drawn in {out / 'accuracy.png'}")
     except CareError as exc:  # matplotlib missing
         print(f"no plot: {exc}")

@@ -51,8 +51,9 @@ class Artifact:
             if not path.is_file():
                 raise ArtifactError(f"{path}: file missing")
             if path.stat().st_size != entry["bytes"]:
-                raise ArtifactError(f"{path}: truncated or altered ({path.stat().st_size} bytes, "
-                                    f"manifest says {entry['bytes']})")
+                raise ArtifactError(
+                    f"{path}: truncated or altered ({path.stat().st_size} bytes, manifest says {entry['bytes']})"
+                )
             if name != STATE_FILE and "sha256" in entry and (verify or name == MODEL_FILE):
                 if sha256_file(path) != entry["sha256"]:
                     raise ArtifactError(f"{path}: corrupt (sha256 differs from the manifest)")
@@ -79,8 +80,10 @@ class Artifact:
     def _check_counts(self) -> None:
         tasks, classes = int(self.read("active_tasks")), int(self.read("active_classes"))
         if (tasks, classes) != (self.num_tasks, self.num_classes):
-            raise ArtifactError(f"{self.dir / MANIFEST}: lists {self.num_tasks} tasks and {self.num_classes} classes, "
-                                f"state.bin holds {tasks} and {classes}")
+            raise ArtifactError(
+                f"{self.dir / MANIFEST}: lists {self.num_tasks} tasks and {self.num_classes} classes, "
+                f"state.bin holds {tasks} and {classes}"
+            )
 
     @property
     def num_tasks(self) -> int:
@@ -100,10 +103,15 @@ class Artifact:
         if s.file == STATE_FILE:  # the snapshot read with the manifest
             if self._state is None:
                 raise ArtifactError(f"{self.dir}: {STATE_FILE} was not read")
-            return np.frombuffer(self._state, dtype=np.dtype(s.dtype).newbyteorder("<"), offset=s.offset,
-                                 count=int(np.prod(s.shape, dtype=np.int64))).reshape(s.shape)
-        return np.memmap(self.dir / s.file, dtype=np.dtype(s.dtype).newbyteorder("<"), mode="r", offset=s.offset,
-                         shape=s.shape)
+            return np.frombuffer(
+                self._state,
+                dtype=np.dtype(s.dtype).newbyteorder("<"),
+                offset=s.offset,
+                count=int(np.prod(s.shape, dtype=np.int64)),
+            ).reshape(s.shape)
+        return np.memmap(
+            self.dir / s.file, dtype=np.dtype(s.dtype).newbyteorder("<"), mode="r", offset=s.offset, shape=s.shape
+        )
 
     def slot_digest(self, regions: list[tuple[str, int, int]]) -> str:
         """Digest of the bytes of ``regions`` ``(tensor, first row, rows)`` in slots.bin."""

@@ -46,8 +46,9 @@ def read_checkpoint_manifest(directory: str | Path) -> dict:
     if not isinstance(version, int) or isinstance(version, bool):
         raise CheckpointError(f"{path}: format_version {version!r} is not an integer")
     if version > CHECKPOINT_FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format version {version} is newer than this reader "
-                              f"({CHECKPOINT_FORMAT_VERSION})")
+        raise CheckpointError(
+            f"{path}: checkpoint format version {version} is newer than this reader ({CHECKPOINT_FORMAT_VERSION})"
+        )
     missing = [k for k in _KEYS if k not in manifest]
     if missing:
         raise CheckpointError(f"{path}: manifest lacks '{missing[0]}'")
@@ -63,8 +64,12 @@ def _is_count(v) -> bool:
 
 def _check_entry(entry, what: str, path: Path) -> None:
     """A file entry: a plain file name inside the directory, its size and digest."""
-    if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) or \
-            not isinstance(entry.get("sha256"), str) or not isinstance(entry.get("bytes"), int):
+    if (
+        not isinstance(entry, dict)
+        or not isinstance(entry.get("file"), str)
+        or not isinstance(entry.get("sha256"), str)
+        or not isinstance(entry.get("bytes"), int)
+    ):
         raise CheckpointError(f"{path}: {what} lacks its file, sha256 or bytes")
     name = entry["file"]
     if not name or name in (".", "..") or "/" in name or "\\" in name or Path(name).is_absolute():
@@ -110,7 +115,9 @@ def check_file(directory: str | Path, entry: dict, verify: bool = True) -> Path:
     if not path.is_file():
         raise CheckpointError(f"{path}: file missing")
     if path.stat().st_size != entry["bytes"]:
-        raise CheckpointError(f"{path}: truncated or altered ({path.stat().st_size} bytes, manifest says {entry['bytes']})")
+        raise CheckpointError(
+            f"{path}: truncated or altered ({path.stat().st_size} bytes, manifest says {entry['bytes']})"
+        )
     if verify and sha256_file(path) != entry["sha256"]:
         raise CheckpointError(f"{path}: corrupt (sha256 differs from the manifest)")
     return path

@@ -43,7 +43,7 @@ class Graph:
         value = self.weights[name]
         if value.ndim == 0:
             return 0, value
-        return row * (value.nbytes // value.shape[0]), value[row: row + rows]
+        return row * (value.nbytes // value.shape[0]), value[row : row + rows]
 
 
 def growth_tensors(art: Artifact) -> list[str]:

@@ -31,8 +31,7 @@ from .atomic import write_bytes, write_json
 from .checkpoint_files import checkpoint_digest, load_tensors, read_checkpoint_manifest, sha256_file
 from .errors import ArtifactError, CapacityError, MismatchError
 from .layout import MANIFEST, PENDING_MANIFEST, PENDING_STATE, SLOTS_FILE, STATE_FILE
-from .outdir import fsync_dir
-from .outdir import ARTIFACT, output_dir
+from .outdir import ARTIFACT, fsync_dir, output_dir
 from .packing import check_task_classes, pack_state, pack_task
 from .tensor_files import Patch, as_stored, patches_digest, tensor_file_bytes, write_patches
 
@@ -52,11 +51,16 @@ def brmoe_fields(ckpt: dict) -> dict:
 def checkpoint_fields(ckpt: dict, slot_digests: list[str]) -> dict:
     """The manifest fields that follow the checkpoint's tasks (the same for export and growth)."""
     return {
-        "tasks": [{"classes": int(e["classes"]), "source_sha256": e["sha256"], "slot_sha256": dg}
-                  for e, dg in zip(ckpt["tasks"], slot_digests)],
+        "tasks": [
+            {"classes": int(e["classes"]), "source_sha256": e["sha256"], "slot_sha256": dg}
+            for e, dg in zip(ckpt["tasks"], slot_digests)
+        ],
         "classes": {"names": list(ckpt["classes"]["names"])},
-        "source": {"checkpoint_digest": checkpoint_digest(ckpt), "shared_sha256": ckpt["shared"]["sha256"],
-                   "head_sha256": ckpt["head"]["sha256"]},
+        "source": {
+            "checkpoint_digest": checkpoint_digest(ckpt),
+            "shared_sha256": ckpt["shared"]["sha256"],
+            "head_sha256": ckpt["head"]["sha256"],
+        },
     }
 
 
@@ -74,9 +78,11 @@ def check_growable(art: Artifact) -> None:
     """Refuse growth of an artifact whose precision cannot take new tasks (INT8)."""
     precision = art.manifest["precision"]
     if precision not in GROWABLE:
-        raise ArtifactError(f"{art.dir} is an {precision.upper()} artifact and cannot take new tasks (its scales "
-                            f"were calibrated on the old ones): run care-export add-task on the FP32 artifact it "
-                            f"came from, then care-export quantize again")
+        raise ArtifactError(
+            f"{art.dir} is an {precision.upper()} artifact and cannot take new tasks (its scales "
+            f"were calibrated on the old ones): run care-export add-task on the FP32 artifact it "
+            f"came from, then care-export quantize again"
+        )
 
 
 @dataclass
@@ -102,7 +108,9 @@ def _check_belongs(art: Artifact, ckpt: dict, ckpt_dir: Path) -> None:
         raise MismatchError(f"{ckpt_dir}: holds {len(ckpt['tasks'])} tasks, the artifact already {len(old)}")
     for t, (mine, theirs) in enumerate(zip(old, ckpt["tasks"])):
         if int(theirs["classes"]) != mine["classes"]:
-            raise MismatchError(f"{ckpt_dir}: task {t} has {theirs['classes']} classes, the artifact's {mine['classes']}")
+            raise MismatchError(
+                f"{ckpt_dir}: task {t} has {theirs['classes']} classes, the artifact's {mine['classes']}"
+            )
         if theirs["sha256"] == mine["source_sha256"]:
             continue
         # Same content may come in a differently written file: compare what it packs to.
@@ -127,8 +135,10 @@ def plan_growth(art: Artifact, ckpt_dir: str | Path) -> Growth | None:
             return None
         raise MismatchError(f"{ckpt_dir}: no new task, but its shared experts or head differ from the artifact's")
     if len(ckpt["tasks"]) > dims.capacity:
-        raise CapacityError(f"the artifact holds {dims.capacity} tasks, {ckpt_dir} has {len(ckpt['tasks'])}: "
-                            f"export again with a larger --tasks")
+        raise CapacityError(
+            f"the artifact holds {dims.capacity} tasks, {ckpt_dir} has {len(ckpt['tasks'])}: "
+            f"export again with a larger --tasks"
+        )
     for t, e in enumerate(ckpt["tasks"][old:], start=old):
         check_task_classes(t, int(e["classes"]), dims)
 
@@ -175,8 +185,9 @@ def apply_growth(art: Artifact, growth: Growth) -> dict:
     state = tensor_file_bytes(STATE_FILE, art.tensors, growth.state)
     write_bytes(d / PENDING_STATE, state)
     manifest = dict(growth.manifest)
-    manifest["files"] = dict(manifest["files"], **{STATE_FILE: {"sha256": sha256_file(d / PENDING_STATE),
-                                                                "bytes": len(state)}})
+    manifest["files"] = dict(
+        manifest["files"], **{STATE_FILE: {"sha256": sha256_file(d / PENDING_STATE), "bytes": len(state)}}
+    )
     write_json(d / PENDING_MANIFEST, manifest)
     os.replace(d / PENDING_STATE, d / STATE_FILE)
     with contextlib.suppress(FileNotFoundError):  # a reader completed it (runtime.manifest.read_manifest)
@@ -203,8 +214,10 @@ def add_tasks(artifact_dir: str | Path, ckpt_dir: str | Path) -> tuple[list[int]
             return growth.tasks, apply_growth(art, growth)
     except OSError as exc:  # full disk, file-size limit, read-only mount: the old model is intact
         where = exc.filename or artifact_dir
-        raise ArtifactError(f"cannot add tasks to {artifact_dir} ({where}: {exc.strerror or exc}); "
-                            f"the artifact still holds its old tasks") from None
+        raise ArtifactError(
+            f"cannot add tasks to {artifact_dir} ({where}: {exc.strerror or exc}); "
+            f"the artifact still holds its old tasks"
+        ) from None
 
 
 def link_or_copy(src: Path, dst: Path) -> bool:

@@ -97,7 +97,7 @@ class Dims:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Dims":
+    def from_dict(cls, d: dict) -> Dims:
         names = {f.name for f in fields(cls)}
         return cls(**{k: int(v) for k, v in d.items() if k in names})
 
@@ -135,8 +135,13 @@ class TensorSpec:
         return self.nbytes // self.shape[0] if self.shape else self.nbytes
 
     def to_dict(self) -> dict:
-        return {"file": self.file, "offset": self.offset, "shape": list(self.shape), "dtype": self.dtype,
-                "role": self.role}
+        return {
+            "file": self.file,
+            "offset": self.offset,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "role": self.role,
+        }
 
 
 def backbone_shapes(dims: Dims) -> dict[str, tuple]:
@@ -150,14 +155,22 @@ def backbone_shapes(dims: Dims) -> dict[str, tuple]:
     }
     for i in range(dims.depth):
         b = f"vit.blocks.{i}."
-        shapes.update({
-            b + "norm1.weight": (d,), b + "norm1.bias": (d,),
-            b + "attn.qkv": (d, 3 * d), b + "attn.qkv_bias": (3 * d,),
-            b + "attn.proj": (d, d), b + "attn.proj_bias": (d,),
-            b + "norm2.weight": (d,), b + "norm2.bias": (d,),
-            b + "mlp.fc1": (d, dims.mlp_dim), b + "mlp.fc1_bias": (dims.mlp_dim,),
-            b + "mlp.fc2": (dims.mlp_dim, d), b + "mlp.fc2_bias": (d,),
-        })
+        shapes.update(
+            {
+                b + "norm1.weight": (d,),
+                b + "norm1.bias": (d,),
+                b + "attn.qkv": (d, 3 * d),
+                b + "attn.qkv_bias": (3 * d,),
+                b + "attn.proj": (d, d),
+                b + "attn.proj_bias": (d,),
+                b + "norm2.weight": (d,),
+                b + "norm2.bias": (d,),
+                b + "mlp.fc1": (d, dims.mlp_dim),
+                b + "mlp.fc1_bias": (dims.mlp_dim,),
+                b + "mlp.fc2": (dims.mlp_dim, d),
+                b + "mlp.fc2_bias": (d,),
+            }
+        )
     shapes.update({"vit.norm.weight": (d,), "vit.norm.bias": (d,)})
     return shapes
 
@@ -169,32 +182,43 @@ def moe_shapes(dims: Dims) -> dict[str, tuple[tuple, str]]:
     out = {}
     for i in range(dims.depth):
         b = f"moe.{i}."
-        out.update({
-            b + "experts.down": ((cap * r, d), "slot"),
-            b + "experts.down_bias": ((cap * r,), "slot"),
-            b + "experts.up": ((cap, r, d), "slot"),
-            b + "experts.up_bias": ((cap, 1, d), "slot"),
-            b + "perceptors.proj": ((cap, r, wide), "slot"),
-            b + "perceptors.shift": ((cap, 1, wide), "slot"),
-            b + "perceptors.bias": ((cap, 1, dims.slot_classes), "slot"),
-            b + "perceptor0.proj": ((r, wide0), "first"),
-            b + "perceptor0.shift": ((wide0,), "first"),
-            b + "perceptor0.bias": ((dims.first_classes,), "first"),
-            b + "routers.weight": ((dims.router_rows, r), "router"),
-            b + "routers.bias": ((dims.router_rows,), "router"),
-        })
+        out.update(
+            {
+                b + "experts.down": ((cap * r, d), "slot"),
+                b + "experts.down_bias": ((cap * r,), "slot"),
+                b + "experts.up": ((cap, r, d), "slot"),
+                b + "experts.up_bias": ((cap, 1, d), "slot"),
+                b + "perceptors.proj": ((cap, r, wide), "slot"),
+                b + "perceptors.shift": ((cap, 1, wide), "slot"),
+                b + "perceptors.bias": ((cap, 1, dims.slot_classes), "slot"),
+                b + "perceptor0.proj": ((r, wide0), "first"),
+                b + "perceptor0.shift": ((wide0,), "first"),
+                b + "perceptor0.bias": ((dims.first_classes,), "first"),
+                b + "routers.weight": ((dims.router_rows, r), "router"),
+                b + "routers.bias": ((dims.router_rows,), "router"),
+            }
+        )
     return out
 
 
 def state_shapes(dims: Dims) -> dict[str, tuple[tuple, str]]:
     """Tensors rewritten with every task: name -> (shape, dtype)."""
     d, rs = dims.embed_dim, dims.shared_dim
-    out = {"active_tasks": ((), "int64"), "active_classes": ((), "int64"),
-           "head.weight": ((d, dims.class_capacity), "float32")}
+    out = {
+        "active_tasks": ((), "int64"),
+        "active_classes": ((), "int64"),
+        "head.weight": ((d, dims.class_capacity), "float32"),
+    }
     for i in range(dims.depth):
         b = f"moe.{i}.shared."
-        out.update({b + "down": ((1, rs, d), "float32"), b + "down_bias": ((1, 1, rs), "float32"),
-                    b + "up": ((1, rs, d), "float32"), b + "up_bias": ((d,), "float32")})
+        out.update(
+            {
+                b + "down": ((1, rs, d), "float32"),
+                b + "down_bias": ((1, 1, rs), "float32"),
+                b + "up": ((1, rs, d), "float32"),
+                b + "up_bias": ((d,), "float32"),
+            }
+        )
     return out
 
 
@@ -223,14 +247,21 @@ def task_regions(task: int, dims: Dims) -> list[tuple[str, int, int]]:
     r, regions = dims.expert_dim, []
     for i in range(dims.depth):
         b = f"moe.{i}."
-        regions += [(b + "experts.down", task * r, r), (b + "experts.down_bias", task * r, r),
-                    (b + "experts.up", task, 1), (b + "experts.up_bias", task, 1)]
+        regions += [
+            (b + "experts.down", task * r, r),
+            (b + "experts.down_bias", task * r, r),
+            (b + "experts.up", task, 1),
+            (b + "experts.up_bias", task, 1),
+        ]
         base = router_base(task, dims.capacity)
         regions += [(b + "routers.weight", base, task + 1), (b + "routers.bias", base, task + 1)]
         if task == 0:
             wide0 = dims.first_classes + r + 1
-            regions += [(b + "perceptor0.proj", 0, r), (b + "perceptor0.shift", 0, wide0),
-                        (b + "perceptor0.bias", 0, dims.first_classes)]
+            regions += [
+                (b + "perceptor0.proj", 0, r),
+                (b + "perceptor0.shift", 0, wide0),
+                (b + "perceptor0.bias", 0, dims.first_classes),
+            ]
         else:
             regions += [(b + n, task, 1) for n in ("perceptors.proj", "perceptors.shift", "perceptors.bias")]
     return regions

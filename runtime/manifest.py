@@ -36,8 +36,20 @@ from .layout import (
     layout,
 )
 
-_REQUIRED = ("dims", "opset", "precision", "batch", "tasks", "classes", "preprocessing", "files", "tensors",
-             "source", "backbone", "brmoe")
+_REQUIRED = (
+    "dims",
+    "opset",
+    "precision",
+    "batch",
+    "tasks",
+    "classes",
+    "preprocessing",
+    "files",
+    "tensors",
+    "source",
+    "backbone",
+    "brmoe",
+)
 
 
 def _load_json(path: Path) -> dict | None:
@@ -62,10 +74,17 @@ def read_manifest(directory: str | Path) -> dict:
     if manifest is None:
         raise ArtifactError(f"{path}: manifest missing or not valid JSON (not a care-export artifact?)")
     pending = _load_json(directory / PENDING_MANIFEST)
-    want = pending.get("files", {}).get(STATE_FILE) if pending is not None and isinstance(pending.get("files"), dict) \
+    want = (
+        pending.get("files", {}).get(STATE_FILE)
+        if pending is not None and isinstance(pending.get("files"), dict)
         else None
-    if pending is not None and isinstance(want, dict) and _is_int(want.get("bytes"), 0) \
-            and isinstance(want.get("sha256"), str):
+    )
+    if (
+        pending is not None
+        and isinstance(want, dict)
+        and _is_int(want.get("bytes"), 0)
+        and isinstance(want.get("sha256"), str)
+    ):
         state = directory / STATE_FILE
         if state.is_file() and state.stat().st_size == want["bytes"] and sha256_file(state) == want["sha256"]:
             if os.access(directory, os.W_OK):
@@ -94,6 +113,7 @@ def check_manifest(m: dict, where: Path) -> None:
     """The manifest's fields hold values of the right types, and agree with each other
     (tasks with dims and class names; every file named with its size, the graph and the state
     with their digests). The state itself is held against ``tasks`` by :class:`Artifact`."""
+
     def bad(what: str):
         raise ArtifactError(f"{where}: manifest {what}")
 
@@ -113,16 +133,22 @@ def check_manifest(m: dict, where: Path) -> None:
     if not isinstance(tasks, list) or not tasks:
         bad("'tasks' is not a non-empty list")
     for t, e in enumerate(tasks):
-        if not isinstance(e, dict) or not _is_int(e.get("classes"), 1) or \
-                not all(isinstance(e.get(k), str) for k in ("slot_sha256", "source_sha256")):
+        if (
+            not isinstance(e, dict)
+            or not _is_int(e.get("classes"), 1)
+            or not all(isinstance(e.get(k), str) for k in ("slot_sha256", "source_sha256"))
+        ):
             bad(f"task {t} lacks a positive 'classes' or its digests")
     if len(tasks) > dims["capacity"]:
         bad(f"lists {len(tasks)} tasks, more than the capacity {dims['capacity']}")
     if tasks[0]["classes"] != dims["first_classes"] or any(e["classes"] > dims["slot_classes"] for e in tasks[1:]):
         bad("task class counts do not fit dims.first_classes / dims.slot_classes")
     classes = m["classes"]
-    if not isinstance(classes, dict) or not isinstance(classes.get("names"), list) or \
-            not all(isinstance(n, str) for n in classes["names"]):
+    if (
+        not isinstance(classes, dict)
+        or not isinstance(classes.get("names"), list)
+        or not all(isinstance(n, str) for n in classes["names"])
+    ):
         bad("'classes.names' is not a list of names")
     if len(classes["names"]) != sum(e["classes"] for e in tasks):
         bad(f"has {len(classes['names'])} class names for {sum(e['classes'] for e in tasks)} classes")
@@ -157,8 +183,12 @@ def read_layout(manifest: dict, dims: Dims, where: Path) -> dict[str, TensorSpec
             raise ArtifactError(f"{where}: tensor layout differs from this reader's (format drift)")
         return want
     try:
-        specs = {name: TensorSpec(name, e["file"], int(e["offset"]), tuple(int(n) for n in e["shape"]), e["dtype"],
-                                  e["role"]) for name, e in manifest["tensors"].items()}
+        specs = {
+            name: TensorSpec(
+                name, e["file"], int(e["offset"]), tuple(int(n) for n in e["shape"]), e["dtype"], e["role"]
+            )
+            for name, e in manifest["tensors"].items()
+        }
     except (KeyError, TypeError, ValueError, AttributeError):
         raise ArtifactError(f"{where}: manifest 'tensors' is malformed") from None
     for name, s in want.items():
@@ -166,8 +196,11 @@ def read_layout(manifest: dict, dims: Dims, where: Path) -> dict[str, TensorSpec
         if s.role != "backbone" and (got is None or (got.file, got.shape, got.role) != (s.file, s.shape, s.role)):
             raise ArtifactError(f"{where}: growth tensor {name} is missing or laid out differently (format drift)")
     for s in specs.values():
-        if s.dtype not in DTYPES or s.file not in manifest["files"] or \
-                s.offset % (ALIGN if s.nbytes >= ALIGN else SMALL_ALIGN) or \
-                s.offset + s.nbytes > int(manifest["files"][s.file]["bytes"]):
+        if (
+            s.dtype not in DTYPES
+            or s.file not in manifest["files"]
+            or s.offset % (ALIGN if s.nbytes >= ALIGN else SMALL_ALIGN)
+            or s.offset + s.nbytes > int(manifest["files"][s.file]["bytes"])
+        ):
             raise ArtifactError(f"{where}: tensor {s.name} has an invalid place or dtype in the manifest")
     return specs

@@ -43,7 +43,7 @@ class Preprocessing:
     std: tuple[float, float, float]
 
     @classmethod
-    def for_input(cls, input_size: int, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)) -> "Preprocessing":
+    def for_input(cls, input_size: int, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)) -> Preprocessing:
         # The reference's test transform: resize to 256/224 of the input, centre crop.
         return cls(input_size, int(input_size * 256 / 224), "bicubic", tuple(mean), tuple(std))
 
@@ -53,15 +53,16 @@ class Preprocessing:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Preprocessing":
+    def from_dict(cls, d: dict) -> Preprocessing:
         try:
             mean, std = (cast("tuple[float, float, float]", tuple(float(v) for v in d[k])) for k in ("mean", "std"))
             prep = cls(int(d["input_size"]), int(d["resize"]), str(d["interpolation"]).lower(), mean, std)
         except (KeyError, TypeError, ValueError) as exc:
             raise InputError(f"preprocessing is malformed ({type(exc).__name__}: {exc})") from None
         if prep.input_size < 1 or prep.resize < 1:
-            raise InputError(f"preprocessing sizes must be positive, got input_size {prep.input_size} and "
-                             f"resize {prep.resize}")
+            raise InputError(
+                f"preprocessing sizes must be positive, got input_size {prep.input_size} and resize {prep.resize}"
+            )
         if not all(np.isfinite(prep.mean + prep.std)):
             raise InputError("preprocessing mean and std must be finite")
         if prep.interpolation not in _RESAMPLING:
@@ -86,7 +87,7 @@ def center_crop(arr: np.ndarray, size: int) -> np.ndarray:
         arr = np.pad(arr, ((ph // 2, (ph + 1) // 2), (pw // 2, (pw + 1) // 2), (0, 0)))
         h, w = arr.shape[:2]
     top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
-    return arr[top:top + size, left:left + size]
+    return arr[top : top + size, left : left + size]
 
 
 def _pil():
@@ -156,8 +157,9 @@ def _array_to_batch(x: np.ndarray, prep: Preprocessing, what: str) -> np.ndarray
         x = x[None] if x.ndim == 3 else x
         _check_float(x, prep, what)
         return np.ascontiguousarray(x)
-    raise InputError(f"{what}: arrays must be uint8 images (HWC) or float32 preprocessed input (NCHW), "
-                     f"got dtype {x.dtype}")
+    raise InputError(
+        f"{what}: arrays must be uint8 images (HWC) or float32 preprocessed input (NCHW), got dtype {x.dtype}"
+    )
 
 
 def _item_to_batch(item, prep: Preprocessing, what: str) -> np.ndarray:
@@ -168,8 +170,9 @@ def _item_to_batch(item, prep: Preprocessing, what: str) -> np.ndarray:
     elif type(item).__module__.startswith("PIL.") and hasattr(item, "convert"):
         img = item.convert("RGB") if item.mode != "RGB" else item
     else:
-        raise InputError(f"{what}: expected an image (uint8 array, PIL image, path) or float32 NCHW array, "
-                         f"got {type(item).__name__}")
+        raise InputError(
+            f"{what}: expected an image (uint8 array, PIL image, path) or float32 NCHW array, got {type(item).__name__}"
+        )
     return _normalise(_resize_crop(img, prep)[None], prep)
 
 

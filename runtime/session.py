@@ -36,7 +36,6 @@ from .preprocess import Preprocessing, to_input
 from .routing import canonical_routing
 
 
-
 @dataclass
 class Prediction:
     """Top-k predictions of a batch, best first, the cosine logits behind them, and the routing
@@ -62,8 +61,12 @@ class Prediction:
         """One JSON-ready dict per image."""
         out = []
         for i in range(len(self)):
-            item: dict[str, object] = {"top": [{"class": int(c), "name": n, "prob": float(p)}
-                            for c, n, p in zip(self.classes[i], self.names[i], self.probs[i])]}
+            item: dict[str, object] = {
+                "top": [
+                    {"class": int(c), "name": n, "prob": float(p)}
+                    for c, n, p in zip(self.classes[i], self.names[i], self.probs[i])
+                ]
+            }
             if self.tasks is not None and self.experts is not None:
                 item["routing"] = {"tasks": self.tasks[i].tolist(), "experts": self.experts[i].tolist()}
             out.append(item)
@@ -120,17 +123,32 @@ class Session:
     After construction ``backend``, ``providers`` and ``device`` say what was chosen.
     """
 
-    def __init__(self, artifact: str | os.PathLike, device: str = "auto", backend: str = "auto",
-                 threads: int | None = None, *, providers: list[str] | None = None, max_batch: int = 64,
-                 cache_dir: str | os.PathLike | None = None, verify: bool = False):
+    def __init__(
+        self,
+        artifact: str | os.PathLike,
+        device: str = "auto",
+        backend: str = "auto",
+        threads: int | None = None,
+        *,
+        providers: list[str] | None = None,
+        max_batch: int = 64,
+        cache_dir: str | os.PathLike | None = None,
+        verify: bool = False,
+    ):
         if max_batch < 1:
             raise InputError(f"max_batch must be at least 1, got {max_batch}")
         self._artifact = Artifact(Path(artifact), verify=verify)
         self.preprocessing = Preprocessing.from_dict(self._artifact.manifest["preprocessing"])
         self._graph = load_graph(self._artifact)
-        self._runner = open_runner(self._graph, device=device, backend=backend, threads=threads,
-                                   providers=providers, cache_root=Path(cache_dir or default_cache_dir()) / "trt",
-                                   max_batch=max_batch)
+        self._runner = open_runner(
+            self._graph,
+            device=device,
+            backend=backend,
+            threads=threads,
+            providers=providers,
+            cache_root=Path(cache_dir or default_cache_dir()) / "trt",
+            max_batch=max_batch,
+        )
         self.backend: str = self._runner.backend
         self.providers: list[str] = list(self._runner.providers)
         self.device: str = self._runner.device
@@ -166,8 +184,10 @@ class Session:
         return self._artifact.dims.capacity
 
     def __repr__(self) -> str:
-        return (f"Session({str(self.artifact_dir)!r}, backend={self.backend!r}, device={self.device!r}, "
-                f"tasks={self.num_tasks}/{self.capacity}, classes={self.num_classes})")
+        return (
+            f"Session({str(self.artifact_dir)!r}, backend={self.backend!r}, device={self.device!r}, "
+            f"tasks={self.num_tasks}/{self.capacity}, classes={self.num_classes})"
+        )
 
     # ------------------------------------------------------------------ inference
     def _chunks(self, images):
@@ -175,14 +195,14 @@ class Session:
         preprocessed a chunk at a time, so memory follows the chunk, not the batch."""
         if isinstance(images, (list, tuple)) and images:
             for start in range(0, len(images), self._chunk):
-                yield to_input(list(images[start: start + self._chunk]), self.preprocessing, first=start)
+                yield to_input(list(images[start : start + self._chunk]), self.preprocessing, first=start)
         elif isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4 and len(images):
             for start in range(0, len(images), self._chunk):
-                yield to_input(images[start: start + self._chunk], self.preprocessing)
+                yield to_input(images[start : start + self._chunk], self.preprocessing)
         else:
             x = to_input(images, self.preprocessing)
             for start in range(0, len(x), self._chunk):
-                yield x[start: start + self._chunk]
+                yield x[start : start + self._chunk]
 
     def _run(self, images, outputs: list[str]) -> list[np.ndarray]:
         """Run ``images`` in chunks (padding the last one for a static batch); caller holds the lock."""
@@ -226,8 +246,12 @@ class Session:
             p = np.exp(z - z.max(axis=1, keepdims=True))
             p /= p.sum(axis=1, keepdims=True)
         top = np.argsort(-p, axis=1, kind="stable")[:, :top_k]
-        pred = Prediction(top.astype(np.int64), [[names[c] for c in row] for row in top],
-                          np.take_along_axis(p, top, 1).astype(np.float32), logits)
+        pred = Prediction(
+            top.astype(np.int64),
+            [[names[c] for c in row] for row in top],
+            np.take_along_axis(p, top, 1).astype(np.float32),
+            logits,
+        )
         if return_routing:
             pred.tasks, pred.experts = canonical_routing(results[1], results[2])
         return pred
@@ -261,7 +285,7 @@ class Session:
             grown.manifest = growth.manifest
             with self._lock.exclusive():
                 for p in growth.patches:
-                    g.weights[p.name][p.row: p.row + len(p.data)] = p.data
+                    g.weights[p.name][p.row : p.row + len(p.data)] = p.data
                 for name, value in growth.state.items():
                     g.weights[name][...] = value
                 self._runner.write_weights(regions)

@@ -34,7 +34,7 @@ def tensor_file_bytes(file: str, specs: dict[str, TensorSpec], arrays: dict[str,
             a = as_stored(arrays[s.name], s.dtype)
             if a.shape != s.shape:
                 raise ArtifactError(f"tensor {s.name}: shape {a.shape}, layout says {s.shape}")
-            out[s.offset: s.offset + s.nbytes] = a.tobytes()
+            out[s.offset : s.offset + s.nbytes] = a.tobytes()
     return out
 
 

@@ -19,7 +19,7 @@ def median_times(calls: dict, rounds: int, warmup: int = 3, pause_s: float = 0.0
     names = list(calls)
     times: dict[str, list[float]] = {k: [] for k in names}
     for r in range(rounds):
-        for k in names[r % len(names):] + names[: r % len(names)]:
+        for k in names[r % len(names) :] + names[: r % len(names)]:
             time.sleep(pause_s)
             t0 = time.perf_counter()
             calls[k]()

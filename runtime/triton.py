@@ -19,8 +19,8 @@ from pathlib import Path
 
 from .artifact import Artifact
 from .atomic import write_atomic
-from .layout import INPUT, MODEL_FILE
 from .errors import ArtifactError
+from .layout import INPUT, MODEL_FILE
 
 CONFIG = "config.pbtxt"
 LABELS = "labels.txt"
@@ -37,8 +37,10 @@ def model_config(art: Artifact, name: str, max_batch: int, instances: int, devic
     import onnx
 
     if art.manifest["batch"] != "dynamic":
-        raise ArtifactError(f"{art.dir} has a fixed batch of {art.manifest['batch']}: export with --batch dynamic "
-                            f"for Triton's dynamic batching")
+        raise ArtifactError(
+            f"{art.dir} has a fixed batch of {art.manifest['batch']}: export with --batch dynamic "
+            f"for Triton's dynamic batching"
+        )
     graph = onnx.load(str(art.model_path), load_external_data=False).graph
 
     def entry(v, extra: str = "") -> str:
@@ -48,14 +50,24 @@ def model_config(art: Artifact, name: str, max_batch: int, instances: int, devic
 
     outputs = [entry(o, f' label_filename: "{LABELS}"' if o.name == "logits" else "") for o in graph.output]
     kind = "KIND_GPU" if device == "gpu" else "KIND_CPU"
-    return "\n".join([
-        f'name: "{name}"', 'backend: "onnxruntime"', f"max_batch_size: {max_batch}",
-        f'default_model_filename: "{MODEL_FILE}"',
-        "input [", ",\n".join(entry(i) for i in graph.input if i.name == INPUT), "]",
-        "output [", ",\n".join(outputs), "]",
-        "dynamic_batching { }",
-        f"instance_group [ {{ count: {instances} kind: {kind} }} ]",
-        "version_policy: { latest: { num_versions: 1 } }", ""])
+    return "\n".join(
+        [
+            f'name: "{name}"',
+            'backend: "onnxruntime"',
+            f"max_batch_size: {max_batch}",
+            f'default_model_filename: "{MODEL_FILE}"',
+            "input [",
+            ",\n".join(entry(i) for i in graph.input if i.name == INPUT),
+            "]",
+            "output [",
+            ",\n".join(outputs),
+            "]",
+            "dynamic_batching { }",
+            f"instance_group [ {{ count: {instances} kind: {kind} }} ]",
+            "version_policy: { latest: { num_versions: 1 } }",
+            "",
+        ]
+    )
 
 
 def write_labels(model_dir: Path, art: Artifact) -> None:

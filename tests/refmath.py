@@ -127,7 +127,7 @@ def brmoe(sd, block: int, x: torch.Tensor, M: int, K: int):
                 kept = sorted(range(T), key=lambda e: -logits[e])[:K]
                 logits = [logits[e] if e in kept else -100.0 for e in range(T)]
             mx = max(logits)
-            w = [math.exp(l - mx) for l in logits]
+            w = [math.exp(v - mx) for v in logits]
             s = sum(w)
             for e in range(T):
                 acc = acc + (w[e] / s) * outs[e][b]

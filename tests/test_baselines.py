@@ -2,26 +2,34 @@
 
 import torch
 from click.testing import CliRunner
-
-from care_export.training.baselines import trainable_parts
-from care_export.model.brmoe import BRMoE
-from care_export.checkpoint.format import load_checkpoint
-from runtime.checkpoint_files import read_checkpoint_manifest
-from care_export.cli import main
-from care_export.model.config import MoEConfig
-from care_export.training.continual import resume_sequence, train_sequence
-from care_export.model.care_vit import CareViT
-from care_export.training.task import TrainConfig
-
 from test_train import TINY
+
+from care_export.checkpoint.format import load_checkpoint
+from care_export.cli import main
+from care_export.model.brmoe import BRMoE
+from care_export.model.care_vit import CareViT
+from care_export.model.config import MoEConfig
+from care_export.training.baselines import trainable_parts
+from care_export.training.continual import resume_sequence, train_sequence
+from care_export.training.task import TrainConfig
+from runtime.checkpoint_files import read_checkpoint_manifest
 
 DATA = dict(num_classes=8, train_per_class=8, test_per_class=4)
 
 
 def run(directory, method, tasks=2):
-    return train_sequence(directory, data="builtin-shift", builtin=DATA, init_cls=4, increment=4, tasks=tasks,
-                          backbone=TINY, weights=None, cfg=TrainConfig(epochs=2, lr=0.05, ca_epochs=1, method=method),
-                          progress=False)
+    return train_sequence(
+        directory,
+        data="builtin-shift",
+        builtin=DATA,
+        init_cls=4,
+        increment=4,
+        tasks=tasks,
+        backbone=TINY,
+        weights=None,
+        cfg=TrainConfig(epochs=2, lr=0.05, ca_epochs=1, method=method),
+        progress=False,
+    )
 
 
 def test_frozen_trains_the_head_alone_and_adds_nothing_to_the_backbone(tmp_path):
@@ -43,8 +51,9 @@ def test_shared_adapter_fine_tunes_one_adapter_through_all_tasks(tmp_path, monke
     before, _ = load_checkpoint(tmp_path / "s")
     anchored = []
     anchor = BRMoE.anchor_shared
-    monkeypatch.setattr(BRMoE, "anchor_shared", lambda self, enabled=True: (anchored.append(enabled),
-                                                                            anchor(self, enabled)))
+    monkeypatch.setattr(
+        BRMoE, "anchor_shared", lambda self, enabled=True: (anchored.append(enabled), anchor(self, enabled))
+    )
     resume_sequence(tmp_path / "s", progress=False)
     after, _ = load_checkpoint(tmp_path / "s")
     assert anchored and not any(anchored)  # no pull back to a snapshot, unlike CaRE's later tasks
@@ -59,8 +68,10 @@ def test_trainable_parts_per_method():
     model = CareViT(TINY, MoEConfig())
     model.add_task(3)
     model.add_task(3)
-    ids = {meth: {id(p) for part in trainable_parts(model, 1, meth) for p in part.parameters()}
-           for meth in ("care", "frozen", "shared-adapter")}
+    ids = {
+        meth: {id(p) for part in trainable_parts(model, 1, meth) for p in part.parameters()}
+        for meth in ("care", "frozen", "shared-adapter")
+    }
     head = {id(p) for p in model.head.parameters()}
     assert ids["frozen"] == head
     assert ids["shared-adapter"] == head | {id(p) for m in model.moe for p in m.shared.parameters()}
@@ -75,10 +86,40 @@ def test_cli_method_and_builtin_shift(tmp_path):
     vit = timm.create_model(TINY.name, pretrained=False, **TINY.timm_kwargs())
     save_file(vit.state_dict(), str(tmp_path / "vit.safetensors"))
     ckpt = tmp_path / "ckpt"
-    args = ["train", "-o", str(ckpt), "--data", "builtin-shift", "--method", "shared-adapter",
-            "--builtin-classes", "8", "--builtin-train", "4", "--builtin-test", "2", "--init-cls", "4",
-            "--increment", "4", "--tasks", "1", "--epochs", "2", "--quiet", "--backbone", TINY.name,
-            "--img-size", "32", "--patch-size", "8", "--depth", "2", "--backbone-weights", str(tmp_path / "vit.safetensors")]
+    args = [
+        "train",
+        "-o",
+        str(ckpt),
+        "--data",
+        "builtin-shift",
+        "--method",
+        "shared-adapter",
+        "--builtin-classes",
+        "8",
+        "--builtin-train",
+        "4",
+        "--builtin-test",
+        "2",
+        "--init-cls",
+        "4",
+        "--increment",
+        "4",
+        "--tasks",
+        "1",
+        "--epochs",
+        "2",
+        "--quiet",
+        "--backbone",
+        TINY.name,
+        "--img-size",
+        "32",
+        "--patch-size",
+        "8",
+        "--depth",
+        "2",
+        "--backbone-weights",
+        str(tmp_path / "vit.safetensors"),
+    ]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     manifest = read_checkpoint_manifest(ckpt)

@@ -19,17 +19,17 @@ from calibration.quantize import draw_images, quantize_artifact
 from calibration.report import REPORT_FILE
 from calibration.routing_nodes import routing_nodes
 from care_export.cli import main
-from care_export.model.config import backbone_config
-from runtime.preprocess import Preprocessing
-from care_export.training.continual import train_sequence
-from care_export.export.writer import export_artifact
-from care_export.training.pretrain import PretrainConfig, pretrained_backbone
 from care_export.data.builtin import builtin_pool
+from care_export.export.writer import export_artifact
+from care_export.model.config import backbone_config
+from care_export.training.continual import train_sequence
+from care_export.training.pretrain import PretrainConfig, pretrained_backbone
 from care_export.training.task import TrainConfig
 from runtime import Session
 from runtime.artifact import Artifact
 from runtime.errors import ArtifactError, InputError
 from runtime.growth import add_tasks
+from runtime.preprocess import Preprocessing
 
 BACKBONE = backbone_config("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
 CAPACITY = 16
@@ -40,12 +40,23 @@ def trained(tmp_path_factory):
     """A 3-task model on the built-in dataset: a small ViT pre-trained on other built-in classes,
     then CaRE; exported whole and after its first two tasks (for growth)."""
     d = tmp_path_factory.mktemp("calib")
-    weights = pretrained_backbone(PretrainConfig(backbone=BACKBONE, classes=40, images_per_class=24, epochs=3),
-                                  cache_dir=d / "cache", progress=False)
-    ckpt = train_sequence(d / "ckpt", builtin=dict(num_classes=15, train_per_class=16, test_per_class=20),
-                          init_cls=5, increment=5, tasks=3, backbone=BACKBONE, weights=str(weights),
-                          cfg=TrainConfig(epochs=2, ca_epochs=1),
-                          preprocessing=Preprocessing.for_input(32, (0.5,) * 3, (0.5,) * 3), progress=False)
+    weights = pretrained_backbone(
+        PretrainConfig(backbone=BACKBONE, classes=40, images_per_class=24, epochs=3),
+        cache_dir=d / "cache",
+        progress=False,
+    )
+    ckpt = train_sequence(
+        d / "ckpt",
+        builtin=dict(num_classes=15, train_per_class=16, test_per_class=20),
+        init_cls=5,
+        increment=5,
+        tasks=3,
+        backbone=BACKBONE,
+        weights=str(weights),
+        cfg=TrainConfig(epochs=2, ca_epochs=1),
+        preprocessing=Preprocessing.for_input(32, (0.5,) * 3, (0.5,) * 3),
+        progress=False,
+    )
     export_artifact(ckpt, d / "fp32", CAPACITY)
     export_artifact(ckpt, d / "fp32-2", CAPACITY, tasks=2)
     return {"dir": d, "ckpt": ckpt, "fp32": d / "fp32", "fp32-2": d / "fp32-2"}
@@ -54,9 +65,16 @@ def trained(tmp_path_factory):
 def images_for(art_dir, per_task=16, eval_samples=300):
     art = Artifact(art_dir)
     names = art.manifest["classes"]["names"]
-    return draw_images(art, builtin_pool(names, art.dims.img_size, "train"),
-                       builtin_pool(names, art.dims.img_size, "test"), per_task, eval_samples, 1993,
-                       "builtin train", "builtin test")
+    return draw_images(
+        art,
+        builtin_pool(names, art.dims.img_size, "train"),
+        builtin_pool(names, art.dims.img_size, "test"),
+        per_task,
+        eval_samples,
+        1993,
+        "builtin train",
+        "builtin test",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +131,9 @@ def test_int8_keeps_top1_and_routing_and_is_small(quantized):
     model = onnx.load(str(path / "model.onnx"), load_external_data=False)
     ops = {n.op_type for n in model.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
-    zero_points = [t for t in model.graph.initializer
-                   if t.data_type == onnx.TensorProto.INT8 and "zero_point" in t.name]
+    zero_points = [
+        t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8 and "zero_point" in t.name
+    ]
     assert zero_points and all(not onnx.numpy_helper.to_array(z).any() for z in zero_points)  # symmetric
     m = json.loads((path / "manifest.json").read_text())
     t = m["tensors"]
@@ -133,8 +152,12 @@ def test_int8_quantizes_only_weight_layer_inputs_and_records_the_fallback(quanti
     inits = {t.name for t in model.graph.initializer}
     nodes = {n.name: n for n in model.graph.node}
     producer = {o: n for n in model.graph.node for o in n.output}
-    readers = {c.op_type for c in model.graph.node for i in c.input
-               if i in producer and producer[i].op_type == "DequantizeLinear" and producer[i].input[0] not in inits}
+    readers = {
+        c.op_type
+        for c in model.graph.node
+        for i in c.input
+        if i in producer and producer[i].op_type == "DequantizeLinear" and producer[i].input[0] not in inits
+    }
     assert readers and readers <= {"MatMul", "Gemm", "Conv"}, readers
     fb = json.loads((path / "manifest.json").read_text())["quantization"]["fallback"]
     assert {"floor", "w8a8", "calibration_flips", "weight_only", "target"} <= set(fb)
@@ -173,8 +196,9 @@ def test_fp16_grows_like_fp32_and_int8_refuses(trained, quantized, tmp_path):
     whole = quantized["fp16"][0]
     for name in ("model.onnx", "slots.bin", "state.bin"):
         assert (small / name).read_bytes() == (whole / name).read_bytes(), name
-    assert [t["slot_sha256"] for t in Artifact(small, verify=True).manifest["tasks"]] == \
-        [t["slot_sha256"] for t in Artifact(whole).manifest["tasks"]]
+    assert [t["slot_sha256"] for t in Artifact(small, verify=True).manifest["tasks"]] == [
+        t["slot_sha256"] for t in Artifact(whole).manifest["tasks"]
+    ]
 
     int8 = tmp_path / "int8"
     shutil.copytree(quantized["int8"][0], int8)
@@ -223,9 +247,23 @@ def test_cli_quantize_with_an_image_folder(trained, tmp_path):
         for i in range(4):
             pool[c][i]().save(tmp_path / "imgs" / name / f"{i}.png")
     out = tmp_path / "q"
-    res = CliRunner().invoke(main, ["quantize", str(trained["fp32"]), "-o", str(out), "--precision", "int8",
-                                    "--calib-data", str(tmp_path / "imgs"), "--per-task", "6", "--method", "minmax",
-                                    ])
+    res = CliRunner().invoke(
+        main,
+        [
+            "quantize",
+            str(trained["fp32"]),
+            "-o",
+            str(out),
+            "--precision",
+            "int8",
+            "--calib-data",
+            str(tmp_path / "imgs"),
+            "--per-task",
+            "6",
+            "--method",
+            "minmax",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "routing flips" in res.output and (out / REPORT_FILE).is_file()
     m = json.loads((out / "manifest.json").read_text())["quantization"]
@@ -250,13 +288,16 @@ def test_sampling_covers_every_task_and_is_disjoint():
 
 
 def test_calibration_imports_without_torch():
-    code = ("import sys; sys.modules['torch'] = None\n"
-            "import importlib, pkgutil, calibration\n"
-            "for m in pkgutil.walk_packages(calibration.__path__): importlib.import_module('calibration.' + m.name)\n"
-            "import care_export.cli.quantize\n"
-            "assert sys.modules.get('torch') is None\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1])
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import importlib, pkgutil, calibration\n"
+        "for m in pkgutil.walk_packages(calibration.__path__): importlib.import_module('calibration.' + m.name)\n"
+        "import care_export.cli.quantize\n"
+        "assert sys.modules.get('torch') is None\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1]
+    )
     assert proc.returncode == 0, proc.stderr
 
 
@@ -295,9 +336,11 @@ def test_duplicate_casts_of_older_converters_are_merged():
     cast = lambda: helper.make_node("Cast", ["c16"], ["c32"], to=TensorProto.FLOAT)  # noqa: E731
     graph = helper.make_graph(
         [cast(), helper.make_node("Add", ["x", "c32"], ["a"]), cast(), helper.make_node("Mul", ["a", "c32"], ["y"])],
-        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
-        [numpy_helper.from_array(np.array([1.5, -2.0], np.float16), "c16")])
+        [numpy_helper.from_array(np.array([1.5, -2.0], np.float16), "c16")],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
     with pytest.raises(onnx.checker.ValidationError):
         onnx.checker.check_model(model)
@@ -306,5 +349,6 @@ def test_duplicate_casts_of_older_converters_are_merged():
     import onnxruntime as ort
 
     y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-        None, {"x": np.array([1.0, 1.0], np.float32)})[0]
+        None, {"x": np.array([1.0, 1.0], np.float32)}
+    )[0]
     np.testing.assert_allclose(y, [3.75, 2.0])

@@ -9,9 +9,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from onnxruntime.quantization.calibrate import HistogramCalibrater
+from test_calibration import images_for, trained  # noqa: F401  (the module's trained model)
 
 from calibration.quantize import quantize_artifact
-from test_calibration import images_for, trained  # noqa: F401  (the module's trained model)
 
 CHUNK = 8  # also the report's latency batch
 
@@ -67,15 +67,52 @@ def test_tradeoff_curve_and_margin_aware_fallback(tmp_path):
     from calibration.quantize import Images
     from care_export.export.writer import export_artifact
 
-    subprocess.run([sys.executable, "-m", "care_export", "synth-ckpt", "-o", str(tmp_path / "ckpt"), "--backbone",
-                    "vit_tiny_patch16_224", "--img-size", "32", "--patch-size", "8", "--depth", "2", "--init-cls", "4",
-                    "--increment", "2", "--tasks", "3"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "care_export",
+            "synth-ckpt",
+            "-o",
+            str(tmp_path / "ckpt"),
+            "--backbone",
+            "vit_tiny_patch16_224",
+            "--img-size",
+            "32",
+            "--patch-size",
+            "8",
+            "--depth",
+            "2",
+            "--init-cls",
+            "4",
+            "--increment",
+            "2",
+            "--tasks",
+            "3",
+        ],
+        check=True,
+        capture_output=True,
+    )
     export_artifact(tmp_path / "ckpt", tmp_path / "fp32", 4)
     rng = np.random.default_rng(0)
-    imgs = lambda n: Images(list(rng.integers(0, 255, (n, 32, 32, 3), dtype=np.uint8)),  # noqa: E731
-                            np.arange(n) % 8, 3, "random")
-    _, report = quantize_artifact(tmp_path / "fp32", tmp_path / "int8", "int8", imgs(24), imgs(16), chunk=CHUNK,
-                                  fallback_target=1.0, fallback_eps=1e-3, tradeoff=True, latency_runs=1)
+    imgs = lambda n: Images(
+        list(rng.integers(0, 255, (n, 32, 32, 3), dtype=np.uint8)),  # noqa: E731
+        np.arange(n) % 8,
+        3,
+        "random",
+    )
+    _, report = quantize_artifact(
+        tmp_path / "fp32",
+        tmp_path / "int8",
+        "int8",
+        imgs(24),
+        imgs(16),
+        chunk=CHUNK,
+        fallback_target=1.0,
+        fallback_eps=1e-3,
+        tradeoff=True,
+        latency_runs=1,
+    )
     fb = json.loads((tmp_path / "int8" / "manifest.json").read_text())["quantization"]["fallback"]
     assert fb["flips"] == "margin-aware, eps 0.001" and fb["curve"] == report["tradeoff"]
     curve = report["tradeoff"]

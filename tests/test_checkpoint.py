@@ -8,9 +8,9 @@ from click.testing import CliRunner
 
 from care_export.checkpoint import format as ck
 from care_export.checkpoint.format import load_checkpoint, save_checkpoint
+from care_export.checkpoint.synth import randomize_task, synth_model
 from care_export.cli import main
 from care_export.model.config import MoEConfig, backbone_config
-from care_export.checkpoint.synth import randomize_task, synth_model
 from runtime.checkpoint_files import read_checkpoint_manifest
 from runtime.errors import CheckpointError
 
@@ -19,9 +19,30 @@ CFG = backbone_config("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2
 
 @pytest.fixture()
 def ckpt(tmp_path):
-    res = CliRunner().invoke(main, ["synth-ckpt", "-o", str(tmp_path / "ckpt"), "--backbone", "vit_tiny_patch16_224",
-                                    "--img-size", "32", "--patch-size", "8", "--depth", "2", "--init-cls", "12",
-                                    "--increment", "3", "--tasks", "4", "--seed", "7"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "synth-ckpt",
+            "-o",
+            str(tmp_path / "ckpt"),
+            "--backbone",
+            "vit_tiny_patch16_224",
+            "--img-size",
+            "32",
+            "--patch-size",
+            "8",
+            "--depth",
+            "2",
+            "--init-cls",
+            "12",
+            "--increment",
+            "3",
+            "--tasks",
+            "4",
+            "--seed",
+            "7",
+        ],
+    )
     assert res.exit_code == 0, res.output
     return tmp_path / "ckpt"
 
@@ -133,8 +154,14 @@ def test_newer_format_version(ckpt):
         read_checkpoint_manifest(ckpt)
 
 
-@pytest.mark.parametrize("content,match", [(None, "manifest missing"), ("{not json", "not valid JSON"),
-                                           ('{"format": "other"}', "not a care-export checkpoint")])
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        (None, "manifest missing"),
+        ("{not json", "not valid JSON"),
+        ('{"format": "other"}', "not a care-export checkpoint"),
+    ],
+)
 def test_bad_manifest(ckpt, content, match):
     mp = ckpt / "manifest.json"
     if content is None:

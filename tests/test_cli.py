@@ -31,10 +31,12 @@ def test_run_command_does_not_load_torch():
     import subprocess
     import sys
 
-    code = ("import sys; sys.modules['torch'] = None\n"
-            "from care_export.cli import main\n"
-            "sys.argv = ['care-export', 'run', '--help']\n"
-            "main()")
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from care_export.cli import main\n"
+        "sys.argv = ['care-export', 'run', '--help']\n"
+        "main()"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "Example" in proc.stdout

@@ -16,9 +16,9 @@ import onnx
 import pytest
 from click.testing import CliRunner
 from PIL import Image
+from test_runtime_isolation import BLOCK_TORCH
 
 from care_export.cli import main
-from test_runtime_isolation import BLOCK_TORCH
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--backbone", "vit_tiny_patch16_224", "--img-size", "32", "--patch-size", "8", "--depth", "2"]
@@ -33,8 +33,13 @@ def on_terminal(args: list[str]) -> tuple[int, str, str]:
     """``care-export ARGS`` in a fresh interpreter whose stderr is a terminal (a pty):
     ``(exit code, stdout, what the terminal received)``."""
     master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "care_export", *args], stdout=subprocess.PIPE, stderr=slave,
-                            cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="100"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "care_export", *args],
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="100"),
+    )
     os.close(slave)
     received = []
     while True:
@@ -62,18 +67,48 @@ def world(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("out")
     cfg = backbone_config("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
-    save_file(timm.create_model(cfg.name, pretrained=False, **cfg.timm_kwargs()).state_dict(), str(root / "vit.safetensors"))
+    save_file(
+        timm.create_model(cfg.name, pretrained=False, **cfg.timm_kwargs()).state_dict(), str(root / "vit.safetensors")
+    )
     ckpt, log = root / "ckpt", root / "train.log"
     rc, out, terminal = on_terminal(
-        ["-v", "--log-file", str(log), "train", "-o", str(ckpt), "--data", "builtin", "--builtin-classes", "8",
-         "--builtin-train", "4", "--builtin-test", "2", "--init-cls", "4", "--increment", "4", "--learn-tasks", "2",
-         "--epochs", "2", "--ca-epochs", "1", "--batch-size", "8", *TINY, "--backbone-weights", str(root / "vit.safetensors")])
+        [
+            "-v",
+            "--log-file",
+            str(log),
+            "train",
+            "-o",
+            str(ckpt),
+            "--data",
+            "builtin",
+            "--builtin-classes",
+            "8",
+            "--builtin-train",
+            "4",
+            "--builtin-test",
+            "2",
+            "--init-cls",
+            "4",
+            "--increment",
+            "4",
+            "--learn-tasks",
+            "2",
+            "--epochs",
+            "2",
+            "--ca-epochs",
+            "1",
+            "--batch-size",
+            "8",
+            *TINY,
+            "--backbone-weights",
+            str(root / "vit.safetensors"),
+        ]
+    )
     assert rc == 0, terminal
     art = root / "model"
     res = cli("onnx", ckpt, "--tasks", "4", "-o", art)
     assert res.exit_code == 0, res.output
-    return {"root": root, "ckpt": ckpt, "art": art, "log": log, "stdout": out, "terminal": terminal,
-            "onnx": res}
+    return {"root": root, "ckpt": ckpt, "art": art, "log": log, "stdout": out, "terminal": terminal, "onnx": res}
 
 
 # ---------------------------------------------------------------------- logs
@@ -144,12 +179,30 @@ def test_json_objects_have_the_documented_keys(world, tmp_path):
     assert set(d) == set(docs["info --json"][1]) and d["tasks"] == 2
     d = keys("verify", art)
     assert set(d) == set(docs["verify --json"][0]) and d["ok"] and d["tasks"] == 2
-    d = keys("quantize", art, "-o", tmp_path / "fp16", "--precision", "fp16", "--eval-data", "builtin",
-             "--eval-samples", "8")
+    d = keys(
+        "quantize", art, "-o", tmp_path / "fp16", "--precision", "fp16", "--eval-data", "builtin", "--eval-samples", "8"
+    )
     assert set(d) == set(docs["quantize --json"][0])
     assert d["report"] == json.loads((tmp_path / "fp16" / "calibration_report.json").read_text())
-    d = keys("bench", "--ckpt", ck, "--task-counts", "1,2", "--batch", "1", "--rounds", "3", "--capacity", "0",
-             "--eager-max-tasks", "1", "--eager-rounds", "1", "--plot", tmp_path / "lat.svg")
+    d = keys(
+        "bench",
+        "--ckpt",
+        ck,
+        "--task-counts",
+        "1,2",
+        "--batch",
+        "1",
+        "--rounds",
+        "3",
+        "--capacity",
+        "0",
+        "--eager-max-tasks",
+        "1",
+        "--eager-rounds",
+        "1",
+        "--plot",
+        tmp_path / "lat.svg",
+    )
     top, row = docs["bench --json"]
     assert set(d) == set(top) and all(set(r) == set(row) for r in d["rows"])
     assert {r["engine"] for r in d["rows"]} == {"eager (PyTorch)", "artifact (ORT)", "backbone (ORT)"}
@@ -175,9 +228,13 @@ def test_verify_json_of_a_damaged_artifact(world, tmp_path):
 # ---------------------------------------------------------------------- info of an artifact
 def without_torch(*args) -> str:
     """stdout of ``care-export ARGS`` in an interpreter where ``import torch`` fails."""
-    proc = subprocess.run([sys.executable, "-c", BLOCK_TORCH + "from care_export.cli import main\n"
-                           f"main({[str(a) for a in args]!r})\n"], capture_output=True, text=True, cwd=ROOT,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    proc = subprocess.run(
+        [sys.executable, "-c", BLOCK_TORCH + f"from care_export.cli import main\nmain({[str(a) for a in args]!r})\n"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
@@ -188,8 +245,10 @@ def test_info_describes_an_artifact_without_torch(world):
     assert json.loads(without_torch("verify", art, "--json"))["ok"]
     manifest = json.loads((art / "manifest.json").read_text())
     assert (d["kind"], d["precision"], d["capacity"], d["tasks"], d["classes"]) == ("artifact", "fp32", 4, 2, 8)
-    assert d["graph"] == {"nodes": len(onnx.load(str(art / "model.onnx"), load_external_data=False).graph.node),
-                          "opset": 17}
+    assert d["graph"] == {
+        "nodes": len(onnx.load(str(art / "model.onnx"), load_external_data=False).graph.node),
+        "opset": 17,
+    }
     assert d["preprocessing"] == manifest["preprocessing"]
     assert d["bytes"] == sum((art / n).stat().st_size for n in manifest["files"])
     text = cli("info", art).stdout
@@ -217,23 +276,33 @@ def test_plot_draws_the_metrics(world, tmp_path):
 def test_latency_plot_draws_the_rows(tmp_path):
     from care_export.plots.latency import plot_latency
 
-    rows = [{"tasks": t, "batch": b, "engine": e, "ms": ms}
-            for (t, b, e, ms) in [(1, 1, "artifact (ORT)", 2.0), (10, 1, "artifact (ORT)", 2.5),
-                                  (1, 1, "backbone (ORT)", 1.5), (10, 1, "backbone (ORT)", 1.5),
-                                  (1, 1, "eager (PyTorch)", 30.0), (10, 8, "artifact (ORT)", 9.0)]]
+    rows = [
+        {"tasks": t, "batch": b, "engine": e, "ms": ms}
+        for (t, b, e, ms) in [
+            (1, 1, "artifact (ORT)", 2.0),
+            (10, 1, "artifact (ORT)", 2.5),
+            (1, 1, "backbone (ORT)", 1.5),
+            (10, 1, "backbone (ORT)", 1.5),
+            (1, 1, "eager (PyTorch)", 30.0),
+            (10, 8, "artifact (ORT)", 9.0),
+        ]
+    ]
     drawn = plot_latency(rows, tmp_path / "lat.png")
     assert (tmp_path / "lat.png").read_bytes().startswith(b"\x89PNG")
-    assert drawn == {"artifact (ORT), batch 1": {"tasks": [1, 10], "ms": [2.0, 2.5]},
-                     "artifact (ORT), batch 8": {"tasks": [10], "ms": [9.0]},
-                     "backbone (ORT), batch 1": {"tasks": [1, 10], "ms": [1.5, 1.5]},
-                     "eager (PyTorch), batch 1": {"tasks": [1], "ms": [30.0]}}
+    assert drawn == {
+        "artifact (ORT), batch 1": {"tasks": [1, 10], "ms": [2.0, 2.5]},
+        "artifact (ORT), batch 8": {"tasks": [10], "ms": [9.0]},
+        "backbone (ORT), batch 1": {"tasks": [1, 10], "ms": [1.5, 1.5]},
+        "eager (PyTorch), batch 1": {"tasks": [1], "ms": [30.0]},
+    }
 
 
 def test_plot_without_matplotlib_names_the_extra(world, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     res = cli("plot", world["ckpt"], "-o", world["root"] / "x.png")
-    assert res.exit_code == 1 and res.stderr.strip() == ("error: plotting needs matplotlib: pip install "
-                                                         "'care-export[plot]'")
+    assert res.exit_code == 1 and res.stderr.strip() == (
+        "error: plotting needs matplotlib: pip install 'care-export[plot]'"
+    )
     assert not (world["root"] / "x.png").exists()
     res = cli("bench", "--ckpt", world["ckpt"], "--task-counts", "1", "--plot", world["root"] / "l.png")
     assert res.exit_code == 1 and "care-export[plot]" in res.stderr and "cores" not in res.stderr  # before timing
@@ -271,9 +340,13 @@ def test_ort_quantization_chatter_becomes_debug_lines(capfd, caplog):
     from calibration.int8 import quantize_qdq
 
     w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32), "w")
-    graph = helper.make_graph([helper.make_node("MatMul", ["images", "w"], ["y"], name="mm")], "g",
-                              [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])], [w])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["images", "w"], ["y"], name="mm")],
+        "g",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+        [w],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     images = [np.random.default_rng(1).standard_normal((4, 4)).astype(np.float32)]
     with caplog.at_level(logging.DEBUG, logger="calibration"):

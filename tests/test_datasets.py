@@ -7,10 +7,17 @@ import torch
 from PIL import Image
 
 from care_export.data.builtin import MAX_CLASSES, PRETRAIN_FIRST_CLASS, BuiltinSource
-from runtime.preprocess import Preprocessing
-from care_export.data.sources import (ImageFolderSource, LabelledImages, TaskSequence, class_order, eval_transform,
-                                  task_split, train_transform)
+from care_export.data.sources import (
+    ImageFolderSource,
+    LabelledImages,
+    TaskSequence,
+    class_order,
+    eval_transform,
+    task_split,
+    train_transform,
+)
 from runtime.errors import CareError
+from runtime.preprocess import Preprocessing
 
 
 # ---------------------------------------------------------------------- split and order
@@ -24,8 +31,17 @@ def reference_split(n, init_cls, increment):
     return incs
 
 
-@pytest.mark.parametrize("n,init,inc,tasks", [(1000, 100, 3, 301), (100, 10, 10, 10), (1000, 10, 10, 100),
-                                              (1000, 100, 6, 151), (1000, 5, 5, 200), (20, 10, 10, 2)])
+@pytest.mark.parametrize(
+    "n,init,inc,tasks",
+    [
+        (1000, 100, 3, 301),
+        (100, 10, 10, 10),
+        (1000, 10, 10, 100),
+        (1000, 100, 6, 151),
+        (1000, 5, 5, 200),
+        (20, 10, 10, 2),
+    ],
+)
 def test_split_task_counts(n, init, inc, tasks):
     sizes = task_split(n, init, inc)
     assert len(sizes) == tasks and sum(sizes) == n
@@ -109,8 +125,10 @@ def test_builtin_classes_are_distinct_but_not_trivial():
     (images of a class vary, classes overlap). The data is deterministic, so is the figure."""
     n = 20
     src = BuiltinSource(n, train_per_class=20, test_per_class=10)
+
     def stack(split, k):
         return np.stack([[pixels(src, split, c, i).ravel() / 255.0 for i in range(k)] for c in range(n)])
+
     train, test = stack("train", 20), stack("test", 10)
     means = train.mean(1)
     dist = ((test[:, :, None, :] - means[None, None]) ** 2).sum(-1)

@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from test_export_common import make_artifact, make_checkpoint, snapshot
 
 from care_export.cli import main
 from care_export.export import export_artifact
@@ -13,8 +14,6 @@ from care_export.export.parity import ort_session, random_images, run_artifact
 from runtime.artifact import Artifact
 from runtime.errors import ArtifactError, CapacityError
 from runtime.layout import SLOTS_FILE, Dims, layout, router_base, task_regions
-
-from test_export_common import make_artifact, make_checkpoint, snapshot
 
 FORBIDDEN = {"NonZero", "Loop", "If", "Scan"}
 
@@ -62,7 +61,9 @@ def test_unused_slots_are_no_ops(ckpt, tmp_path):
     x = random_images(32, 32)
     want = run_artifact(ort_session(art / "model.onnx"), x, 32)
     a = Artifact(art)
-    used = {(n, r) for t in range(a.num_tasks) for n, row, rows in task_regions(t, a.dims) for r in range(row, row + rows)}
+    used = {
+        (n, r) for t in range(a.num_tasks) for n, row, rows in task_regions(t, a.dims) for r in range(row, row + rows)
+    }
     with open(art / SLOTS_FILE, "r+b") as f:
         for s in a.tensors.values():
             if s.file == SLOTS_FILE and s.role in ("slot", "router"):
@@ -81,7 +82,7 @@ def test_router_packing_is_dense():
         dims = Dims(8, 1, 2, 16, 32, 8, cap, 4, 8, 2, 3, 10, 3)
         taken = np.zeros(dims.router_rows, int)
         for t in range(cap):
-            taken[router_base(t, cap): router_base(t, cap) + t + 1] += 1
+            taken[router_base(t, cap) : router_base(t, cap) + t + 1] += 1
         assert taken.max() == 1 and taken.sum() == cap * (cap + 1) // 2
         assert dims.router_rows <= cap * (cap + 1) // 2 + cap
 
@@ -143,7 +144,23 @@ def test_cli(ckpt, tmp_path):
 
 
 def test_bench_command_runs(ckpt):
-    res = CliRunner().invoke(main, ["bench", "--ckpt", str(ckpt), "--tasks", "1,5", "--batch", "2", "--rounds", "1",
-                                    "--eager-max-tasks", "1", "--eager-rounds", "1"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            "--ckpt",
+            str(ckpt),
+            "--tasks",
+            "1,5",
+            "--batch",
+            "2",
+            "--rounds",
+            "1",
+            "--eager-max-tasks",
+            "1",
+            "--eager-rounds",
+            "1",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "T=  5 batch 2: artifact / backbone" in res.output and "eager skipped" in res.output

@@ -5,16 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from care_export.checkpoint.format import save_checkpoint
+from care_export.checkpoint.synth import synth_model
+from care_export.export import export_artifact
 from care_export.model.config import MoEConfig, backbone_config
 from runtime.preprocess import Preprocessing
-from care_export.export import export_artifact
-from care_export.checkpoint.synth import synth_model
 
 IMG = 32
 
 
-def make_checkpoint(out: Path, task_classes, M: int = 2, K: int = 3, depth: int = 2, seed: int = 0,
-                    name: str = "vit_tiny_patch16_224") -> Path:
+def make_checkpoint(
+    out: Path, task_classes, M: int = 2, K: int = 3, depth: int = 2, seed: int = 0, name: str = "vit_tiny_patch16_224"
+) -> Path:
     """A random, non-degenerate checkpoint of a tiny ViT (img 32, patch 8). The same seed with
     more tasks is the same model grown by later tasks (identical older task files)."""
     cfg = backbone_config(name, img_size=IMG, patch_size=8, depth=depth)

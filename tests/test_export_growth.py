@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from safetensors.numpy import load_file, save_file
+from test_export_common import make_artifact, make_checkpoint, snapshot
 
 from care_export.cli import main
 from care_export.export import export_artifact
@@ -19,8 +20,6 @@ from runtime.errors import CapacityError, MismatchError
 from runtime.growth import add_tasks, apply_growth, plan_growth
 from runtime.layout import MANIFEST, PENDING_MANIFEST, PENDING_STATE, STATE_FILE
 from runtime.manifest import read_manifest
-
-from test_export_common import make_artifact, make_checkpoint, snapshot
 
 CAPACITY = 6
 

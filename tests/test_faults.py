@@ -16,7 +16,6 @@ import json
 import multiprocessing as mp
 import os
 import random
-import resource
 import shutil
 import subprocess
 import sys
@@ -36,13 +35,25 @@ from runtime.errors import CareError
 from runtime.growth import add_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--backbone", "vit_tiny_patch16_224", "--img-size", "32", "--patch-size", "8", "--depth", "2",
-        "--init-cls", "10", "--increment", "3"]
+TINY = [
+    "--backbone",
+    "vit_tiny_patch16_224",
+    "--img-size",
+    "32",
+    "--patch-size",
+    "8",
+    "--depth",
+    "2",
+    "--init-cls",
+    "10",
+    "--increment",
+    "3",
+]
 CAPACITY, FULL = 12, 12  # artifact slots; tasks of the longest checkpoint
 
 
 # ---------------------------------------------------------------------- helpers
-def cli(*args) -> "CliRunner.Result":
+def cli(*args) -> CliRunner.Result:
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
@@ -63,8 +74,11 @@ def snapshot(path: Path) -> dict:
     """Every file under ``path`` (or the file itself) by relative name -> sha256."""
     if path.is_file():
         return {"": hashlib.sha256(path.read_bytes()).hexdigest()}
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
 
 
 def prefix_checkpoint(src: Path, dst: Path, tasks: int) -> Path:
@@ -124,8 +138,18 @@ def world(tmp_path_factory):
 
     for i in range(2):
         Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(imgs / f"{i}.png")
-    return {"d": d, "ck12": d / "ck12", "ck3": ck3, "ck5": ck5, "art3": d / "art3", "art5": d / "art5", "x": x,
-            "old": logits_of(d / "art3", x), "new": logits_of(d / "art5", x), "imgs": imgs}
+    return {
+        "d": d,
+        "ck12": d / "ck12",
+        "ck3": ck3,
+        "ck5": ck5,
+        "art3": d / "art3",
+        "art5": d / "art5",
+        "x": x,
+        "old": logits_of(d / "art3", x),
+        "new": logits_of(d / "art5", x),
+        "imgs": imgs,
+    }
 
 
 @pytest.fixture()
@@ -168,8 +192,10 @@ def test_force_keeps_the_old_artifact_until_the_new_one_is_complete(world, art):
 
 
 def test_quantize_refuses_an_output_inside_its_source(world):
-    refused(cli("quantize", world["art3"], "-o", world["art3"] / "q", "--precision", "fp16", "--calib-data",
-                "builtin"), match="overlaps the input")
+    refused(
+        cli("quantize", world["art3"], "-o", world["art3"] / "q", "--precision", "fp16", "--calib-data", "builtin"),
+        match="overlaps the input",
+    )
 
 
 # ---------------------------------------------------------------------- 2. one snapshot of manifest + state
@@ -324,15 +350,20 @@ def test_verify_accepts_a_good_artifact_and_checkpoint(world):
 
 
 # ---------------------------------------------------------------------- 4. manifest against state
-@pytest.mark.parametrize("change, message", [
-    (lambda m: m["tasks"].pop(), "class names for"),
-    (lambda m: (m["tasks"].pop(), m["classes"]["names"].__delitem__(slice(-3, None))), "state.bin holds 3"),
-    (lambda m: (m["tasks"].append(m["tasks"][-1]), m["classes"]["names"].extend(["a", "b", "c"])),
-     "state.bin holds 3"),
-    (lambda m: m["files"].pop("state.bin"), "'files' must name exactly"),
-    (lambda m: m["files"]["state.bin"].pop("sha256"), "files.state.bin lacks its sha256"),
-    (lambda m: m["classes"]["names"].pop(), "class names for"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda m: m["tasks"].pop(), "class names for"),
+        (lambda m: (m["tasks"].pop(), m["classes"]["names"].__delitem__(slice(-3, None))), "state.bin holds 3"),
+        (
+            lambda m: (m["tasks"].append(m["tasks"][-1]), m["classes"]["names"].extend(["a", "b", "c"])),
+            "state.bin holds 3",
+        ),
+        (lambda m: m["files"].pop("state.bin"), "'files' must name exactly"),
+        (lambda m: m["files"]["state.bin"].pop("sha256"), "files.state.bin lacks its sha256"),
+        (lambda m: m["classes"]["names"].pop(), "class names for"),
+    ],
+)
 def test_manifest_is_held_against_the_state(art, change, message):
     edit_json(art / "manifest.json", change)
     with pytest.raises(CareError, match=message):
@@ -373,20 +404,23 @@ def test_add_task_on_a_missing_artifact(world, tmp_path):
     refused(cli("add-task", tmp_path / "nope", world["ck5"]), match="artifact not found")
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda m: m["tasks"][1].pop("slot_sha256"), "task 1 lacks"),
-    (lambda m: m.__setitem__("tasks", "abc"), "'tasks' is not a non-empty list"),
-    (lambda m: m["files"]["backbone.bin"].__setitem__("bytes", "123"), "files.backbone.bin lacks a size"),
-    (lambda m: m.pop("dims"), "lacks 'dims'"),
-    (lambda m: m["dims"].pop("depth"), "dims.depth is missing"),
-    (lambda m: m["dims"].__setitem__("embed_dim", "192"), "dims.embed_dim is missing or not a positive integer"),
-    (lambda m: m["dims"].__setitem__("capacity", 2.5), "dims.capacity"),
-    (lambda m: m.__setitem__("batch", "abc"), "'batch' must be"),
-    (lambda m: m.__setitem__("batch", 7), "graph's batch differs"),
-    (lambda m: m["preprocessing"].__setitem__("resize", 0), "sizes must be positive"),
-    (lambda m: m["tasks"][0].__setitem__("classes", "10"), "task 0 lacks a positive 'classes'"),
-    (lambda m: m.__setitem__("format_version", "1"), "format_version '1' is not an integer"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda m: m["tasks"][1].pop("slot_sha256"), "task 1 lacks"),
+        (lambda m: m.__setitem__("tasks", "abc"), "'tasks' is not a non-empty list"),
+        (lambda m: m["files"]["backbone.bin"].__setitem__("bytes", "123"), "files.backbone.bin lacks a size"),
+        (lambda m: m.pop("dims"), "lacks 'dims'"),
+        (lambda m: m["dims"].pop("depth"), "dims.depth is missing"),
+        (lambda m: m["dims"].__setitem__("embed_dim", "192"), "dims.embed_dim is missing or not a positive integer"),
+        (lambda m: m["dims"].__setitem__("capacity", 2.5), "dims.capacity"),
+        (lambda m: m.__setitem__("batch", "abc"), "'batch' must be"),
+        (lambda m: m.__setitem__("batch", 7), "graph's batch differs"),
+        (lambda m: m["preprocessing"].__setitem__("resize", 0), "sizes must be positive"),
+        (lambda m: m["tasks"][0].__setitem__("classes", "10"), "task 0 lacks a positive 'classes'"),
+        (lambda m: m.__setitem__("format_version", "1"), "format_version '1' is not an integer"),
+    ],
+)
 def test_malformed_artifact_manifest_values(art, world, change, message):
     edit_json(art / "manifest.json", change)
     with pytest.raises(CareError, match=message):
@@ -394,16 +428,19 @@ def test_malformed_artifact_manifest_values(art, world, change, message):
     refused(cli("run", art, world["imgs"]), match=message.strip("'"))
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda m: m["tasks"][1].pop("file"), "task 1 lacks its file"),
-    (lambda m: m["tasks"][1].__setitem__("file", "../../x.safetensors"), "not a file of the checkpoint"),
-    (lambda m: m["head"].__setitem__("file", "/etc/passwd"), "not a file of the checkpoint"),
-    (lambda m: m["tasks"][1].__setitem__("bytes", "12"), "task 1 lacks its file"),
-    (lambda m: m.__setitem__("tasks", "abc"), "has no task"),
-    (lambda m: m["tasks"][2].__setitem__("classes", "3"), "task 2 'classes' is not a positive integer"),
-    (lambda m: m.__setitem__("format_version", "1"), "format_version '1' is not an integer"),
-    (lambda m: m["brmoe"].__setitem__("topk_routers", 0), "brmoe.topk_routers"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda m: m["tasks"][1].pop("file"), "task 1 lacks its file"),
+        (lambda m: m["tasks"][1].__setitem__("file", "../../x.safetensors"), "not a file of the checkpoint"),
+        (lambda m: m["head"].__setitem__("file", "/etc/passwd"), "not a file of the checkpoint"),
+        (lambda m: m["tasks"][1].__setitem__("bytes", "12"), "task 1 lacks its file"),
+        (lambda m: m.__setitem__("tasks", "abc"), "has no task"),
+        (lambda m: m["tasks"][2].__setitem__("classes", "3"), "task 2 'classes' is not a positive integer"),
+        (lambda m: m.__setitem__("format_version", "1"), "format_version '1' is not an integer"),
+        (lambda m: m["brmoe"].__setitem__("topk_routers", 0), "brmoe.topk_routers"),
+    ],
+)
 def test_malformed_checkpoint_manifest_values(world, art, tmp_path, change, message):
     ck = copy(world["ck5"], tmp_path / "ck")
     edit_json(ck / "manifest.json", change)
@@ -470,14 +507,15 @@ def test_predict_preprocesses_chunk_by_chunk(world, monkeypatch):
     import runtime.session as session
 
     seen, real = [], session.to_input
-    monkeypatch.setattr(session, "to_input", lambda images, prep, first=0: seen.append(len(images)) or
-                        real(images, prep, first))
+    monkeypatch.setattr(
+        session, "to_input", lambda images, prep, first=0: seen.append(len(images)) or real(images, prep, first)
+    )
     images = np.random.default_rng(0).integers(0, 255, (10, 40, 40, 3), dtype=np.uint8)
     with Session(world["art3"], device="cpu", max_batch=4) as s:
         whole = s.predict(images, top_k=2)
         assert seen == [4, 4, 2]
         seen.clear()
-        parts = [s.predict(images[i: i + 4], top_k=2) for i in range(0, 10, 4)]  # same run sizes: exact
+        parts = [s.predict(images[i : i + 4], top_k=2) for i in range(0, 10, 4)]  # same run sizes: exact
     np.testing.assert_array_equal(whole.logits, np.concatenate([p.logits for p in parts]))
 
 
@@ -506,14 +544,21 @@ main()
 def test_add_task_under_a_file_size_limit(world, art):
     """RLIMIT_FSIZE (``ulimit -f``) in a child process: writes past 4 KiB fail with EFBIG."""
     before = snapshot(art)
-    res = subprocess.run([sys.executable, "-c", _LIMITED, "4096", str(art), str(world["ck5"])], cwd=ROOT,
-                         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-c", _LIMITED, "4096", str(art), str(world["ck5"])],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        timeout=120,
+    )
     assert res.returncode == 1, res.stderr
     assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: cannot add tasks"), res.stderr
     assert "File too large" in res.stderr and "still holds its old tasks" in res.stderr
     np.testing.assert_array_equal(logits_of(art, world["x"]), world["old"])
-    assert {k: v for k, v in snapshot(art).items() if k != "slots.bin"} == \
-        {k: v for k, v in before.items() if k != "slots.bin"}  # slots.bin: only unused slots may change
+    assert {k: v for k, v in snapshot(art).items() if k != "slots.bin"} == {
+        k: v for k, v in before.items() if k != "slots.bin"
+    }  # slots.bin: only unused slots may change
     res = cli("add-task", art, world["ck5"])
     assert res.exit_code == 0, res.output
     np.testing.assert_array_equal(logits_of(art, world["x"]), world["new"])
@@ -547,8 +592,10 @@ def test_add_task_on_a_read_only_directory(world, art, monkeypatch):
         monkeypatch.setattr(os, "replace", read_only)
         monkeypatch.setattr(os, "unlink", read_only)
     try:
-        refused(cli("add-task", art, world["ck5"]), match="Read-only file system" if os.geteuid() == 0 else
-                "Permission denied")
+        refused(
+            cli("add-task", art, world["ck5"]),
+            match="Read-only file system" if os.geteuid() == 0 else "Permission denied",
+        )
     finally:
         monkeypatch.undo()
         for p in [art, *art.iterdir()]:
@@ -628,8 +675,9 @@ def test_random_mutations_of_an_artifact(world, tmp_path):
             if res.exit_code:
                 refused(res)
             else:
-                assert [json.loads(ln)["top"] for ln in res.output.splitlines() if ln.startswith("{")] == \
-                    _run_answers(world), what
+                assert [json.loads(ln)["top"] for ln in res.output.splitlines() if ln.startswith("{")] == _run_answers(
+                    world
+                ), what
         shutil.rmtree(a)
     assert outcomes["refused"] >= 40 and outcomes["same"] >= 5, outcomes
 

@@ -50,8 +50,13 @@ def _linear_model(w_name="w", conv=False):
         node = helper.make_node("MatMul", ["h", w_name], ["y"])
         w = np.random.default_rng(2).normal(size=(6, 5)).astype(np.float32)
     nodes = [node] if conv else [helper.make_node("Relu", ["images"], ["h"]), node]
-    graph = helper.make_graph(nodes, "g", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                              [numpy_helper.from_array(w, w_name)])
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [x],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, w_name)],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
 
 
@@ -80,10 +85,16 @@ def test_weight_only_int8_matmul_computes_in_float32():
     dq = helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wf"], axis=1)
     mm = helper.make_node("MatMul", ["x", "wf"], ["y"])
     graph = helper.make_graph(
-        [dq, mm], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", k])],
+        [dq, mm],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", k])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", n])],
-        [numpy_helper.from_array(q, "wq"), numpy_helper.from_array(scale.reshape(n), "ws"),
-         numpy_helper.from_array(np.zeros(n, np.int8), "wz")])
+        [
+            numpy_helper.from_array(q, "wq"),
+            numpy_helper.from_array(scale.reshape(n), "ws"),
+            numpy_helper.from_array(np.zeros(n, np.int8), "wz"),
+        ],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
     sess = ort.InferenceSession(model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
     x = (rng.normal(size=(16, k)) * np.linspace(0.01, 4, k)).astype(np.float32)  # uneven channels

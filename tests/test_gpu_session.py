@@ -10,10 +10,10 @@ import time
 
 import numpy as np
 import pytest
+from test_session import ATOL, GROWN, assert_equals_reference, built  # noqa: F401 - `built` is a fixture
 
 from runtime import Session
 from runtime.backends.gpu import gpu_names
-from test_session import ATOL, GROWN, assert_equals_reference, built  # noqa: F401 - `built` is a fixture
 
 
 def _importable(name: str) -> bool:

@@ -7,17 +7,16 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from test_export_common import IMG, make_artifact, make_checkpoint
 
 from care_export.checkpoint.format import load_checkpoint
 from care_export.export.iterative_graph import build_iterative_model, check_capacity
+from care_export.export.parity import ort_session, random_images
 from care_export.export.writer import export_dims
 from care_export.model.iterative import iterative_scores
-from care_export.export.parity import ort_session, random_images
 from runtime.checkpoint_files import read_checkpoint_manifest
 from runtime.errors import CareError
 from runtime.layout import INPUT, ROUTING_EXPERTS, ROUTING_TASKS, SCORES, layout
-
-from test_export_common import IMG, make_artifact, make_checkpoint
 
 FORBIDDEN = {"NonZero", "Loop", "If", "Scan"}
 
@@ -101,14 +100,16 @@ def test_onnx_predict_iterative_session_growth_and_run(tmp_path):
         session.logits(x)
     res = CliRunner().invoke(main, ["parity", str(small), str(art), "--samples", "16"])
     assert res.exit_code == 0, res.output
-    res = CliRunner().invoke(main, ["quantize", str(art), "-o", str(tmp_path / "q"), "--precision", "fp16",
-                                    "--calib-data", "builtin"])
+    res = CliRunner().invoke(
+        main, ["quantize", str(art), "-o", str(tmp_path / "q"), "--precision", "fp16", "--calib-data", "builtin"]
+    )
     assert res.exit_code == 1 and "iterative-prediction artifact" in res.output, res.output
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "a.png")
     res = CliRunner().invoke(main, ["run", str(art), str(tmp_path / "a.png"), "--device", "cpu"])
     assert res.exit_code == 0 and "a.png" in res.output, res.output
-    res = CliRunner().invoke(main, ["onnx", str(small), "--tasks", "62", "-o", str(tmp_path / "big"),
-                                    "--predict", "iterative"])
+    res = CliRunner().invoke(
+        main, ["onnx", str(small), "--tasks", "62", "-o", str(tmp_path / "big"), "--predict", "iterative"]
+    )
     assert res.exit_code == 1 and res.output.count("\n") == 1 and "exceeds 61 tasks" in res.output
     assert not (tmp_path / "big").exists()
 
@@ -123,13 +124,19 @@ def test_eval_ranks_by_the_iterative_scores(tmp_path):
 
     ckpt = make_checkpoint(tmp_path / "c", [6, 3, 3], seed=4)
     art = tmp_path / "art"
-    assert CliRunner().invoke(main, ["onnx", str(ckpt), "--tasks", "4", "-o", str(art),
-                                     "--predict", "iterative"]).exit_code == 0
+    assert (
+        CliRunner()
+        .invoke(main, ["onnx", str(ckpt), "--tasks", "4", "-o", str(art), "--predict", "iterative"])
+        .exit_code
+        == 0
+    )
     rng = np.random.default_rng(3)
     for name in json.loads((ckpt / "manifest.json").read_text())["classes"]["names"]:
         (tmp_path / "data" / name).mkdir(parents=True)
         for i in range(2):
-            Image.fromarray(rng.integers(0, 256, (IMG, IMG, 3), dtype=np.uint8)).save(tmp_path / "data" / name / f"{i}.png")
+            Image.fromarray(rng.integers(0, 256, (IMG, IMG, 3), dtype=np.uint8)).save(
+                tmp_path / "data" / name / f"{i}.png"
+            )
 
     def evaluate(target, *mode):
         res = CliRunner().invoke(main, ["eval", str(target), str(tmp_path / "data"), "--split", "all", "--json", *mode])

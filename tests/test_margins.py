@@ -27,8 +27,12 @@ def test_topk_gap_is_the_distance_between_the_last_kept_and_the_first_dropped():
 
 def test_margin_aware_flips_count_only_decisions_beyond_eps():
     # 4 images, 1 block, M=1 task of K=1 expert.
-    ref = Ref(tasks=[[[0]], [[1]], [[2]], [[3]]], experts=[[[[5]]], [[[5]]], [[[5]]], [[[5]]]],
-              task_gap=[[1e-4], [0.1], [0.1], [0.1]], expert_gap=[[0.1], [0.1], [1e-5], [0.1]])
+    ref = Ref(
+        tasks=[[[0]], [[1]], [[2]], [[3]]],
+        experts=[[[[5]]], [[[5]]], [[[5]]], [[[5]]]],
+        task_gap=[[1e-4], [0.1], [0.1], [0.1]],
+        expert_gap=[[0.1], [0.1], [1e-5], [0.1]],
+    )
     tasks = np.array([[[9]], [[9]], [[2]], [[3]]])  # image 0 (near tie) and 1 (clear) flip tasks
     experts = np.array([[[[5]]], [[[5]]], [[[6]]], [[[5]]]])  # image 2 flips experts at a near tie
     raw, margin = flip_rates(ref, tasks, experts, eps=1e-3)

@@ -1,15 +1,14 @@
 """Import of checkpoints saved by the reference implementation."""
 
 import pytest
+import refmath
 import torch
 from click.testing import CliRunner
 
 from care_export.checkpoint.format import load_checkpoint
-from care_export.cli import main
 from care_export.checkpoint.official import convert_state_dict
+from care_export.cli import main
 from runtime.errors import CheckpointError
-
-import refmath
 
 
 @pytest.mark.parametrize("wrapper", [None, "state_dict", "model"])
@@ -17,13 +16,13 @@ def test_import_official_cli_matches_reference_math(tmp_path, wrapper):
     sd = refmath.make_reference_state(dim=32, depth=2, task_classes=(20, 3, 3, 3, 3), seed=5)
     path = tmp_path / "care.pth"
     torch.save(sd if wrapper is None else {wrapper: sd, "epoch": 3}, path)
-    res = CliRunner().invoke(main, ["import-official", str(path), "-o", str(tmp_path / "ckpt"), "-M", "2", "-K", "3",
-                                    "--num-heads", "2"])
+    res = CliRunner().invoke(
+        main, ["import-official", str(path), "-o", str(tmp_path / "ckpt"), "-M", "2", "-K", "3", "--num-heads", "2"]
+    )
     assert res.exit_code == 0, res.output
     model, manifest = load_checkpoint(tmp_path / "ckpt")
     assert [t["classes"] for t in manifest["tasks"]] == [20, 3, 3, 3, 3]
-    assert manifest["brmoe"] == {"topk_routers": 2, "topk_experts": 3, "expert_dim": 4, "shared_dim": 8,
-                                 "dropout": 0.1}
+    assert manifest["brmoe"] == {"topk_routers": 2, "topk_experts": 3, "expert_dim": 4, "shared_dim": 8, "dropout": 0.1}
     images = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     want, want_routing = refmath.forward(sd, images, M=2, K=3, heads=2)
     with torch.no_grad():

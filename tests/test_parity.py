@@ -4,11 +4,10 @@ inputs, |dlogit| <= 1e-4 (docs/DESIGN.md, "Parity")."""
 
 import numpy as np
 import pytest
+from test_export_common import make_artifact, make_checkpoint
 
 from care_export.export.parity import compare, ort_session, random_images, run_artifact, run_parity
 from runtime.errors import AtolError, RoutingError, ShapeError
-
-from test_export_common import make_artifact, make_checkpoint
 
 SAMPLES = 256
 
@@ -31,13 +30,16 @@ def test_parity_at_capacity_301(tmp_path, tasks):
         assert len({(a.tobytes(), b.tobytes()) for a, b in zip(t, e)}) > 8
 
 
-@pytest.mark.parametrize("task_classes,M,K", [
-    ([100] + [3] * 9, 2, 3),  # B100-Inc3 shapes: a first task much larger than the slots
-    ([10] * 10, 3, 2),  # K < M
-    ([10] * 4, 1, 1),
-    ([10] * 3, 4, 5),  # T < M and T < K with larger M, K
-    ([10, 3, 3, 2], 2, 3),  # a last task smaller than the slot width (remainder)
-])
+@pytest.mark.parametrize(
+    "task_classes,M,K",
+    [
+        ([100] + [3] * 9, 2, 3),  # B100-Inc3 shapes: a first task much larger than the slots
+        ([10] * 10, 3, 2),  # K < M
+        ([10] * 4, 1, 1),
+        ([10] * 3, 4, 5),  # T < M and T < K with larger M, K
+        ([10, 3, 3, 2], 2, 3),  # a last task smaller than the slot width (remainder)
+    ],
+)
 def test_parity_routing_settings(tmp_path, task_classes, M, K):
     check_parity(tmp_path, task_classes, M, K)
 

@@ -15,8 +15,14 @@ def torchvision_reference(img: Image.Image, prep: Preprocessing) -> np.ndarray:
     from torchvision import transforms as T
 
     mode = getattr(T.InterpolationMode, prep.interpolation.upper())
-    tf = T.Compose([T.Resize(prep.resize, interpolation=mode), T.CenterCrop(prep.input_size), T.ToTensor(),
-                    T.Normalize(prep.mean, prep.std)])
+    tf = T.Compose(
+        [
+            T.Resize(prep.resize, interpolation=mode),
+            T.CenterCrop(prep.input_size),
+            T.ToTensor(),
+            T.Normalize(prep.mean, prep.std),
+        ]
+    )
     return tf(img).numpy()
 
 
@@ -107,5 +113,6 @@ def test_corrupt_image_file(tmp_path):
 
 def test_bad_preprocessing_entry():
     with pytest.raises(InputError, match="unknown interpolation"):
-        Preprocessing.from_dict({"input_size": 32, "resize": 36, "interpolation": "cubic-ish", "mean": [0] * 3,
-                                 "std": [1] * 3})
+        Preprocessing.from_dict(
+            {"input_size": 32, "resize": 36, "interpolation": "cubic-ish", "mean": [0] * 3, "std": [1] * 3}
+        )

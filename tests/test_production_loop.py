@@ -12,19 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from PIL import Image
-
-from care_export.data.builtin import BuiltinSource
-from runtime.checkpoint_files import read_checkpoint_manifest
-from care_export.cli import main
-from care_export.model.config import backbone_config
-from care_export.training.continual import resume_sequence, train_sequence
-from care_export.export import export_artifact
-from care_export.training.task import TrainConfig
-from runtime.errors import CareError
-
 from test_export_common import snapshot
 from test_runtime_isolation import BLOCK_TORCH
+
+from care_export.cli import main
+from care_export.data.builtin import BuiltinSource
+from care_export.export import export_artifact
+from care_export.model.config import backbone_config
+from care_export.training.continual import resume_sequence, train_sequence
+from care_export.training.task import TrainConfig
+from runtime.checkpoint_files import read_checkpoint_manifest
+from runtime.errors import CareError
 
 TINY = backbone_config("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
 FAST = TrainConfig(epochs=2, batch_size=8, ca_epochs=1)
@@ -48,8 +46,13 @@ def cli(*args):
 def without_torch(*args, rc: int = 0) -> subprocess.CompletedProcess:
     """Run the command line in a fresh interpreter where any ``import torch`` fails."""
     code = BLOCK_TORCH + "from care_export.cli import main\nmain(%r)\n" % [str(a) for a in args]
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
     assert proc.returncode == rc, proc.stderr
     return proc
 
@@ -57,12 +60,15 @@ def without_torch(*args, rc: int = 0) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def loop(tmp_path_factory):
     root = tmp_path_factory.mktemp("loop")
-    folders = {"a": image_folder(root / "a", [f"a{i}" for i in range(6)], 0),
-               "b": image_folder(root / "b", ["b0", "b1", "b2"], 10),
-               # c: two new classes and one that folder a already taught
-               "c": image_folder(root / "c", ["a0", "c0", "c1"], 20)}
-    ck = train_sequence(root / "ck", data=folders["a"], init_cls=3, increment=3, backbone=TINY, weights=None,
-                        cfg=FAST, progress=False)
+    folders = {
+        "a": image_folder(root / "a", [f"a{i}" for i in range(6)], 0),
+        "b": image_folder(root / "b", ["b0", "b1", "b2"], 10),
+        # c: two new classes and one that folder a already taught
+        "c": image_folder(root / "c", ["a0", "c0", "c1"], 20),
+    }
+    ck = train_sequence(
+        root / "ck", data=folders["a"], init_cls=3, increment=3, backbone=TINY, weights=None, cfg=FAST, progress=False
+    )
     return root, folders, ck
 
 
@@ -73,7 +79,8 @@ def test_new_folders_become_new_tasks_with_their_provenance(loop, capsys):
     rec = m["task_data"][0]
     assert rec["given"] == str(folders["a"]) and rec["images"] == {"train": 15, "test": 3}
     assert len(rec["files_sha256"]) == 64 and set(rec["classes"]) | set(m["task_data"][1]["classes"]) == {
-        f"a{i}" for i in range(6)}
+        f"a{i}" for i in range(6)
+    }
     with pytest.raises(CareError, match="already holds all 2 tasks"):
         resume_sequence(ck, data=folders["a"], progress=False)  # the same classes: nothing new to learn
     with pytest.raises(CareError, match="class 'a0' of .* is already known"):
@@ -125,8 +132,10 @@ def test_export_add_task_to_a_new_version_and_eval_without_torch(loop, tmp_path)
     assert "hard-linked backbone.bin, model.onnx" in res.output and "slots.bin" in res.output
     assert snapshot(v1) == before  # the serving version is untouched
     v2 = tmp_path / "v2"
-    assert read_checkpoint_manifest(ck)["classes"]["names"] == \
-        json.loads((v2 / "manifest.json").read_text())["classes"]["names"]
+    assert (
+        read_checkpoint_manifest(ck)["classes"]["names"]
+        == json.loads((v2 / "manifest.json").read_text())["classes"]["names"]
+    )
     assert os.path.samefile(v1 / "backbone.bin", v2 / "backbone.bin")
     assert not os.path.samefile(v1 / "slots.bin", v2 / "slots.bin")
     res = cli("add-task", v1, ck, "-o", tmp_path / "v2")

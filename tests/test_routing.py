@@ -2,11 +2,10 @@
 against the per-sample loop in ``refmath`` on models imported from reference-layout weights."""
 
 import pytest
+import refmath
 import torch
 
 from care_export.checkpoint.official import convert_state_dict
-
-import refmath
 
 DIM, DEPTH = 32, 2
 
@@ -62,8 +61,13 @@ def test_selection_varies_and_takes_lowest_entropy():
     with torch.no_grad():
         _, r = moe.forward_reference(x, want_routing=True)
         cls = [e(x)[:, 0] for e in moe.experts]
-        ent = torch.stack([-(p * torch.log(p + 1e-10)).sum(-1) for p in
-                           (torch.softmax(per(c), -1) for per, c in zip(moe.perceptors, cls))], 1)
+        ent = torch.stack(
+            [
+                -(p * torch.log(p + 1e-10)).sum(-1)
+                for p in (torch.softmax(per(c), -1) for per, c in zip(moe.perceptors, cls))
+            ],
+            1,
+        )
     assert len({tuple(t) for t in r.tasks.tolist()}) > 3
     for b in range(x.shape[0]):
         want = sorted(ent[b].argsort()[:2].tolist())

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
+from tiny_artifact import DATA, TASK_CLASSES
 
 from care_export.cli import main
 from runtime.artifact import Artifact
-from tiny_artifact import DATA, TASK_CLASSES
 
 RUNTIME_ONLY = os.environ.get("CARE_RUNTIME_ONLY") == "1"
 

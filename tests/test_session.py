@@ -27,9 +27,30 @@ ATOL = 1e-4
 
 def synth(out: Path, tasks: int, seed: int = 0, depth: int = 3) -> Path:
     """A random checkpoint; the same seed with more tasks is the same model grown by later tasks."""
-    res = CliRunner().invoke(main, ["synth-ckpt", "-o", str(out), "--backbone", "vit_tiny_patch16_224",
-                                    "--img-size", "32", "--patch-size", "8", "--depth", str(depth), "--init-cls", "10",
-                                    "--increment", "3", "--tasks", str(tasks), "--seed", str(seed)])
+    res = CliRunner().invoke(
+        main,
+        [
+            "synth-ckpt",
+            "-o",
+            str(out),
+            "--backbone",
+            "vit_tiny_patch16_224",
+            "--img-size",
+            "32",
+            "--patch-size",
+            "8",
+            "--depth",
+            str(depth),
+            "--init-cls",
+            "10",
+            "--increment",
+            "3",
+            "--tasks",
+            str(tasks),
+            "--seed",
+            str(seed),
+        ],
+    )
     assert res.exit_code == 0, res.output
     return out
 
@@ -68,8 +89,15 @@ def built(tmp_path_factory):
     ck, grown = synth(d / "ck4", TASKS), synth(d / "ck6", GROWN)
     manifest = export_artifact(ck, d / "art", CAPACITY)
     x = random_inputs(48)
-    return {"dir": d, "ck": ck, "grown": grown, "art": d / "art", "x": x,
-            "before": reference(ck, x, manifest["brmoe"]), "after": reference(grown, x, manifest["brmoe"])}
+    return {
+        "dir": d,
+        "ck": ck,
+        "grown": grown,
+        "art": d / "art",
+        "x": x,
+        "before": reference(ck, x, manifest["brmoe"]),
+        "after": reference(grown, x, manifest["brmoe"]),
+    }
 
 
 @pytest.fixture()
@@ -148,7 +176,7 @@ def test_threads_predicting_while_a_task_is_added_see_before_or_after(built):
 
 
 def test_chunks_and_static_batch_give_the_same_answers(built, tmp_path):
-    x, (logits, tasks, experts) = built["x"][:10], built["before"]
+    x, (logits, _, _) = built["x"][:10], built["before"]
     small = Session(built["art"], max_batch=3)
     np.testing.assert_allclose(small.logits(x), logits[:10], atol=ATOL, rtol=0)
     export_artifact(built["ck"], tmp_path / "static", CAPACITY, batch=4)
@@ -204,8 +232,12 @@ def test_loads_predicts_and_grows_where_torch_cannot_be_imported(built, tmp_path
 
     image = tmp_path / "im.png"
     Image.fromarray(np.full((50, 40, 3), 90, np.uint8)).save(image)
-    proc = subprocess.run([sys.executable, "-c", NO_TORCH, str(built["art"]), str(built["grown"]), str(image)],
-                          capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-c", NO_TORCH, str(built["art"]), str(built["grown"]), str(image)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
 
@@ -259,14 +291,17 @@ def test_auto_chooses_cpu_here_and_says_so(built):
 
 
 # ---------------------------------------------------------------------- bad input
-@pytest.mark.parametrize("bad, message", [
-    (np.zeros((2, 3, 32), np.float32), "float input must be NCHW"),
-    (np.zeros((2, 32, 32, 4), np.uint8), "3 channels"),
-    (np.zeros((2, 3, 32, 32), np.float16), "dtype float16"),
-    (np.zeros((0, 3, 32, 32), np.float32), "empty batch"),
-    ([], "empty batch"),
-    (np.full((1, 3, 32, 32), np.nan, np.float32), "NaN or Inf"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (np.zeros((2, 3, 32), np.float32), "float input must be NCHW"),
+        (np.zeros((2, 32, 32, 4), np.uint8), "3 channels"),
+        (np.zeros((2, 3, 32, 32), np.float16), "dtype float16"),
+        (np.zeros((0, 3, 32, 32), np.float32), "empty batch"),
+        ([], "empty batch"),
+        (np.full((1, 3, 32, 32), np.nan, np.float32), "NaN or Inf"),
+    ],
+)
 def test_bad_input(built, bad, message):
     session = Session(built["art"])
     with pytest.raises(InputError, match=message):
@@ -288,17 +323,25 @@ def _corrupt(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("damage, message, verify", [
-    (lambda a: shutil.rmtree(a), "artifact not found", False),
-    (lambda a: (a / "manifest.json").unlink(), "manifest missing", False),
-    (lambda a: (a / "manifest.json").write_text("{not json"), "manifest missing or not valid JSON", False),
-    (lambda a: (a / "backbone.bin").unlink(), "backbone.bin: file missing", False),
-    (lambda a: (a / "slots.bin").write_bytes(b"\0" * 100), "slots.bin: truncated", False),
-    (lambda a: _corrupt(a / "model.onnx"), "model.onnx: corrupt", False),
-    (lambda a: _corrupt(a / "backbone.bin"), "backbone.bin: corrupt", True),
-    (lambda a: (a / "manifest.json").write_text((a / "manifest.json").read_text().replace(
-        '"format_version": 1', '"format_version": 2')), "format version 2 is newer", False),
-])
+@pytest.mark.parametrize(
+    "damage, message, verify",
+    [
+        (lambda a: shutil.rmtree(a), "artifact not found", False),
+        (lambda a: (a / "manifest.json").unlink(), "manifest missing", False),
+        (lambda a: (a / "manifest.json").write_text("{not json"), "manifest missing or not valid JSON", False),
+        (lambda a: (a / "backbone.bin").unlink(), "backbone.bin: file missing", False),
+        (lambda a: (a / "slots.bin").write_bytes(b"\0" * 100), "slots.bin: truncated", False),
+        (lambda a: _corrupt(a / "model.onnx"), "model.onnx: corrupt", False),
+        (lambda a: _corrupt(a / "backbone.bin"), "backbone.bin: corrupt", True),
+        (
+            lambda a: (a / "manifest.json").write_text(
+                (a / "manifest.json").read_text().replace('"format_version": 1', '"format_version": 2')
+            ),
+            "format version 2 is newer",
+            False,
+        ),
+    ],
+)
 def test_damaged_artifact(art_copy, damage, message, verify):
     damage(art_copy)
     with pytest.raises(ArtifactError, match=message) as err:

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from care_export.data.builtin import PRETRAIN_FIRST_CLASS, SHAPES, TEXTURES, BuiltinSource
+from care_export.data.shift import SHIFT_SHAPES, SHIFT_TEXTURES, ShiftedSource
 from care_export.data.sources import TaskSequence, open_source, source_from_dict
 from care_export.training.pretrain import PretrainConfig
-from care_export.data.shift import SHIFT_SHAPES, SHIFT_TEXTURES, ShiftedSource
 from runtime.errors import CareError
 
 
@@ -37,7 +37,9 @@ def test_shifted_classes_are_disjoint_from_the_pretraining_classes():
     pre = BuiltinSource(pre_cfg.classes, first_class=PRETRAIN_FIRST_CLASS, train_per_class=1, test_per_class=1)
     shift = ShiftedSource(1000, train_per_class=1, test_per_class=1)
     assert not set(shift.class_names) & set(pre.class_names)
-    names = {n.split("-on-")[0] for n in shift.class_names} | {n.split("-on-")[1].split("-")[0] for n in shift.class_names}
+    names = {n.split("-on-")[0] for n in shift.class_names} | {
+        n.split("-on-")[1].split("-")[0] for n in shift.class_names
+    }
     assert names == set(SHIFT_SHAPES) | set(SHIFT_TEXTURES)  # every kind is used, none of pre-training's
 
 

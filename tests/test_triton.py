@@ -4,12 +4,11 @@ each version run in ONNX Runtime as Triton's onnxruntime backend loads it."""
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from test_export_common import make_artifact, make_checkpoint
 
 from care_export.cli import main
 from care_export.export.parity import random_images
 from runtime import Session
-
-from test_export_common import make_artifact, make_checkpoint
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")  # in the dev extra
 
@@ -44,8 +43,20 @@ def test_triton_repository_and_versions(tmp_path):
     ck3 = make_checkpoint(tmp_path / "ck3", [4, 3, 3], seed=2)
     ck5 = make_checkpoint(tmp_path / "ck5", [4, 3, 3, 3, 3], seed=2)
     art = make_artifact(ck3, tmp_path / "art", 6)
-    res = cli("triton", art, "-o", tmp_path / "repo", "--name", "care", "--max-batch", "8", "--instances", "2",
-              "--device", "cpu")
+    res = cli(
+        "triton",
+        art,
+        "-o",
+        tmp_path / "repo",
+        "--name",
+        "care",
+        "--max-batch",
+        "8",
+        "--instances",
+        "2",
+        "--device",
+        "cpu",
+    )
     assert res.exit_code == 0, res.output
     model = tmp_path / "repo" / "care"
     cfg = parse_config(model / "config.pbtxt")
@@ -62,7 +73,7 @@ def test_triton_repository_and_versions(tmp_path):
         with Session(model / str(v), device="cpu") as s:
             pred = s.predict(x, return_routing=True)
             np.testing.assert_allclose(logits[:, : s.num_classes], pred.logits, rtol=0, atol=1e-5)
-            assert (logits[:, s.num_classes:] < -1e29).all()  # unused class slots never win
+            assert (logits[:, s.num_classes :] < -1e29).all()  # unused class slots never win
             return s.num_tasks, logits, tasks
 
     assert check_version(1)[0] == 3

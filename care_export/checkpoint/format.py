@@ -117,7 +117,9 @@ def save_checkpoint(
         raise CheckpointError(f"{len(names)} class names for {model.num_classes} classes")
     if preprocessing is None:
         preprocessing = (
-            Preprocessing.from_dict(old["preprocessing"]) if old else Preprocessing.for_input(model.backbone_cfg.img_size)
+            Preprocessing.from_dict(old["preprocessing"])
+            if old
+            else Preprocessing.for_input(model.backbone_cfg.img_size)
         )
 
     bpath = directory / "backbone.safetensors"
@@ -187,7 +189,7 @@ def load_checkpoint(directory: str | Path, *, verify: bool = True, tasks: int | 
     shared = _read_tensors(check_file(directory, manifest["shared"], verify), expect(shared_state(model)))
     for i, m in enumerate(model.moe):
         prefix = f"blocks.{i}.shared."
-        m.shared.load_state_dict({k[len(prefix):]: v for k, v in shared.items() if k.startswith(prefix)})
+        m.shared.load_state_dict({k[len(prefix) :]: v for k, v in shared.items() if k.startswith(prefix)})
     head_path = check_file(directory, manifest["head"], verify)
     full = [int(t["classes"]) for t in manifest["tasks"]]
     head = _read_tensors(head_path, {f"head.{t}": torch.Size([c, backbone_cfg.embed_dim]) for t, c in enumerate(full)})

@@ -18,8 +18,8 @@ import torch
 from runtime.checkpoint_files import check_state, require_finite
 from runtime.errors import CheckpointError
 
-from ..model.config import BackboneConfig, MoEConfig
 from ..model.care_vit import CareViT, empty_model
+from ..model.config import BackboneConfig, MoEConfig
 
 _ADAPTER = re.compile(r"^backbone\.adapter\.adapter_layer(\d+)\.(.+)$")
 _BLOCK = re.compile(r"^backbone\.blocks\.(\d+)\.(.+)$")
@@ -69,10 +69,15 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     except Exception as exc:  # noqa: BLE001 - pickle/zip errors of every kind mean the same to a user
         unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         if isinstance(exc, pickle.UnpicklingError) and unsafe:
-            raise CheckpointError(f"{path}: holds a Python object ({unsafe.group(1)}), not only tensors; refused "
-                                  f"(weights-only loading: re-save its state_dict() alone)") from None
-        why = "a pickle this loader refuses" if isinstance(exc, pickle.UnpicklingError) else \
-            (str(exc).strip().splitlines() or [""])[0][:200]
+            raise CheckpointError(
+                f"{path}: holds a Python object ({unsafe.group(1)}), not only tensors; refused "
+                f"(weights-only loading: re-save its state_dict() alone)"
+            ) from None
+        why = (
+            "a pickle this loader refuses"
+            if isinstance(exc, pickle.UnpicklingError)
+            else (str(exc).strip().splitlines() or [""])[0][:200]
+        )
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {why})") from None
     # The reference's save_checkpoint writes {"tasks": ..., "model_state_dict": ...}.
     for wrapper in ("model_state_dict", "state_dict", "model"):
@@ -87,8 +92,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 def strip_data_parallel(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``state`` without the ``module.`` prefix nn.DataParallel puts on every key (also where
     only the wrapped sub-module's keys carry it, as in ``backbone.module.``)."""
-    return {k.replace("module.", "", 1) if k.startswith("module.") else k.replace(".module.", ".", 1)
-            if ".module." in k else k: v for k, v in state.items()}
+    return {
+        k.replace("module.", "", 1)
+        if k.startswith("module.")
+        else k.replace(".module.", ".", 1)
+        if ".module." in k
+        else k: v
+        for k, v in state.items()
+    }
 
 
 def convert_state_dict(

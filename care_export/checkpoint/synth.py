@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from ..model.config import BackboneConfig, MoEConfig
 from ..model.care_vit import CareViT
+from ..model.config import BackboneConfig, MoEConfig
 
 # Standard deviations that keep routing decisions input-dependent (measured on random ViTs).
 EXPERT_SCALE_STD = 0.5

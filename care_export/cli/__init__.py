@@ -14,8 +14,9 @@ import click
 
 from runtime.errors import CareError
 
-TRAIN_EXTRA = {"torch", "torchvision", "timm"}  # what `pip install care-export[train]` adds
 from .log import command_logging, error
+
+TRAIN_EXTRA = {"torch", "torchvision", "timm"}  # what `pip install care-export[train]` adds
 
 
 class CareGroup(click.Group):
@@ -49,8 +50,10 @@ class CareGroup(click.Group):
                 if exc.name not in TRAIN_EXTRA:
                     raise
                 # The base install is the runtime; this command is on the PyTorch side.
-                error(f"care-export {ctx.invoked_subcommand} needs {exc.name}, which is not installed: "
-                      f"pip install 'care-export[train]'")
+                error(
+                    f"care-export {ctx.invoked_subcommand} needs {exc.name}, which is not installed: "
+                    f"pip install 'care-export[train]'"
+                )
                 sys.exit(1)
 
 
@@ -58,8 +61,11 @@ class CareGroup(click.Group):
 @click.version_option(package_name="care-export")
 @click.option("-v", "--verbose", count=True, help="Also show debug lines (per-epoch training summaries, timings).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr (no progress lines, no hints).")
-@click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path),
-              help="Also write every log line (debug included, no progress bars) and the results to FILE.")
+@click.option(
+    "--log-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write every log line (debug included, no progress bars) and the results to FILE.",
+)
 def main(verbose, quiet, log_file):
     """Train, export and run CaRE continual learners (BR-MoE on a frozen ViT).
 

@@ -40,17 +40,31 @@ def _disk_bytes(directory: Path) -> int:
 
 @click.command("onnx")
 @click.argument("ckpt", type=click.Path(path_type=Path))
-@click.option("--tasks", "capacity", type=click.IntRange(min=1), required=True,
-              help="Capacity: the task slots the artifact holds, not the tasks learned so far (later tasks are "
-                   "added in place, up to this many).")
+@click.option(
+    "--tasks",
+    "capacity",
+    type=click.IntRange(min=1),
+    required=True,
+    help="Capacity: the task slots the artifact holds, not the tasks learned so far (later tasks are "
+    "added in place, up to this many).",
+)
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path), help="Artifact directory [default: CKPT-onnx].")
 @click.option("--opset", type=click.IntRange(min=17), default=17, show_default=True, help="ONNX opset.")
 @click.option("--batch", type=BatchParam(), default="dynamic", show_default=True, help="Fixed batch size, or dynamic.")
-@click.option("--task-classes", type=click.IntRange(min=1), default=None,
-              help="Classes a later task may have [default: the checkpoint's largest later task].")
-@click.option("--predict", default="single", show_default=True, type=click.Choice(["single", "iterative"]),
-              help="The graph's prediction: the single pass (output logits), or the reference's iterative "
-                   "prediction (output scores; one pass per task slot batched, at most 61 tasks).")
+@click.option(
+    "--task-classes",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Classes a later task may have [default: the checkpoint's largest later task].",
+)
+@click.option(
+    "--predict",
+    default="single",
+    show_default=True,
+    type=click.Choice(["single", "iterative"]),
+    help="The graph's prediction: the single pass (output logits), or the reference's iterative "
+    "prediction (output scores; one pass per task slot batched, at most 61 tasks).",
+)
 @click.option("--force", is_flag=True, help="Replace an existing artifact.")
 def onnx_command(ckpt, capacity, out, opset, batch, task_classes, predict, force):
     """Export a checkpoint to a static ONNX artifact sized for CAPACITY tasks.
@@ -77,8 +91,17 @@ def onnx_command(ckpt, capacity, out, opset, batch, task_classes, predict, force
         bars[0].update(done - bars[0].n)
 
     try:
-        m = export_artifact(ckpt, out, capacity, opset=opset, batch=None if batch == "dynamic" else batch,
-                            slot_classes=task_classes, force=force, progress=progress, predict=predict)
+        m = export_artifact(
+            ckpt,
+            out,
+            capacity,
+            opset=opset,
+            batch=None if batch == "dynamic" else batch,
+            slot_classes=task_classes,
+            force=force,
+            progress=progress,
+            predict=predict,
+        )
     finally:
         for bar in bars:
             bar.close()
@@ -86,22 +109,37 @@ def onnx_command(ckpt, capacity, out, opset, batch, task_classes, predict, force
     nodes = len(onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node)
     size = sum(f["bytes"] for f in m["files"].values())
     dims = m["dims"]
-    say(f"wrote {out}: {len(m['tasks'])} of {dims['capacity']} tasks, "
+    say(
+        f"wrote {out}: {len(m['tasks'])} of {dims['capacity']} tasks, "
         f"{sum(t['classes'] for t in m['tasks'])} classes, {nodes} nodes, {_mib(size)} "
-        f"({_mib(_disk_bytes(out))} on disk), {dt:.1f} s")
+        f"({_mib(_disk_bytes(out))} on disk), {dt:.1f} s"
+    )
     hint(f"care-export parity {ckpt} {out}")
 
 
 @click.command("add-task")
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.argument("ckpt", type=click.Path(path_type=Path))
-@click.option("-o", "--output", "out", type=click.Path(path_type=Path),
-              help="Write the grown model as this new artifact and leave ARTIFACT as it was (unchanged files are "
-                   "hard-linked where the file system allows).")
-@click.option("--triton", is_flag=True, help="ARTIFACT is a Triton model (REPO/NAME, see care-export triton): add "
-              "version N+1, grown from the newest version N.")
-@click.option("--keep", type=click.IntRange(min=1), default=None,
-              help="With --triton: keep only the K newest versions [default: all].")
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    type=click.Path(path_type=Path),
+    help="Write the grown model as this new artifact and leave ARTIFACT as it was (unchanged files are "
+    "hard-linked where the file system allows).",
+)
+@click.option(
+    "--triton",
+    is_flag=True,
+    help="ARTIFACT is a Triton model (REPO/NAME, see care-export triton): add "
+    "version N+1, grown from the newest version N.",
+)
+@click.option(
+    "--keep",
+    type=click.IntRange(min=1),
+    default=None,
+    help="With --triton: keep only the K newest versions [default: all].",
+)
 def add_task_command(artifact, ckpt, out, triton, keep):
     """Write the checkpoint's new tasks into ARTIFACT in place (the graph is not touched), or
     into a new version with -o.
@@ -127,18 +165,22 @@ def add_task_command(artifact, ckpt, out, triton, keep):
         from runtime.triton import add_version
 
         version, added, removed = add_version(artifact, ckpt, keep)
-        say(f"wrote {artifact}/{version}: tasks {added[0]}-{added[-1]} added"
+        say(
+            f"wrote {artifact}/{version}: tasks {added[0]}-{added[-1]} added"
             + (f"; removed version(s) {', '.join(map(str, removed))}" if removed else "")
-            + f" ({time.perf_counter() - t0:.1f} s)")
+            + f" ({time.perf_counter() - t0:.1f} s)"
+        )
         hint(f"care-export info {artifact}/{version}")
         return
     if out is not None:
         added, m, how = add_tasks_to_copy(artifact, ckpt, out)
         which = f"task {added[0]}" if len(added) == 1 else f"tasks {added[0]}-{added[-1]}"
-        say(f"wrote {out}: {artifact} + {which}, {len(m['tasks'])} of {m['dims']['capacity']} tasks, "
+        say(
+            f"wrote {out}: {artifact} + {which}, {len(m['tasks'])} of {m['dims']['capacity']} tasks, "
             f"{sum(t['classes'] for t in m['tasks'])} classes; hard-linked {', '.join(how['linked']) or '-'}; "
             f"written {', '.join(how['written'])} ({_mib(how['written_bytes'])}) "
-            f"({time.perf_counter() - t0:.1f} s)")
+            f"({time.perf_counter() - t0:.1f} s)"
+        )
         hint(f"care-export parity {ckpt} {out}")
         return
     added, m = add_tasks(artifact, ckpt)
@@ -147,27 +189,52 @@ def add_task_command(artifact, ckpt, out, triton, keep):
         say(f"{artifact} already holds every task of {ckpt} ({total} tasks)")
         return
     which = f"task {added[0]}" if len(added) == 1 else f"tasks {added[0]}-{added[-1]}"
-    say(f"added {which} to {artifact}: {total} of {m['dims']['capacity']} tasks, "
-        f"{sum(t['classes'] for t in m['tasks'])} classes ({time.perf_counter() - t0:.1f} s)")
+    say(
+        f"added {which} to {artifact}: {total} of {m['dims']['capacity']} tasks, "
+        f"{sum(t['classes'] for t in m['tasks'])} classes ({time.perf_counter() - t0:.1f} s)"
+    )
     hint(f"care-export parity {ckpt} {artifact}")
 
 
 @click.command("parity")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="[CKPT] ARTIFACT")
-@click.option("--samples", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Random inputs (or at most this many images with --images).")
-@click.option("--images", "images_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Compare on the image files under this directory instead of random inputs.")
-@click.option("--save-golden", "save_golden", type=click.Path(dir_okay=False, path_type=Path),
-              help="Also write a golden record (inputs, reference logits and routing, the artifact's identity).")
-@click.option("--golden", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Check ARTIFACT against this golden record, without PyTorch (no CKPT).")
-@click.option("--device", default="cpu", show_default=True,
-              help="With --golden: the backend to prove (cpu, cuda, tensorrt, auto).")
+@click.option(
+    "--samples",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Random inputs (or at most this many images with --images).",
+)
+@click.option(
+    "--images",
+    "images_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Compare on the image files under this directory instead of random inputs.",
+)
+@click.option(
+    "--save-golden",
+    "save_golden",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write a golden record (inputs, reference logits and routing, the artifact's identity).",
+)
+@click.option(
+    "--golden",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Check ARTIFACT against this golden record, without PyTorch (no CKPT).",
+)
+@click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    help="With --golden: the backend to prove (cpu, cuda, tensorrt, auto).",
+)
 @click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True, help="Batch size of both runs.")
-@click.option("--atol", type=float, default=None,
-              help="Tolerance on |dlogit| [default: 1e-4; with --golden per precision: fp32 1e-3, fp16 5e-2, "
-                   "int8 0.5].")
+@click.option(
+    "--atol",
+    type=float,
+    default=None,
+    help="Tolerance on |dlogit| [default: 1e-4; with --golden per precision: fp32 1e-3, fp16 5e-2, int8 0.5].",
+)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object (schema in docs/CLI.md) instead of the report.")
 def parity_command(paths, samples, images_dir, save_golden, golden, device, batch, atol, seed, as_json):
@@ -191,11 +258,29 @@ def parity_command(paths, samples, images_dir, save_golden, golden, device, batc
         raise click.UsageError("give CKPT and ARTIFACT (or ARTIFACT --golden FILE)")
     from ..export.parity import run_parity
 
-    report = run_parity(*paths, samples=samples, batch=batch, atol=1e-4 if atol is None else atol, seed=seed,
-                        images_dir=images_dir, golden=save_golden)
-    _report_parity(report, 1.0, as_json, {"mode": "checkpoint", "checkpoint": str(paths[0]),
-                                           "artifact": str(paths[1]), "golden": None, "backend": "onnxruntime on cpu",
-                                           "precision": None}, "")
+    report = run_parity(
+        *paths,
+        samples=samples,
+        batch=batch,
+        atol=1e-4 if atol is None else atol,
+        seed=seed,
+        images_dir=images_dir,
+        golden=save_golden,
+    )
+    _report_parity(
+        report,
+        1.0,
+        as_json,
+        {
+            "mode": "checkpoint",
+            "checkpoint": str(paths[0]),
+            "artifact": str(paths[1]),
+            "golden": None,
+            "backend": "onnxruntime on cpu",
+            "precision": None,
+        },
+        "",
+    )
     if save_golden:  # with --json a log line: stdout holds the object alone
         (log.info if as_json else say)(f"golden record {save_golden}: {report.samples} inputs")
     if not as_json:
@@ -215,10 +300,24 @@ def _report_parity(report, min_agree: float, as_json: bool, about: dict, title: 
     except ValidationError as exc:
         failure = str(exc)
     if as_json:
-        click.echo(json.dumps(dict(about, ok=failure is None, error=failure, samples=report.samples,
-                                   classes=report.classes, max_abs=report.max_abs, mean_abs=report.mean_abs,
-                                   atol=report.atol, top1=report.top1, routing=report.routing, min_agree=min_agree,
-                                   same_checkpoint=report.same_checkpoint)))
+        click.echo(
+            json.dumps(
+                dict(
+                    about,
+                    ok=failure is None,
+                    error=failure,
+                    samples=report.samples,
+                    classes=report.classes,
+                    max_abs=report.max_abs,
+                    mean_abs=report.mean_abs,
+                    atol=report.atol,
+                    top1=report.top1,
+                    routing=report.routing,
+                    min_agree=min_agree,
+                    same_checkpoint=report.same_checkpoint,
+                )
+            )
+        )
     else:
         for line in ([title] if title else []) + report.lines():
             say(line)
@@ -230,9 +329,19 @@ def _check_golden(artifact, golden, device, batch, atol, as_json):
     from ..export.parity import GOLDEN_TOLERANCE, check_golden
 
     report, identity, backend = check_golden(artifact, golden, device=device, batch=batch, atol=atol)
-    _report_parity(report, GOLDEN_TOLERANCE[identity["precision"]][1], as_json,
-                   {"mode": "golden", "checkpoint": None, "artifact": str(artifact), "golden": str(golden),
-                    "backend": backend, "precision": identity["precision"]},
-                   f"{artifact} ({backend}, {identity['precision']}) against {golden}")
+    _report_parity(
+        report,
+        GOLDEN_TOLERANCE[identity["precision"]][1],
+        as_json,
+        {
+            "mode": "golden",
+            "checkpoint": None,
+            "artifact": str(artifact),
+            "golden": str(golden),
+            "backend": backend,
+            "precision": identity["precision"],
+        },
+        f"{artifact} ({backend}, {identity['precision']}) against {golden}",
+    )
     if not as_json:
         say("golden parity ok")

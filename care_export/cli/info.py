@@ -19,15 +19,25 @@ def checkpoint_info(path: Path) -> dict:
     from runtime.checkpoint_files import read_checkpoint_manifest
 
     m = read_checkpoint_manifest(path)
-    parts = {"backbone": m["backbone"], "shared": m["shared"], "head": m["head"],
-             **{f"task {t}": e for t, e in enumerate(m["tasks"])}}
+    parts = {
+        "backbone": m["backbone"],
+        "shared": m["shared"],
+        "head": m["head"],
+        **{f"task {t}": e for t, e in enumerate(m["tasks"])},
+    }
     metrics = m.get("metrics")
     return {
-        "kind": "checkpoint", "path": str(path), "format_version": m["format_version"],
+        "kind": "checkpoint",
+        "path": str(path),
+        "format_version": m["format_version"],
         "backbone": {k: v for k, v in m["backbone"].items() if k not in ("file", "sha256", "bytes")},
-        "brmoe": m["brmoe"], "tasks": len(m["tasks"]), "classes": sum(t["classes"] for t in m["tasks"]),
-        "task_classes": [t["classes"] for t in m["tasks"]], "preprocessing": m["preprocessing"],
-        "bytes": sum(e["bytes"] for e in parts.values()), "files": len(parts),
+        "brmoe": m["brmoe"],
+        "tasks": len(m["tasks"]),
+        "classes": sum(t["classes"] for t in m["tasks"]),
+        "task_classes": [t["classes"] for t in m["tasks"]],
+        "preprocessing": m["preprocessing"],
+        "bytes": sum(e["bytes"] for e in parts.values()),
+        "files": len(parts),
         "metrics": None if not metrics else {k: metrics.get(k) for k in ("a_bar", "a_last", "forgetting")},
         "manifest": m,
     }
@@ -39,9 +49,9 @@ def artifact_info(path: Path, verify: bool = False) -> dict:
     import onnx
 
     from runtime.artifact import Artifact
+    from runtime.errors import CareError
     from runtime.layout import MODEL_FILE, Dims
     from runtime.manifest import read_manifest
-    from runtime.errors import CareError
 
     m = read_manifest(path)
     try:
@@ -58,13 +68,23 @@ def artifact_info(path: Path, verify: bool = False) -> dict:
         error = error or f"{path / MODEL_FILE}: unreadable ({exc})"
     dims, tasks = m["dims"], m["tasks"]
     return {
-        "kind": "artifact", "path": str(path), "format_version": m["format_version"], "precision": m["precision"],
-        "predict": m.get("predict", "single"), "batch": m["batch"], "capacity": dims["capacity"],
-        "tasks": len(tasks), "classes": sum(t["classes"] for t in tasks),
+        "kind": "artifact",
+        "path": str(path),
+        "format_version": m["format_version"],
+        "precision": m["precision"],
+        "predict": m.get("predict", "single"),
+        "batch": m["batch"],
+        "capacity": dims["capacity"],
+        "tasks": len(tasks),
+        "classes": sum(t["classes"] for t in tasks),
         "class_capacity": Dims.from_dict(dims).class_capacity,
-        "backbone": m["backbone"]["name"], "dims": dims, "brmoe": m["brmoe"], "preprocessing": m["preprocessing"],
+        "backbone": m["backbone"]["name"],
+        "dims": dims,
+        "brmoe": m["brmoe"],
+        "preprocessing": m["preprocessing"],
         "files": {name: {"bytes": e["bytes"], "sha256": "sha256" in e} for name, e in m["files"].items()},
-        "bytes": sum(e["bytes"] for e in m["files"].values()), "disk_bytes": _disk_bytes(path),
+        "bytes": sum(e["bytes"] for e in m["files"].values()),
+        "disk_bytes": _disk_bytes(path),
         "graph": {"nodes": nodes, "opset": opset},
         "check": {"ok": error is None, "every_digest": verify, "error": error},
         "quantization": m.get("quantization"),
@@ -78,8 +98,10 @@ def _size(n: int) -> str:
 def _print_checkpoint(d: dict) -> None:
     bb, moe, sizes = d["backbone"], d["brmoe"], d["task_classes"]
     say(f"checkpoint   {d['path']} (format {d['format_version']})")
-    say(f"backbone     {bb['name']} {bb['img_size']}px/{bb['patch_size']}, width {bb['embed_dim']}, "
-        f"depth {bb['depth']}, {bb['num_heads']} heads")
+    say(
+        f"backbone     {bb['name']} {bb['img_size']}px/{bb['patch_size']}, width {bb['embed_dim']}, "
+        f"depth {bb['depth']}, {bb['num_heads']} heads"
+    )
     say(f"BR-MoE       M={moe['topk_routers']} K={moe['topk_experts']} r={moe['expert_dim']} r_s={moe['shared_dim']}")
     say(f"tasks        {d['tasks']} ({d['classes']} classes; first {sizes[0]}, later {sorted(set(sizes[1:])) or '-'})")
     say(f"size         {d['bytes'] / 2**20:.1f} MiB in {d['files']} files")
@@ -90,18 +112,28 @@ def _print_checkpoint(d: dict) -> None:
 
 def _print_artifact(d: dict) -> None:
     dims, moe, pre = d["dims"], d["brmoe"], d["preprocessing"]
-    say(f"artifact     {d['path']} (format {d['format_version']}), {d['precision'].upper()}, "
-        f"{d['predict']} prediction, batch {d['batch']}")
-    say(f"backbone     {d['backbone']} {dims['img_size']}px/{dims['patch_size']}, width {dims['embed_dim']}, "
-        f"depth {dims['depth']}, {dims['num_heads']} heads")
+    say(
+        f"artifact     {d['path']} (format {d['format_version']}), {d['precision'].upper()}, "
+        f"{d['predict']} prediction, batch {d['batch']}"
+    )
+    say(
+        f"backbone     {d['backbone']} {dims['img_size']}px/{dims['patch_size']}, width {dims['embed_dim']}, "
+        f"depth {dims['depth']}, {dims['num_heads']} heads"
+    )
     say(f"BR-MoE       M={moe['topk_routers']} K={moe['topk_experts']} r={moe['expert_dim']} r_s={moe['shared_dim']}")
-    say(f"tasks        {d['tasks']} active of capacity {d['capacity']}; {d['classes']} classes of "
-        f"{d['class_capacity']} (first task {dims['first_classes']}, later at most {dims['slot_classes']})")
+    say(
+        f"tasks        {d['tasks']} active of capacity {d['capacity']}; {d['classes']} classes of "
+        f"{d['class_capacity']} (first task {dims['first_classes']}, later at most {dims['slot_classes']})"
+    )
     say(f"graph        {d['graph']['nodes']} nodes, opset {d['graph']['opset']}")
-    say(f"input        {pre['input_size']}px (resize {pre['resize']}, {pre['interpolation']}), mean {pre['mean']}, "
-        f"std {pre['std']}")
-    say(f"size         {_mib(d['bytes'])} ({_mib(d['disk_bytes'])} on disk): "
-        + ", ".join(f"{n} {_size(f['bytes'])}" for n, f in d["files"].items()))
+    say(
+        f"input        {pre['input_size']}px (resize {pre['resize']}, {pre['interpolation']}), mean {pre['mean']}, "
+        f"std {pre['std']}"
+    )
+    say(
+        f"size         {_mib(d['bytes'])} ({_mib(d['disk_bytes'])} on disk): "
+        + ", ".join(f"{n} {_size(f['bytes'])}" for n, f in d["files"].items())
+    )
     check = d["check"]
     what = "every digest" if check["every_digest"] else "file sizes, graph and state digests (--verify: every digest)"
     say(f"files        {'ok' if check['ok'] else 'DAMAGED'}: {what}" + ("" if check["ok"] else f": {check['error']}"))

@@ -60,8 +60,9 @@ def command_logging(verbose: int = 0, quiet: bool = False, log_file: Path | None
         try:
             file = logging.FileHandler(log_file, encoding="utf-8")
         except OSError as exc:
-            raise click.BadParameter(f"cannot write {log_file}: {exc.strerror or exc}",
-                                     param_hint="--log-file") from None
+            raise click.BadParameter(
+                f"cannot write {log_file}: {exc.strerror or exc}", param_hint="--log-file"
+            ) from None
         file.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
         handlers.append(file)
     root = logging.getLogger()

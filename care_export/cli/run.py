@@ -34,12 +34,21 @@ def _expand(paths: tuple[Path, ...]) -> list[Path]:
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--top-k", "-k", default=1, show_default=True, type=click.IntRange(min=1), help="Classes per image.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto",
-              show_default=True, help="auto/onnxruntime: TensorRT EP, CUDA EP, then CPU; tensorrt: native TensorRT.")
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "onnxruntime", "tensorrt"]),
+    default="auto",
+    show_default=True,
+    help="auto/onnxruntime: TensorRT EP, CUDA EP, then CPU; tensorrt: native TensorRT.",
+)
 @click.option("--routing", is_flag=True, help="Also print the tasks and experts each block selected.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image (JSON lines).")
-@click.option("--verify/--no-verify", default=True, show_default=True,
-              help="Hash every weight file first, as care-export verify does (docs/ARTIFACT.md, Verification).")
+@click.option(
+    "--verify/--no-verify",
+    default=True,
+    show_default=True,
+    help="Hash every weight file first, as care-export verify does (docs/ARTIFACT.md, Verification).",
+)
 def run_command(artifact, images, top_k, device, backend, routing, as_json, verify):
     """Predict the classes of image files with an exported artifact (no PyTorch needed).
 
@@ -63,8 +72,10 @@ def run_command(artifact, images, top_k, device, backend, routing, as_json, veri
     if len(missing) == len(files):
         raise CareError(f"{len(files)} of {len(files)} images could not be classified (see above)")
     session = Session(artifact, device=device, backend=backend, verify=verify)
-    log.info(f"{session.backend} on {session.device} ({', '.join(session.providers)}): {session.num_tasks} tasks, "
-             f"{session.num_classes} classes")
+    log.info(
+        f"{session.backend} on {session.device} ({', '.join(session.providers)}): {session.num_tasks} tasks, "
+        f"{session.num_classes} classes"
+    )
     top_k = min(top_k, session.num_classes)
     failed = len(missing)
     files = [f for f in files if f not in missing]
@@ -83,7 +94,7 @@ def run_command(artifact, images, top_k, device, backend, routing, as_json, veri
             return []
 
     for start in range(0, len(files), CHUNK):
-        for path, item in predict(files[start: start + CHUNK]):
+        for path, item in predict(files[start : start + CHUNK]):
             if as_json:
                 click.echo(json.dumps({"image": str(path), **item}))
                 continue
@@ -97,8 +108,13 @@ def run_command(artifact, images, top_k, device, backend, routing, as_json, veri
 
 @click.command("verify")
 @click.argument("directory", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="One JSON object (schema in docs/CLI.md); a damaged "
-              "directory gets one too (ok false), then the error line and exit 1.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="One JSON object (schema in docs/CLI.md); a damaged "
+    "directory gets one too (ok false), then the error line and exit 1.",
+)
 def verify_command(directory, as_json):
     """Check every byte of an artifact (or a checkpoint) against its manifest's digests.
 
@@ -118,8 +134,15 @@ def verify_command(directory, as_json):
     from runtime.outdir import CHECKPOINT, directory_kind
 
     t0 = time.perf_counter()
-    result = {"path": str(directory), "kind": None, "ok": False, "error": None, "tasks": None, "capacity": None,
-              "precision": None}
+    result = {
+        "path": str(directory),
+        "kind": None,
+        "ok": False,
+        "error": None,
+        "tasks": None,
+        "capacity": None,
+        "precision": None,
+    }
     try:
         if directory_kind(directory) == CHECKPOINT:
             result["kind"] = "checkpoint"

@@ -16,15 +16,24 @@ from .log import hint, say
 
 @click.command("triton")
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("-o", "--output", "repo", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Model repository (created if missing; other models in it are left alone).")
+@click.option(
+    "-o",
+    "--output",
+    "repo",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Model repository (created if missing; other models in it are left alone).",
+)
 @click.option("--name", default=None, help="Model name [default: the artifact directory's name].")
-@click.option("--max-batch", default=32, show_default=True, type=click.IntRange(min=1),
-              help="Triton's max_batch_size.")
-@click.option("--instances", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Model instances (instance_group count).")
-@click.option("--device", type=click.Choice(["cpu", "gpu"]), default="gpu", show_default=True,
-              help="Instance kind.")
+@click.option("--max-batch", default=32, show_default=True, type=click.IntRange(min=1), help="Triton's max_batch_size.")
+@click.option(
+    "--instances",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Model instances (instance_group count).",
+)
+@click.option("--device", type=click.Choice(["cpu", "gpu"]), default="gpu", show_default=True, help="Instance kind.")
 def triton_command(artifact, repo, name, max_batch, instances, device):
     """Write REPO/NAME (config.pbtxt, labels.txt, version 1 holding ARTIFACT) for Triton.
 
@@ -49,6 +58,8 @@ def triton_command(artifact, repo, name, max_batch, instances, device):
         clone_artifact(art, tmp / "1")
         (tmp / CONFIG).write_text(config)
         write_labels(tmp, art)
-    say(f"wrote {model_dir}: version 1 ({art.num_tasks} tasks, {art.num_classes} classes), max batch "
-        f"{max_batch}, {instances} {device} instance(s)")
+    say(
+        f"wrote {model_dir}: version 1 ({art.num_tasks} tasks, {art.num_classes} classes), max batch "
+        f"{max_batch}, {instances} {device} instance(s)"
+    )
     hint(f"tritonserver --model-repository {repo}")

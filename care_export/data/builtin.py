@@ -21,10 +21,22 @@ PRETRAIN_FIRST_CLASS = MAX_CLASSES
 SHAPES = ("disc", "square", "triangle", "ring", "cross", "diamond", "bar", "star")
 TEXTURES = ("flat", "hstripes", "vstripes", "diagonal", "checker", "dots", "radial")
 _SPLITS = {"train": 0, "test": 1}
-PALETTE = np.array([
-    [0.9, 0.1, 0.1], [0.1, 0.7, 0.2], [0.15, 0.3, 0.9], [0.95, 0.85, 0.1], [0.9, 0.5, 0.1], [0.6, 0.2, 0.8],
-    [0.1, 0.8, 0.8], [0.9, 0.4, 0.7], [0.95, 0.95, 0.95], [0.1, 0.1, 0.1], [0.5, 0.5, 0.5], [0.5, 0.3, 0.1],
-])
+PALETTE = np.array(
+    [
+        [0.9, 0.1, 0.1],
+        [0.1, 0.7, 0.2],
+        [0.15, 0.3, 0.9],
+        [0.95, 0.85, 0.1],
+        [0.9, 0.5, 0.1],
+        [0.6, 0.2, 0.8],
+        [0.1, 0.8, 0.8],
+        [0.9, 0.4, 0.7],
+        [0.95, 0.95, 0.95],
+        [0.1, 0.1, 0.1],
+        [0.5, 0.5, 0.5],
+        [0.5, 0.3, 0.1],
+    ]
+)
 
 
 class ClassStyle:
@@ -83,8 +95,10 @@ def _shape_mask(kind: int, x, y, radius: float):
     elif name == "ring":
         d = np.abs(r - radius * 0.8) - radius * 0.25
     elif name == "cross":
-        arm = np.minimum(np.maximum(np.abs(x) - radius * 0.3, np.abs(y) - radius),
-                         np.maximum(np.abs(y) - radius * 0.3, np.abs(x) - radius))
+        arm = np.minimum(
+            np.maximum(np.abs(x) - radius * 0.3, np.abs(y) - radius),
+            np.maximum(np.abs(y) - radius * 0.3, np.abs(x) - radius),
+        )
         d = arm
     elif name == "diamond":
         d = (np.abs(x) + np.abs(y)) - radius
@@ -125,8 +139,16 @@ class BuiltinSource:
     same distribution with disjoint random streams.
     """
 
-    def __init__(self, num_classes: int, *, first_class: int = 0, train_per_class: int = 60,
-                 test_per_class: int = 20, image_size: int = 32, seed: int = 0):
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        first_class: int = 0,
+        train_per_class: int = 60,
+        test_per_class: int = 20,
+        image_size: int = 32,
+        seed: int = 0,
+    ):
         from runtime.errors import CareError
 
         if first_class < PRETRAIN_FIRST_CLASS and not 1 <= num_classes <= MAX_CLASSES - first_class:
@@ -145,9 +167,15 @@ class BuiltinSource:
         return len(self.styles)
 
     def describe(self) -> dict:
-        return {"kind": "builtin", "classes": self.num_classes, "first_class": self.first_class,
-                "train_per_class": self.per_class["train"], "test_per_class": self.per_class["test"],
-                "image_size": self.image_size, "seed": self.seed}
+        return {
+            "kind": "builtin",
+            "classes": self.num_classes,
+            "first_class": self.first_class,
+            "train_per_class": self.per_class["train"],
+            "test_per_class": self.per_class["test"],
+            "image_size": self.image_size,
+            "seed": self.seed,
+        }
 
     def samples(self, split: str, labels) -> list[tuple[tuple[int, int], int]]:
         """``(item, label)`` pairs of ``split`` for the given source labels."""
@@ -181,6 +209,8 @@ def builtin_pool(class_names: list[str], image_size: int, split: str, seed: int 
     source = BuiltinSource(max(ids) + 1, train_per_class=per, test_per_class=per, image_size=image_size, seed=seed)
     for name, i in zip(class_names, ids):
         if source.class_names[i] != name:
-            raise InputError(f"class {name!r} is not the built-in dataset's class {i} ({source.class_names[i]}); "
-                             f"pass --calib-data DIR")
+            raise InputError(
+                f"class {name!r} is not the built-in dataset's class {i} ({source.class_names[i]}); "
+                f"pass --calib-data DIR"
+            )
     return {g: [(lambda i=i, k=k: source.load(split, (i, k))) for k in range(per)] for g, i in enumerate(ids)}

@@ -69,8 +69,9 @@ class ImageFolderSource:
         h = hashlib.sha256()
         for split in ("train", "test"):
             for p, c in self.samples(split, labels):
-                h.update(f"{split}\t{self.class_names[c]}\t{p.relative_to(self.root).as_posix()}\t{p.stat().st_size}\n"
-                         .encode())
+                h.update(
+                    f"{split}\t{self.class_names[c]}\t{p.relative_to(self.root).as_posix()}\t{p.stat().st_size}\n".encode()
+                )
         return h.hexdigest()
 
     def samples(self, split: str, labels) -> list[tuple[Path, int]]:

@@ -94,7 +94,7 @@ def _texture(kind: int, u, v, freq: float, phase: float):
 
 def _shape_mask(kind: int, x, y, radius: float):
     name = SHIFT_SHAPES[kind]
-    r, t = np.hypot(x, y), np.arctan2(y, x)
+    r = np.hypot(x, y)
     if name == "hexagon":
         d = np.max([x * np.cos(a) + y * np.sin(a) for a in np.arange(6) * np.pi / 3], axis=0) - radius * 0.85
     elif name == "crescent":
@@ -138,8 +138,18 @@ class ShiftedSource:
 
     kind = "builtin-shift"
 
-    def __init__(self, num_classes: int, *, init_cls: int = 10, increment: int = 10, order_seed: int | None = None,
-                 train_per_class: int = 60, test_per_class: int = 20, image_size: int = 32, seed: int = 0):
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        init_cls: int = 10,
+        increment: int = 10,
+        order_seed: int | None = None,
+        train_per_class: int = 60,
+        test_per_class: int = 20,
+        image_size: int = 32,
+        seed: int = 0,
+    ):
         from runtime.errors import CareError
 
         from . import DEFAULT_SEED
@@ -170,16 +180,30 @@ class ShiftedSource:
         return len(self.styles)
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "classes": self.num_classes, "init_cls": self.init_cls,
-                "increment": self.increment, "order_seed": self.order_seed,
-                "train_per_class": self.per_class["train"], "test_per_class": self.per_class["test"],
-                "image_size": self.image_size, "seed": self.seed}
+        return {
+            "kind": self.kind,
+            "classes": self.num_classes,
+            "init_cls": self.init_cls,
+            "increment": self.increment,
+            "order_seed": self.order_seed,
+            "train_per_class": self.per_class["train"],
+            "test_per_class": self.per_class["test"],
+            "image_size": self.image_size,
+            "seed": self.seed,
+        }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ShiftedSource":
-        return cls(d["classes"], init_cls=d["init_cls"], increment=d["increment"], order_seed=d["order_seed"],
-                   train_per_class=d["train_per_class"], test_per_class=d["test_per_class"],
-                   image_size=d["image_size"], seed=d["seed"])
+    def from_dict(cls, d: dict) -> ShiftedSource:
+        return cls(
+            d["classes"],
+            init_cls=d["init_cls"],
+            increment=d["increment"],
+            order_seed=d["order_seed"],
+            train_per_class=d["train_per_class"],
+            test_per_class=d["test_per_class"],
+            image_size=d["image_size"],
+            seed=d["seed"],
+        )
 
     def samples(self, split: str, labels) -> list[tuple[tuple[int, int], int]]:
         return [((int(c), i), int(c)) for c in labels for i in range(self.per_class[split])]

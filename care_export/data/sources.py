@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
 
@@ -21,7 +20,6 @@ from runtime.preprocess import Preprocessing
 from . import DEFAULT_SEED, INPUT_SETS
 from .builtin import BuiltinSource
 from .image_folder import ImageFolderSource
-
 
 
 # ---------------------------------------------------------------------- task sequence
@@ -59,9 +57,14 @@ class TaskSequence:
     seed: int
 
     @classmethod
-    def build(cls, num_classes: int, init_cls: int, increment: int, seed: int = DEFAULT_SEED) -> "TaskSequence":
-        return cls(tuple(class_order(num_classes, seed)), tuple(task_split(num_classes, init_cls, increment)),
-                   init_cls, increment, seed)
+    def build(cls, num_classes: int, init_cls: int, increment: int, seed: int = DEFAULT_SEED) -> TaskSequence:
+        return cls(
+            tuple(class_order(num_classes, seed)),
+            tuple(task_split(num_classes, init_cls, increment)),
+            init_cls,
+            increment,
+            seed,
+        )
 
     @property
     def num_tasks(self) -> int:
@@ -77,11 +80,16 @@ class TaskSequence:
         return range(sum(self.sizes[: task + 1]))
 
     def to_dict(self) -> dict:
-        return {"init_cls": self.init_cls, "increment": self.increment, "seed": self.seed,
-                "sizes": list(self.sizes), "class_order": list(self.order)}
+        return {
+            "init_cls": self.init_cls,
+            "increment": self.increment,
+            "seed": self.seed,
+            "sizes": list(self.sizes),
+            "class_order": list(self.order),
+        }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TaskSequence":
+    def from_dict(cls, d: dict) -> TaskSequence:
         return cls(tuple(d["class_order"]), tuple(d["sizes"]), int(d["init_cls"]), int(d["increment"]), int(d["seed"]))
 
 
@@ -112,8 +120,14 @@ def source_from_dict(d: dict) -> BuiltinSource | ImageFolderSource:
 
         return ShiftedSource.from_dict(d)
     if d["kind"] == "builtin":
-        return BuiltinSource(d["classes"], first_class=d["first_class"], train_per_class=d["train_per_class"],
-                             test_per_class=d["test_per_class"], image_size=d["image_size"], seed=d["seed"])
+        return BuiltinSource(
+            d["classes"],
+            first_class=d["first_class"],
+            train_per_class=d["train_per_class"],
+            test_per_class=d["test_per_class"],
+            image_size=d["image_size"],
+            seed=d["seed"],
+        )
     if d["kind"] == "cifar100":
         from .cifar import Cifar100Source
 
@@ -122,8 +136,11 @@ def source_from_dict(d: dict) -> BuiltinSource | ImageFolderSource:
 
 
 # ---------------------------------------------------------------------- transforms
-_INTERPOLATION = {"bicubic": transforms.InterpolationMode.BICUBIC, "bilinear": transforms.InterpolationMode.BILINEAR,
-                  "nearest": transforms.InterpolationMode.NEAREST}
+_INTERPOLATION = {
+    "bicubic": transforms.InterpolationMode.BICUBIC,
+    "bilinear": transforms.InterpolationMode.BILINEAR,
+    "nearest": transforms.InterpolationMode.NEAREST,
+}
 
 
 # The reference's training transforms per dataset: "common" (ImageNet-R, ObjectNet,
@@ -133,17 +150,24 @@ _INTERPOLATION = {"bicubic": transforms.InterpolationMode.BICUBIC, "bilinear": t
 def train_transform(pre: Preprocessing, crop_scale: tuple[float, float] = (0.05, 1.0), input_set: str = "common"):
     """The reference's training augmentation at the backbone's input size."""
     if input_set == "common":
-        crop = [transforms.RandomResizedCrop(pre.input_size, scale=crop_scale, ratio=(3 / 4, 4 / 3)),
-                transforms.RandomHorizontalFlip(p=0.5)]
+        crop = [
+            transforms.RandomResizedCrop(pre.input_size, scale=crop_scale, ratio=(3 / 4, 4 / 3)),
+            transforms.RandomHorizontalFlip(p=0.5),
+        ]
     elif input_set == "cifar224":  # crop at 256/224 of the input, then centre-crop, flip, jitter
-        crop = [transforms.RandomResizedCrop(pre.resize, interpolation=_INTERPOLATION["bicubic"]),
-                transforms.CenterCrop(pre.input_size), transforms.RandomHorizontalFlip(p=0.5),
-                transforms.ColorJitter(brightness=0.25)]
+        crop = [
+            transforms.RandomResizedCrop(pre.resize, interpolation=_INTERPOLATION["bicubic"]),
+            transforms.CenterCrop(pre.input_size),
+            transforms.RandomHorizontalFlip(p=0.5),
+            transforms.ColorJitter(brightness=0.25),
+        ]
     elif input_set in ("imageneta", "vtab"):  # timm's crop with a random interpolation per image
         from timm.data import RandomResizedCropAndInterpolation
 
-        crop = [RandomResizedCropAndInterpolation(pre.input_size, interpolation="random"),
-                transforms.RandomHorizontalFlip(p=0.5)]
+        crop = [
+            RandomResizedCropAndInterpolation(pre.input_size, interpolation="random"),
+            transforms.RandomHorizontalFlip(p=0.5),
+        ]
         if input_set == "vtab":
             crop.append(transforms.ColorJitter(brightness=0.25))
     else:
@@ -153,12 +177,14 @@ def train_transform(pre: Preprocessing, crop_scale: tuple[float, float] = (0.05,
 
 def eval_transform(pre: Preprocessing):
     """Resize the shorter side to ``pre.resize`` (256/224 of the input), centre crop, normalise."""
-    return transforms.Compose([
-        transforms.Resize(pre.resize, interpolation=_INTERPOLATION[pre.interpolation]),
-        transforms.CenterCrop(pre.input_size),
-        transforms.ToTensor(),
-        transforms.Normalize(pre.mean, pre.std),
-    ])
+    return transforms.Compose(
+        [
+            transforms.Resize(pre.resize, interpolation=_INTERPOLATION[pre.interpolation]),
+            transforms.CenterCrop(pre.input_size),
+            transforms.ToTensor(),
+            transforms.Normalize(pre.mean, pre.std),
+        ]
+    )
 
 
 class LabelledImages(Dataset):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import gc
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,8 +87,19 @@ def _ort(path: Path, threads: int):
     return ort_session(path, threads)
 
 
-def bench_tasks(ckpt: Path, tasks: int, capacity: int, batches: list[int], rounds: int, eager_rounds: int,
-                eager_max_tasks_large_batch: int, threads: int, backbone: Path, workdir: Path, echo) -> list[dict]:
+def bench_tasks(
+    ckpt: Path,
+    tasks: int,
+    capacity: int,
+    batches: list[int],
+    rounds: int,
+    eager_rounds: int,
+    eager_max_tasks_large_batch: int,
+    threads: int,
+    backbone: Path,
+    workdir: Path,
+    echo,
+) -> list[dict]:
     """Time the three engines at ``tasks`` tasks; one result row per (batch, engine)."""
     import torch
 
@@ -115,8 +125,10 @@ def bench_tasks(ckpt: Path, tasks: int, capacity: int, batches: list[int], round
             with torch.no_grad():
                 model(torch.from_numpy(current["x"]))
 
-        engines = [Engine("artifact (ORT)", lambda: art.run(None, {INPUT: current["x"]}), rounds, art_load),
-                   Engine("backbone (ORT)", lambda: bb.run(None, {INPUT: current["x"]}), rounds, bb_load)]
+        engines = [
+            Engine("artifact (ORT)", lambda: art.run(None, {INPUT: current["x"]}), rounds, art_load),
+            Engine("backbone (ORT)", lambda: bb.run(None, {INPUT: current["x"]}), rounds, bb_load),
+        ]
         note = ""
         if batch > 1 and tasks > eager_max_tasks_large_batch:
             note = f"eager skipped at batch {batch} above {eager_max_tasks_large_batch} tasks"
@@ -131,33 +143,48 @@ def bench_tasks(ckpt: Path, tasks: int, capacity: int, batches: list[int], round
         for i in range(max(e.rounds for e in engines)):
             current["x"] = inputs[i % INPUTS]
             # Rotate the order so that no engine always follows the same one.
-            for e in engines[i % len(engines):] + engines[: i % len(engines)]:
+            for e in engines[i % len(engines) :] + engines[: i % len(engines)]:
                 if i < e.rounds:
                     e.call()
         base = {e.name: float(np.median(e.times)) for e in engines}
         for e in engines:
             med = base[e.name]
             p90, p99 = np.percentile(e.times, [90, 99]) * 1e3
-            rows.append({
-                "tasks": tasks, "batch": batch, "engine": e.name, "rounds": len(e.times), "ms": med * 1e3,
-                "p50_ms": med * 1e3, "p90_ms": float(p90), "p99_ms": float(p99),
-                "img_s": batch / med, "load_mb": e.load_bytes / 2**20, "peak_mb": e.peak_bytes / 2**20,
-                "vs_backbone": med / base["backbone (ORT)"],
-                "eager_vs": base["eager (PyTorch)"] / med if "eager (PyTorch)" in base else None, "note": note,
-            })
-    del model, art, bb
+            rows.append(
+                {
+                    "tasks": tasks,
+                    "batch": batch,
+                    "engine": e.name,
+                    "rounds": len(e.times),
+                    "ms": med * 1e3,
+                    "p50_ms": med * 1e3,
+                    "p90_ms": float(p90),
+                    "p99_ms": float(p99),
+                    "img_s": batch / med,
+                    "load_mb": e.load_bytes / 2**20,
+                    "peak_mb": e.peak_bytes / 2**20,
+                    "vs_backbone": med / base["backbone (ORT)"],
+                    "eager_vs": base["eager (PyTorch)"] / med if "eager (PyTorch)" in base else None,
+                    "note": note,
+                }
+            )
+    model = art = bb = None  # free this T's engines before the next (the closures above are done)
     gc.collect()
     shutil.rmtree(art_dir)
     return rows
 
 
 def format_rows(rows: list[dict]) -> list[str]:
-    out = [f"{'T':>4} {'batch':>5} {'engine':16} {'rounds':>6} {'median ms':>10} {'p90 ms':>8} {'p99 ms':>8} "
-           f"{'img/s':>7} {'load MB':>8} {'run peak MB':>11} {'x backbone':>10} {'eager / this':>12}"]
+    out = [
+        f"{'T':>4} {'batch':>5} {'engine':16} {'rounds':>6} {'median ms':>10} {'p90 ms':>8} {'p99 ms':>8} "
+        f"{'img/s':>7} {'load MB':>8} {'run peak MB':>11} {'x backbone':>10} {'eager / this':>12}"
+    ]
     for r in rows:
         eager = f"{r['eager_vs']:.1f}" if r["eager_vs"] is not None else "-"
-        out.append(f"{r['tasks']:>4} {r['batch']:>5} {r['engine']:16} {r['rounds']:>6} {r['ms']:>10.1f} "
-                   f"{r['p90_ms']:>8.1f} {r['p99_ms']:>8.1f} "
-                   f"{r['img_s']:>7.2f} {r['load_mb']:>8.0f} {r['peak_mb']:>11.0f} {r['vs_backbone']:>10.3f} {eager:>12}")
+        out.append(
+            f"{r['tasks']:>4} {r['batch']:>5} {r['engine']:16} {r['rounds']:>6} {r['ms']:>10.1f} "
+            f"{r['p90_ms']:>8.1f} {r['p99_ms']:>8.1f} "
+            f"{r['img_s']:>7.2f} {r['load_mb']:>8.0f} {r['peak_mb']:>11.0f} {r['vs_backbone']:>10.3f} {eager:>12}"
+        )
     notes = sorted({r["note"] for r in rows if r["note"]})
     return out + [f"note: {n}" for n in notes]

@@ -58,23 +58,48 @@ def export_dims(ckpt: dict, capacity: int, slot_classes: int | None = None) -> D
     if slot_classes is None:
         slot_classes = max(classes[1:], default=None) or ckpt.get("sequence", {}).get("increment") or classes[0]
     if any(c > slot_classes for c in classes[1:]):
-        raise CapacityError(f"--task-classes {slot_classes} is below the checkpoint's largest later task "
-                            f"({max(classes[1:])} classes)")
+        raise CapacityError(
+            f"--task-classes {slot_classes} is below the checkpoint's largest later task ({max(classes[1:])} classes)"
+        )
     if bb["embed_dim"] % bb["num_heads"]:
         raise CareError(f"embed_dim {bb['embed_dim']} is not a multiple of num_heads {bb['num_heads']}")
-    return Dims(embed_dim=bb["embed_dim"], depth=bb["depth"], num_heads=bb["num_heads"],
-                mlp_dim=int(bb["embed_dim"] * bb["mlp_ratio"]), img_size=bb["img_size"], patch_size=bb["patch_size"],
-                capacity=capacity, expert_dim=moe["expert_dim"], shared_dim=moe["shared_dim"],
-                topk_routers=moe["topk_routers"], topk_experts=moe["topk_experts"], first_classes=classes[0],
-                slot_classes=int(slot_classes))
+    return Dims(
+        embed_dim=bb["embed_dim"],
+        depth=bb["depth"],
+        num_heads=bb["num_heads"],
+        mlp_dim=int(bb["embed_dim"] * bb["mlp_ratio"]),
+        img_size=bb["img_size"],
+        patch_size=bb["patch_size"],
+        capacity=capacity,
+        expert_dim=moe["expert_dim"],
+        shared_dim=moe["shared_dim"],
+        topk_routers=moe["topk_routers"],
+        topk_experts=moe["topk_experts"],
+        first_classes=classes[0],
+        slot_classes=int(slot_classes),
+    )
 
 
 def _timm_keys(depth: int) -> set[str]:
     keys = {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias"}
     for i in range(depth):
-        keys |= {f"blocks.{i}.{k}" for k in (
-            "norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
-            "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias")}
+        keys |= {
+            f"blocks.{i}.{k}"
+            for k in (
+                "norm1.weight",
+                "norm1.bias",
+                "attn.qkv.weight",
+                "attn.qkv.bias",
+                "attn.proj.weight",
+                "attn.proj.bias",
+                "norm2.weight",
+                "norm2.bias",
+                "mlp.fc1.weight",
+                "mlp.fc1.bias",
+                "mlp.fc2.weight",
+                "mlp.fc2.bias",
+            )
+        }
     return keys
 
 
@@ -84,8 +109,9 @@ def backbone_arrays(state: dict[str, np.ndarray], dims: Dims, where: str) -> dic
     want = _timm_keys(dims.depth)
     extra = sorted(set(state) - want)
     if extra:
-        raise CareError(f"{where}: unsupported backbone feature (tensor {extra[0]}); only plain timm ViTs with a "
-                        f"CLS token export")
+        raise CareError(
+            f"{where}: unsupported backbone feature (tensor {extra[0]}); only plain timm ViTs with a CLS token export"
+        )
     missing = sorted(want - set(state))
     if missing:
         raise CareError(f"{where}: backbone lacks {missing[0]}")
@@ -93,29 +119,47 @@ def backbone_arrays(state: dict[str, np.ndarray], dims: Dims, where: str) -> dic
     scale = np.ones(3 * d)
     scale[:d] = (d // dims.num_heads) ** -0.5
     out = {
-        "vit.patch_embed.weight": state["patch_embed.proj.weight"], "vit.patch_embed.bias": state["patch_embed.proj.bias"],
-        "vit.cls_token": state["cls_token"], "vit.pos_embed": state["pos_embed"],
-        "vit.norm.weight": state["norm.weight"], "vit.norm.bias": state["norm.bias"],
+        "vit.patch_embed.weight": state["patch_embed.proj.weight"],
+        "vit.patch_embed.bias": state["patch_embed.proj.bias"],
+        "vit.cls_token": state["cls_token"],
+        "vit.pos_embed": state["pos_embed"],
+        "vit.norm.weight": state["norm.weight"],
+        "vit.norm.bias": state["norm.bias"],
     }
     for i in range(dims.depth):
         t, b = f"blocks.{i}.", f"vit.blocks.{i}."
-        out.update({
-            b + "norm1.weight": state[t + "norm1.weight"], b + "norm1.bias": state[t + "norm1.bias"],
-            b + "attn.qkv": (state[t + "attn.qkv.weight"].astype(np.float64) * scale[:, None]).T,
-            b + "attn.qkv_bias": state[t + "attn.qkv.bias"].astype(np.float64) * scale,
-            b + "attn.proj": state[t + "attn.proj.weight"].T, b + "attn.proj_bias": state[t + "attn.proj.bias"],
-            b + "norm2.weight": state[t + "norm2.weight"], b + "norm2.bias": state[t + "norm2.bias"],
-            b + "mlp.fc1": state[t + "mlp.fc1.weight"].T, b + "mlp.fc1_bias": state[t + "mlp.fc1.bias"],
-            b + "mlp.fc2": state[t + "mlp.fc2.weight"].T, b + "mlp.fc2_bias": state[t + "mlp.fc2.bias"],
-        })
+        out.update(
+            {
+                b + "norm1.weight": state[t + "norm1.weight"],
+                b + "norm1.bias": state[t + "norm1.bias"],
+                b + "attn.qkv": (state[t + "attn.qkv.weight"].astype(np.float64) * scale[:, None]).T,
+                b + "attn.qkv_bias": state[t + "attn.qkv.bias"].astype(np.float64) * scale,
+                b + "attn.proj": state[t + "attn.proj.weight"].T,
+                b + "attn.proj_bias": state[t + "attn.proj.bias"],
+                b + "norm2.weight": state[t + "norm2.weight"],
+                b + "norm2.bias": state[t + "norm2.bias"],
+                b + "mlp.fc1": state[t + "mlp.fc1.weight"].T,
+                b + "mlp.fc1_bias": state[t + "mlp.fc1.bias"],
+                b + "mlp.fc2": state[t + "mlp.fc2.weight"].T,
+                b + "mlp.fc2_bias": state[t + "mlp.fc2.bias"],
+            }
+        )
     for name, shape in backbone_shapes(dims).items():
         if tuple(out[name].shape) != shape:
             raise CareError(f"{where}: backbone tensor for {name} has shape {tuple(out[name].shape)}, expected {shape}")
     return out
 
 
-def _write_graph(directory: Path, dims: Dims, specs, opset: int, batch: int | None, moe: bool,
-                 predict: str = "single", scale: float = COS_SCALE) -> None:
+def _write_graph(
+    directory: Path,
+    dims: Dims,
+    specs,
+    opset: int,
+    batch: int | None,
+    moe: bool,
+    predict: str = "single",
+    scale: float = COS_SCALE,
+) -> None:
     path = directory / MODEL_FILE
     if predict == "iterative":
         model = build_iterative_model(dims, specs, opset, batch, scale)
@@ -135,9 +179,19 @@ def first_tasks(ckpt: dict, tasks: int) -> dict:
     return dict(ckpt, tasks=entries, classes=dict(ckpt["classes"], names=names))
 
 
-def export_artifact(ckpt_dir: str | Path, out: str | Path, capacity: int, *, opset: int = MIN_OPSET,
-                    batch: int | None = None, slot_classes: int | None = None, tasks: int | None = None,
-                    force: bool = False, progress=None, predict: str = "single") -> dict:
+def export_artifact(
+    ckpt_dir: str | Path,
+    out: str | Path,
+    capacity: int,
+    *,
+    opset: int = MIN_OPSET,
+    batch: int | None = None,
+    slot_classes: int | None = None,
+    tasks: int | None = None,
+    force: bool = False,
+    progress=None,
+    predict: str = "single",
+) -> dict:
     """Write the artifact of checkpoint ``ckpt_dir`` for ``capacity`` tasks into ``out``.
 
     ``predict``: ``"single"`` (output ``logits``) or ``"iterative"`` (the reference's iterative
@@ -198,8 +252,10 @@ def export_artifact(ckpt_dir: str | Path, out: str | Path, capacity: int, *, ops
             **checkpoint_fields(ckpt, digests),
             "inputs": {INPUT: {"shape": [bdim, dims.in_chans, dims.img_size, dims.img_size], "dtype": "float32"}},
             "outputs": {
-                (SCORES if predict == "iterative" else LOGITS): {"shape": [bdim, dims.class_capacity],
-                                                                 "dtype": "float32"},
+                (SCORES if predict == "iterative" else LOGITS): {
+                    "shape": [bdim, dims.class_capacity],
+                    "dtype": "float32",
+                },
                 ROUTING_TASKS: {"shape": [bdim, dims.depth, m], "dtype": "int64"},
                 ROUTING_EXPERTS: {"shape": [bdim, dims.depth, m, k], "dtype": "int64"},
             },

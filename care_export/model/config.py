@@ -37,7 +37,7 @@ class BackboneConfig:
         )
 
     @classmethod
-    def for_model(cls, name: str, **overrides) -> "BackboneConfig":
+    def for_model(cls, name: str, **overrides) -> BackboneConfig:
         """The sizes of a registered timm ViT, with ``overrides`` applied."""
         import timm
 

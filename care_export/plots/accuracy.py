@@ -25,13 +25,23 @@ def plot_accuracy(metrics: dict, path: str | Path, title: str = "") -> dict:
     fig = new_figure(9.5 if n > 1 else 5, 3.6)
     left, right = fig.subplots(1, 2, width_ratios=(1.2, 1))
     (line,) = left.plot(tasks, [np.nan if a is None else a for a in top1], marker="o")
-    left.set(xlabel="tasks learned", ylabel="top-1 % (all seen classes)", ylim=(0, 100),
-             title=title or "accuracy after each task")
+    left.set(
+        xlabel="tasks learned",
+        ylabel="top-1 % (all seen classes)",
+        ylim=(0, 100),
+        title=title or "accuracy after each task",
+    )
     ticks = tasks if n <= 20 else np.linspace(1, n, 11).round()
     left.set_xticks(ticks)
     left.grid(alpha=0.3)
-    image = right.imshow(np.ma.masked_invalid(grid), vmin=0, vmax=100, cmap="viridis", origin="upper",
-                         extent=(0.5, n + 0.5, n + 0.5, 0.5))
+    image = right.imshow(
+        np.ma.masked_invalid(grid),
+        vmin=0,
+        vmax=100,
+        cmap="viridis",
+        origin="upper",
+        extent=(0.5, n + 0.5, n + 0.5, 0.5),
+    )
     right.set(xlabel="task j (its classes)", ylabel="after learning task i", title="accuracy matrix, top-1 %")
     right.set_xticks(ticks)
     right.set_yticks(ticks)
@@ -40,13 +50,23 @@ def plot_accuracy(metrics: dict, path: str | Path, title: str = "") -> dict:
         for i in range(n):
             for j in range(n):
                 if not np.isnan(grid[i, j]):
-                    right.text(j + 1, i + 1, f"{grid[i, j]:.0f}", ha="center", va="center", fontsize=8,
-                               color="white" if grid[i, j] < 60 else "black")
+                    right.text(
+                        j + 1,
+                        i + 1,
+                        f"{grid[i, j]:.0f}",
+                        ha="center",
+                        va="center",
+                        fontsize=8,
+                        color="white" if grid[i, j] < 60 else "black",
+                    )
     save_figure(fig, path)
 
     def plain(values):
         return [None if np.ma.is_masked(v) or np.isnan(v) else float(v) for v in values]
 
     drawn = image.get_array()
-    return {"tasks": [int(t) for t in line.get_xdata()], "top1": plain(line.get_ydata()),
-            "matrix": [plain(drawn[i, : i + 1]) for i in range(n)]}
+    return {
+        "tasks": [int(t) for t in line.get_xdata()],
+        "top1": plain(line.get_ydata()),
+        "matrix": [plain(drawn[i, : i + 1]) for i in range(n)],
+    }

@@ -33,5 +33,7 @@ def plot_latency(rows: list[dict], path: str | Path) -> dict:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     save_figure(fig, path)
-    return {k: {"tasks": [int(t) for t in ln.get_xdata()], "ms": [float(v) for v in ln.get_ydata()]}
-            for k, ln in lines.items()}
+    return {
+        k: {"tasks": [int(t) for t in ln.get_xdata()], "ms": [float(v) for v in ln.get_ydata()]}
+        for k, ln in lines.items()
+    }

@@ -108,8 +108,17 @@ class PseudoFeatures:
         return x.reshape(c * per_class, d), labels
 
 
-def align_classifier(head, sampler: PseudoFeatures, *, lr: float, epochs: int, per_class: int, scale: float,
-                     weight_decay: float, progress: bool = False) -> float:
+def align_classifier(
+    head,
+    sampler: PseudoFeatures,
+    *,
+    lr: float,
+    epochs: int,
+    per_class: int,
+    scale: float,
+    weight_decay: float,
+    progress: bool = False,
+) -> float:
     """Retrain ``head`` alone with cross-entropy on ``scale * cos`` over pseudo-features.
 
     Every epoch draws ``per_class`` features for each class and takes one step per class'
@@ -121,13 +130,15 @@ def align_classifier(head, sampler: PseudoFeatures, *, lr: float, epochs: int, p
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=CA_SCHEDULE_PERIOD)
     acc = 0.0
-    for _ in tqdm(range(epochs), desc="aligning classifier", unit="epoch", leave=False, disable=None if progress else True):
+    for _ in tqdm(
+        range(epochs), desc="aligning classifier", unit="epoch", leave=False, disable=None if progress else True
+    ):
         x, y = sampler.sample(per_class)
         order = torch.randperm(len(y), device=x.device)
         x, y = x[order], y[order]
         correct = 0
         for i in range(sampler.num_classes):
-            xb, yb = x[i * per_class:(i + 1) * per_class], y[i * per_class:(i + 1) * per_class]
+            xb, yb = x[i * per_class : (i + 1) * per_class], y[i * per_class : (i + 1) * per_class]
             logits = scale * head(xb)
             loss = F.cross_entropy(logits, yb)
             opt.zero_grad(set_to_none=True)

@@ -61,16 +61,24 @@ class Metrics:
         n = len(self.matrix)
         if n < 2:
             return 0.0
-        drops = [max(a for i in range(j, n) if (a := self.matrix[i][j]) is not None) - self.matrix[-1][j]
-                 for j in range(n - 1) if self.matrix[-1][j] is not None]
+        drops = [
+            max(a for i in range(j, n) if (a := self.matrix[i][j]) is not None) - self.matrix[-1][j]
+            for j in range(n - 1)
+            if self.matrix[-1][j] is not None
+        ]
         return sum(drops) / len(drops) if drops else 0.0
 
     def to_dict(self) -> dict:
-        return {"top1": self.top1, "matrix": self.matrix, "a_bar": _round(self.a_bar),
-                "a_last": self.a_last, "forgetting": round(self.forgetting, 4)}
+        return {
+            "top1": self.top1,
+            "matrix": self.matrix,
+            "a_bar": _round(self.a_bar),
+            "a_last": self.a_last,
+            "forgetting": round(self.forgetting, 4),
+        }
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "Metrics":
+    def from_dict(cls, d: dict | None) -> Metrics:
         return cls(d["top1"], d["matrix"]) if d else cls()
 
     def table(self, max_columns: int = 10) -> str:
@@ -84,8 +92,9 @@ class Metrics:
             if per_task:
                 row += "".join(f" {_pct(a, 6, 1)}" for a in self.matrix[i])
             lines.append(row)
-        lines.append(f"A-bar {_pct(self.a_bar, 0, 2)}%  A_B {_pct(self.a_last, 0, 2)}%  "
-                     f"forgetting {self.forgetting:.2f}")
+        lines.append(
+            f"A-bar {_pct(self.a_bar, 0, 2)}%  A_B {_pct(self.a_last, 0, 2)}%  forgetting {self.forgetting:.2f}"
+        )
         return "\n".join(lines)
 
 

@@ -27,8 +27,8 @@ from runtime.cache import default_cache_dir
 from runtime.preprocess import Preprocessing
 
 from ..data.builtin import PRETRAIN_FIRST_CLASS, BuiltinSource
-from ..model.config import BackboneConfig, backbone_config
 from ..data.sources import LabelledImages, train_transform
+from ..model.config import BackboneConfig, backbone_config
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,9 @@ class PretrainConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def pretrained_backbone(cfg: PretrainConfig = PretrainConfig(), cache_dir: str | Path | None = None,
-                        progress: bool = True) -> Path:
+def pretrained_backbone(
+    cfg: PretrainConfig = PretrainConfig(), cache_dir: str | Path | None = None, progress: bool = True
+) -> Path:
     """Path of the pre-trained backbone weights (safetensors), trained now if not cached."""
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = cache / "pretrained" / f"{cfg.backbone.name}-{cfg.backbone.img_size}px-{cfg.key()}.safetensors"
@@ -73,8 +74,11 @@ def pretrained_backbone(cfg: PretrainConfig = PretrainConfig(), cache_dir: str |
     vit = pretrain(cfg, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     with replacing(path) as tmp:
-        save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(tmp),
-                  metadata={"pretrain": json.dumps(asdict(cfg))})
+        save_file(
+            {k: v.contiguous() for k, v in vit.state_dict().items()},
+            str(tmp),
+            metadata={"pretrain": json.dumps(asdict(cfg))},
+        )
     return path
 
 
@@ -85,12 +89,19 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> nn.Module:
     torch.manual_seed(cfg.seed)
     vit = timm.create_model(cfg.backbone.name, pretrained=False, **cfg.backbone.timm_kwargs())
     head = nn.Linear(cfg.backbone.embed_dim, cfg.classes)
-    source = BuiltinSource(cfg.classes, first_class=PRETRAIN_FIRST_CLASS, train_per_class=cfg.images_per_class,
-                           test_per_class=1, image_size=cfg.backbone.img_size, seed=cfg.data_seed)
+    source = BuiltinSource(
+        cfg.classes,
+        first_class=PRETRAIN_FIRST_CLASS,
+        train_per_class=cfg.images_per_class,
+        test_per_class=1,
+        image_size=cfg.backbone.img_size,
+        seed=cfg.data_seed,
+    )
     labels = list(range(cfg.classes))
     data = LabelledImages(source, "train", labels, labels, train_transform(BUILTIN_PREPROCESSING, cfg.crop_scale))
-    loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                        generator=torch.Generator().manual_seed(cfg.seed))
+    loader = DataLoader(
+        data, batch_size=cfg.batch_size, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(cfg.seed)
+    )
     params = list(vit.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = cfg.epochs * len(loader)
@@ -117,7 +128,12 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> nn.Module:
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
         bar.set_postfix(loss=f"{loss.item():.3f}", train_acc=f"{100 * correct / seen:.1f}%")
-        log.debug("pre-training epoch %d/%d: loss %.3f, train accuracy %.1f%%", epoch + 1, cfg.epochs, loss.item(),
-                  100 * correct / seen)
+        log.debug(
+            "pre-training epoch %d/%d: loss %.3f, train accuracy %.1f%%",
+            epoch + 1,
+            cfg.epochs,
+            loss.item(),
+            100 * correct / seen,
+        )
     vit.requires_grad_(False)
     return vit.eval()

@@ -34,17 +34,67 @@ DATASETS = {
 }
 
 # Keys of the reference's runner that change nothing the model learns here.
-_NO_EFFECT = ("prefix", "device", "memory_per_class", "fixed_memory", "ca_storage_efficient_method_choices",
-              "pretrained", "init_milestones", "init_lr_decay", "r", "reg", "reinit_optimizer", "use_orth")
+_NO_EFFECT = (
+    "prefix",
+    "device",
+    "memory_per_class",
+    "fixed_memory",
+    "ca_storage_efficient_method_choices",
+    "pretrained",
+    "init_milestones",
+    "init_lr_decay",
+    "r",
+    "reg",
+    "reinit_optimizer",
+    "use_orth",
+)
 # Keys whose only supported value is the reference's CaRE one.
-_REQUIRED_VALUES = {"model_name": "care", "optimizer": "sgd", "scheduler": "cosine", "memory_size": 0,
-                    "shuffle": True, "drop": 0, "drop_path": 0}
-_MAPPED = ("dataset", "init_cls", "increment", "seed", "backbone_type", "tuned_epoch", "init_lr", "batch_size",
-           "weight_decay", "min_lr", "crct_epochs", "ca_lr", "ca_storage_efficient_method", "decay", "scale", "m",
-           "expert_dim", "adapter_dim", "topk_experts", "topk_routers", "amp", "iter_pred", "aux_cos_loss",
-           "self_dist_loss")
-_REQUIRED = ("dataset", "init_cls", "increment", "tuned_epoch", "init_lr", "batch_size", "crct_epochs", "ca_lr",
-             "ca_storage_efficient_method")
+_REQUIRED_VALUES = {
+    "model_name": "care",
+    "optimizer": "sgd",
+    "scheduler": "cosine",
+    "memory_size": 0,
+    "shuffle": True,
+    "drop": 0,
+    "drop_path": 0,
+}
+_MAPPED = (
+    "dataset",
+    "init_cls",
+    "increment",
+    "seed",
+    "backbone_type",
+    "tuned_epoch",
+    "init_lr",
+    "batch_size",
+    "weight_decay",
+    "min_lr",
+    "crct_epochs",
+    "ca_lr",
+    "ca_storage_efficient_method",
+    "decay",
+    "scale",
+    "m",
+    "expert_dim",
+    "adapter_dim",
+    "topk_experts",
+    "topk_routers",
+    "amp",
+    "iter_pred",
+    "aux_cos_loss",
+    "self_dist_loss",
+)
+_REQUIRED = (
+    "dataset",
+    "init_cls",
+    "increment",
+    "tuned_epoch",
+    "init_lr",
+    "batch_size",
+    "crct_epochs",
+    "ca_lr",
+    "ca_storage_efficient_method",
+)
 
 
 @dataclass(frozen=True)
@@ -119,19 +169,32 @@ def parse(raw: dict, where: str) -> ReferenceSettings:
 
     (mean, std), input_set = DATASETS[dataset]
     options = dict(
-        init_cls=int(raw["init_cls"]), increment=int(raw["increment"]), seed=int(seeds[0]),
-        backbone=BACKBONES[backbone], epochs=int(raw["tuned_epoch"]), lr=float(raw["init_lr"]),
-        batch_size=int(raw["batch_size"]), weight_decay=float(raw.get("weight_decay", 5e-4)),
-        min_lr=float(raw.get("min_lr", 1e-8)), ca_epochs=int(raw["crct_epochs"]), ca_lr=float(raw["ca_lr"]),
+        init_cls=int(raw["init_cls"]),
+        increment=int(raw["increment"]),
+        seed=int(seeds[0]),
+        backbone=BACKBONES[backbone],
+        epochs=int(raw["tuned_epoch"]),
+        lr=float(raw["init_lr"]),
+        batch_size=int(raw["batch_size"]),
+        weight_decay=float(raw.get("weight_decay", 5e-4)),
+        min_lr=float(raw.get("min_lr", 1e-8)),
+        ca_epochs=int(raw["crct_epochs"]),
+        ca_lr=float(raw["ca_lr"]),
         ca_method=str(raw["ca_storage_efficient_method"]),
         align_decay="reference" if raw.get("decay", False) else "off",
-        scale=float(raw.get("scale", COS_SCALE)), margin=float(raw.get("m", 0.0)),
-        expert_dim=int(raw.get("expert_dim", 16)), shared_dim=int(raw.get("adapter_dim", 64)),
-        topk_experts=int(raw.get("topk_experts", 3)), topk_routers=int(raw.get("topk_routers", 2)),
+        scale=float(raw.get("scale", COS_SCALE)),
+        margin=float(raw.get("m", 0.0)),
+        expert_dim=int(raw.get("expert_dim", 16)),
+        shared_dim=int(raw.get("adapter_dim", 64)),
+        topk_experts=int(raw.get("topk_experts", 3)),
+        topk_routers=int(raw.get("topk_routers", 2)),
         amp=bool(raw.get("amp", False)),
         # The reference evaluates iteratively unless the configuration says iter_pred: false.
         eval_mode="iterative" if raw.get("iter_pred", True) else "single",
-        aux_cos_loss=bool(raw.get("aux_cos_loss", True)), self_dist_loss=bool(raw.get("self_dist_loss", True)),
-        mean=(mean,) * 3, std=(std,) * 3, input_set=input_set,
+        aux_cos_loss=bool(raw.get("aux_cos_loss", True)),
+        self_dist_loss=bool(raw.get("self_dist_loss", True)),
+        mean=(mean,) * 3,
+        std=(std,) * 3,
+        input_set=input_set,
     )
     return ReferenceSettings(where, dataset, options)

@@ -31,8 +31,16 @@ def _warm_up(runner, graph) -> None:
         raise BackendError(f"{runner.providers[0]} failed its first run: {str(exc).strip().splitlines()[0]}") from None
 
 
-def open_runner(graph, *, device: str = "auto", backend: str = "auto", threads: int | None = None,
-                providers: list[str] | None = None, cache_root: Path, max_batch: int = 64):
+def open_runner(
+    graph,
+    *,
+    device: str = "auto",
+    backend: str = "auto",
+    threads: int | None = None,
+    providers: list[str] | None = None,
+    cache_root: Path,
+    max_batch: int = 64,
+):
     """The runner for ``device`` and ``backend``.
 
     ``backend="auto"`` and ``"onnxruntime"`` use ONNX Runtime with the best provider for the
@@ -63,8 +71,9 @@ def open_runner(graph, *, device: str = "auto", backend: str = "auto", threads: 
     for i, chosen in enumerate(candidates):
         last = providers or i == len(candidates) - 1
         try:
-            runner = OrtRunner(graph, chosen, device_index=index, threads=threads, cache_root=cache_root,
-                               max_batch=max_batch)
+            runner = OrtRunner(
+                graph, chosen, device_index=index, threads=threads, cache_root=cache_root, max_batch=max_batch
+            )
             if runner.on_gpu:
                 _warm_up(runner, graph)
             return runner

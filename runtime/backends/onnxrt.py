@@ -98,8 +98,16 @@ class OrtRunner:
 
     backend = "onnxruntime"
 
-    def __init__(self, graph, providers: list[str], *, device_index: int = 0, threads: int | None = None,
-                 cache_root: Path | None = None, max_batch: int = 64):
+    def __init__(
+        self,
+        graph,
+        providers: list[str],
+        *,
+        device_index: int = 0,
+        threads: int | None = None,
+        cache_root: Path | None = None,
+        max_batch: int = 64,
+    ):
         ort = _ort()
         self.graph = graph
         self.device_index = device_index
@@ -122,15 +130,19 @@ class OrtRunner:
         if providers[0] != CPU and hasattr(ort, "preload_dlls"):
             ort.preload_dlls()  # CUDA and cuDNN from the nvidia-* wheels, when that is where they are
         try:
-            self.sess = ort.InferenceSession(graph.model, sess_options=opts, providers=providers,
-                                             provider_options=options, enable_fallback=0)
+            self.sess = ort.InferenceSession(
+                graph.model, sess_options=opts, providers=providers, provider_options=options, enable_fallback=0
+            )
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-            raise BackendError(f"ONNX Runtime cannot load the graph with {providers[0]}: "
-                               f"{str(exc).strip().splitlines()[0]}") from None
+            raise BackendError(
+                f"ONNX Runtime cannot load the graph with {providers[0]}: {str(exc).strip().splitlines()[0]}"
+            ) from None
         self.providers = self.sess.get_providers()
         if self.providers[0] != providers[0]:
-            raise BackendError(f"{providers[0]} did not start (ONNX Runtime runs {', '.join(self.providers)}); "
-                               f"check the CUDA, cuDNN and TensorRT libraries")
+            raise BackendError(
+                f"{providers[0]} did not start (ONNX Runtime runs {', '.join(self.providers)}); "
+                f"check the CUDA, cuDNN and TensorRT libraries"
+            )
         self.on_gpu = self.providers[0] != CPU
         self.device = f"cuda:{device_index}" if self.on_gpu else "cpu"
         self._weights = {name: self._ortvalue(v) for name, v in graph.weights.items()}
@@ -146,10 +158,12 @@ class OrtRunner:
             "trt_timing_cache_path": cache,
         }
         if g.batch is None:  # one profile over the batch; the growth tensors have static shapes
-            shape = "x3x{0}x{0}".format(g.input_size)
-            options.update(trt_profile_min_shapes=f"{g.input}:1{shape}",
-                           trt_profile_opt_shapes=f"{g.input}:{max_batch}{shape}",
-                           trt_profile_max_shapes=f"{g.input}:{max_batch}{shape}")
+            shape = f"x3x{g.input_size}x{g.input_size}"
+            options.update(
+                trt_profile_min_shapes=f"{g.input}:1{shape}",
+                trt_profile_opt_shapes=f"{g.input}:{max_batch}{shape}",
+                trt_profile_max_shapes=f"{g.input}:{max_batch}{shape}",
+            )
         return options
 
     def _ortvalue(self, array: np.ndarray):
@@ -185,4 +199,3 @@ class OrtRunner:
     def close(self) -> None:
         self._weights.clear()
         self.sess = None
-
