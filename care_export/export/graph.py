@@ -174,15 +174,19 @@ def _brmoe(g: Builder, dims: Dims, i: int, xa: str, s: _Shared) -> tuple[str, st
     d, r, cap = dims.embed_dim, dims.expert_dim, dims.capacity
     m, k = routing_widths(dims)
     w = lambda name: g.weight(p + name)  # noqa: E731
+    scope = g.scope  # node names carry the stage (benchmarks/profile_graph.py groups by it)
 
+    g.scope = f"{scope}/norm"
     # Affine-free LayerNorm shared by every expert and the shared expert (affines are folded).
     xh = g.layer_norm(xa, s.ones, None, PART_LN_EPS)
 
+    g.scope = f"{scope}/cls"
     # 1. Every slot's expert on the CLS token, down projection only: one GEMM over (cap*r, d).
     hidden = g.op("Relu", g.op("Gemm", g.op("Gather", xh, s.i0, axis=1), w("experts.down"), w("experts.down_bias"),
                                transB=1))
     h = g.op("Transpose", g.op("Reshape", hidden, g.i64([0, cap, r])), perm=[1, 0, 2])  # (cap, B, r)
 
+    g.scope = f"{scope}/perceptors"
     # 2. Perceptor entropies; task 0 has its own (wider) perceptor, unused slots never win.
     ent0 = _perceptor_entropy(g, g.op("Gather", h, s.i0, axis=0), p + "perceptor0.proj", p + "perceptor0.shift",
                               p + "perceptor0.bias", dims.first_classes, r)
@@ -193,6 +197,7 @@ def _brmoe(g: Builder, dims: Dims, i: int, xa: str, s: _Shared) -> tuple[str, st
     if s.forced is not None:
         ent = g.op("Where", s.forced, s.neg_inf, ent)
 
+    g.scope = f"{scope}/select_routers"
     # 3. M routers of lowest entropy; picks beyond the active tasks (T < M) point at slot 0, weight 0.
     _, sel = g.op("TopK", ent, g.i64([m]), axis=-1, largest=0, outputs=2)
     router_ok = g.op("Less", sel, s.active_tasks)
@@ -200,6 +205,7 @@ def _brmoe(g: Builder, dims: Dims, i: int, xa: str, s: _Shared) -> tuple[str, st
     flat_h = g.op("Reshape", h, g.i64([-1, r]))
     h_sel = g.op("Gather", flat_h, g.op("Add", g.op("Mul", sel0, s.scalar_batch), s.batch_col))  # (B, M, r)
 
+    g.scope = f"{scope}/router_logits"
     # 4. Logits of the selected routers: rows base(t) + min(e, t) of the packed table; e > t masked.
     sel_u = g.op("Unsqueeze", sel0, g.i64([-1]))  # (B, M, 1)
     rows = g.op("Add", g.op("Gather", s.router_base, sel_u), g.op("Min", s.iota, sel_u))  # (B, M, cap)
@@ -207,12 +213,14 @@ def _brmoe(g: Builder, dims: Dims, i: int, xa: str, s: _Shared) -> tuple[str, st
     logits = g.op("Add", g.op("Squeeze", logits, g.i64([-1])), g.op("Gather", w("routers.bias"), rows))
     logits = g.op("Where", g.op("LessOrEqual", s.iota, sel_u), logits, s.neg_inf)
 
+    g.scope = f"{scope}/select_experts"
     # 5. K experts per router, softmax over the kept K (the reference's -100 fill is e^-100 ~ 0).
     vals, eidx = g.op("TopK", logits, g.i64([k]), axis=-1, outputs=2)
     kept = g.op("And", g.op("LessOrEqual", eidx, sel_u), g.op("Unsqueeze", router_ok, g.i64([-1])))
     weights = g.op("Reshape", g.op("Where", kept, g.op("Softmax", vals, axis=-1), s.zero), g.i64([0, m * k]))
     idx = g.op("Reshape", g.op("Where", kept, eidx, s.i0), g.i64([0, m * k]))
 
+    g.scope = f"{scope}/experts"
     # 6. The M*K selected experts and the shared expert over all tokens, as two batched matmuls.
     sh = lambda name: g.weight(p + "shared." + name)  # noqa: E731
     rows = g.op("Reshape", g.op("Add", g.op("Mul", g.op("Unsqueeze", idx, g.i64([-1])), g.i64(r)), s.iota_r),
@@ -230,6 +238,7 @@ def _brmoe(g: Builder, dims: Dims, i: int, xa: str, s: _Shared) -> tuple[str, st
     h = g.op("Relu", g.op("Add", g.op("MatMul", xh, g.op("Transpose", down, perm=[0, 2, 1])), down_b))
     out = g.op("Add", g.op("MatMul", h, up), up_b)
 
+    g.scope = f"{scope}/outputs"
     tasks = g.op("Where", router_ok, sel, s.im1)
     experts = g.op("Where", kept, eidx, s.im1)
     return out, tasks, experts
