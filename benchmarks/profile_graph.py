@@ -42,8 +42,9 @@ def _session(model: Path, threads: int):
     return ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
 
 
-def summarize(events: list[dict], warmup: int) -> tuple[int, dict, dict, float]:
-    """``(nodes per run, ms per op type, ms per stage, ms per run)`` of a profile, per-run medians."""
+def summarize(events: list[dict], warmup: int) -> tuple[int, dict, dict, dict, float]:
+    """``(nodes per run, ms per op type, ms per stage, ms per BR-MoE stage and op type, ms per run)``
+    of a profile, per-run medians."""
     run_starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e["name"] == "model_run")
     per_run = [defaultdict(list) for _ in run_starts]
     for e in events:
@@ -51,20 +52,20 @@ def summarize(events: list[dict], warmup: int) -> tuple[int, dict, dict, float]:
             j = int(np.searchsorted(run_starts, e["ts"], side="right")) - 1
             per_run[j][e["name"][: -len("_kernel_time")]].append((e["args"].get("op_name", "?"), e["dur"]))
     per_run = per_run[warmup:]
-    by_op, by_stage, totals = defaultdict(list), defaultdict(list), []
+    by_op, by_stage, by_both, totals = defaultdict(list), defaultdict(list), defaultdict(list), []
     for r in per_run:
-        ops, stages = defaultdict(float), defaultdict(float)
+        ops, stages, both = defaultdict(float), defaultdict(float), defaultdict(float)
         for name, items in r.items():
             for op, dur in items:
                 ops[op] += dur / 1e3
                 stages[stage_of(name)] += dur / 1e3
-        for k, v in ops.items():
-            by_op[k].append(v)
-        for k, v in stages.items():
-            by_stage[k].append(v)
+                both[f"{stage_of(name)}/{op}"] += dur / 1e3
+        for acc, new in ((by_op, ops), (by_stage, stages), (by_both, both)):
+            for k, v in new.items():
+                acc[k].append(v)
         totals.append(sum(ops.values()))
     med = lambda d: {k: float(np.median(v)) for k, v in d.items()}  # noqa: E731
-    return len(per_run[0]), med(by_op), med(by_stage), float(np.median(totals))
+    return len(per_run[0]), med(by_op), med(by_stage), med(by_both), float(np.median(totals))
 
 
 def profile(models: dict[str, Path], batch: int, runs: int, threads: int, img: int, warmup: int = 2) -> dict:
@@ -79,9 +80,9 @@ def profile(models: dict[str, Path], batch: int, runs: int, threads: int, img: i
 
 
 def table(title: str, rows: dict[str, float], total: float, top: int) -> list[str]:
-    out = [f"  {title:24} {'ms':>8} {'share':>6}"]
+    out = [f"  {title:32} {'ms':>8} {'share':>6}"]
     for k, v in sorted(rows.items(), key=lambda kv: -kv[1])[:top]:
-        out.append(f"  {k:24} {v:8.2f} {v / total:6.1%}")
+        out.append(f"  {k:32} {v:8.2f} {v / total:6.1%}")
     return out
 
 
@@ -94,6 +95,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--top", type=int, default=14, help="op types shown")
+    ap.add_argument("--detail", type=int, default=0, help="also show this many BR-MoE (stage, op type) rows")
     args = ap.parse_args()
 
     from care_export.export.writer import export_artifact, export_backbone
@@ -109,12 +111,15 @@ def main() -> None:
     models = {"artifact": work / "art" / "model.onnx", "backbone": backbone}
     for batch in args.batch:
         results = profile(models, batch, args.runs, args.threads, img)
-        for name, (n, ops, stages, total) in results.items():
+        for name, (n, ops, stages, both, total) in results.items():
             print(f"\n{name}, T={tasks}, capacity {args.capacity or tasks}, batch {batch}: {n} nodes run, "
                   f"{total:.1f} ms of node time per run (median of {args.runs}, interleaved)")
             print("\n".join(table("op type", ops, total, args.top)))
             if name == "artifact":
                 print("\n".join(table("stage", stages, total, 20)))
+                if args.detail:
+                    moe = {k: v for k, v in both.items() if not k.startswith("backbone/")}
+                    print("\n".join(table("stage/op type", moe, total, args.detail)))
 
 if __name__ == "__main__":
     main()
