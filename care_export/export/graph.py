@@ -6,13 +6,17 @@ opset and the batch size alone, and every weight is an external initializer name
 give the same ``model.onnx`` bytes whatever the number of learned tasks.
 
 Per block the BR-MoE runs every expert's down projection on the CLS token only (one GEMM over
-the slots' weights laid side by side), computes every perceptor's entropy from those hidden
-activations (the up projection is folded into perceptors and routers, runtime/packing.py), masks
-unused slots to +inf, picks M routers (TopK, smallest entropy), gathers their rows from the
-packed router table, keeps K experts each (TopK, softmax over the kept K), and runs only those
-experts and the shared expert over all tokens (two batched matmuls over gathered, concatenated
-weights). Invalid picks (T < M, T < K) are redirected to slot 0 and weighted 0, so unused
-slots never reach the routing decisions or the token path whatever they hold.
+the slots' weights laid side by side), computes every perceptor's negated entropy from those
+hidden activations (the up projection is folded into perceptors and routers, runtime/packing.py),
+masks unused slots to -inf, picks M routers (TopK), gathers their rows from the packed router
+table, keeps K experts each (TopK, softmax over the kept K), and runs only those experts over all
+tokens: two batched matmuls over gathered weights, the routing weights applied to the hidden
+units (ReLU commutes with a weight >= 0). The shared expert's weights are the same for every
+sample, so it runs as two plain GEMMs, the second accumulating into the residual stream, and
+every up bias joins the backbone MLP's output bias: no per-sample copy of a weight is made.
+Invalid picks (T < M, T < K) are redirected to slot 0 and weighted 0, so unused slots never
+reach the routing decisions or the token path whatever they hold. Node names carry the routing
+stage (``block{i}/moe/<stage>/``) for profiles (benchmarks/profile_graph.py).
 """
 
 from __future__ import annotations
@@ -187,7 +191,7 @@ def _brmoe(g: Builder, dims: Dims, i: int, xa: str, s: _Shared) -> MoEOut:
     d, r, rs, cap = dims.embed_dim, dims.expert_dim, dims.shared_dim, dims.capacity
     m, k = routing_widths(dims)
     w = lambda name: g.weight(p + name)  # noqa: E731
-    scope = g.scope  # node names carry the stage (benchmarks/profile_graph.py groups by it)
+    scope = g.scope
 
     g.scope = f"{scope}/norm"
     # Affine-free LayerNorm shared by every expert and the shared expert (affines are folded).
