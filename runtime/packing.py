@@ -15,10 +15,12 @@ values; ``U = up``, ``u = up_bias``), so ``U`` is folded into them and ``c`` is 
 * perceptor t: ``fc(LN(c))``. With ``Uc``, ``uc`` the row-centred ``U``, ``u`` (so that
   ``c - mean(c) = h Uc + uc`` exactly) and ``P = (W_p * g_p)^T``, ``p = W_p beta_p + b_p``:
   ``logits = (h Uc P + uc P) / sqrt(var + 1e-5) + p`` and
-  ``var = ||h Uc + uc||^2 / d = h G h^T + 2 h.v + q`` with ``G = Uc Uc^T / d``, ``v = Uc uc / d``,
-  ``q = ||uc||^2 / d``. Stored per task: ``proj = [Uc P | G | v]`` (r x (C + r + 1)),
-  ``shift = [uc P | 0 | q / 2]`` and ``bias = p``; the graph computes ``Y = h proj + shift`` and
-  splits it. Padded classes get zero columns and bias ``PAD_LOGIT`` (probability exactly 0).
+  ``var = ||h Uc + uc||^2 / d = h.(h G + 2 v) + q`` with ``G = Uc Uc^T / d``, ``v = Uc uc / d``,
+  ``q = ||uc||^2 / d``. Stored per task: ``proj = [Uc P | G | 0]`` (r x (C + r + 1)),
+  ``shift = [uc P | 2 v | q + 1e-5]`` (the LayerNorm's epsilon included) and ``bias = p``; the
+  graph computes ``Y = h proj + shift``, splits it into ``num, hg, lin`` and takes
+  ``logits = num / sqrt(sum(h * hg) + lin) + p``. Padded classes get zero columns and bias
+  ``PAD_LOGIT`` (probability exactly 0).
 
 The cosine head is stored row-normalised and transposed, ``(d, class capacity)``.
 """
@@ -30,7 +32,7 @@ import numpy as np
 from .checkpoint_files import require
 from .errors import CapacityError
 from .layout import Dims, task_regions
-from .numerics import NORM_EPS, PAD_LOGIT
+from .numerics import NORM_EPS, PAD_LOGIT, PART_LN_EPS
 from .tensor_files import Patch
 
 _F64 = np.float64
@@ -58,10 +60,10 @@ def fold_perceptor(up: np.ndarray, up_bias: np.ndarray, weight: np.ndarray, bias
     proj = np.zeros((r, width + r + 1))
     proj[:, :classes] = uc @ weight
     proj[:, width: width + r] = uc @ uc.T / d
-    proj[:, width + r] = uc @ bc / d
     shift = np.zeros(width + r + 1)
     shift[:classes] = bc @ weight
-    shift[width + r] = bc @ bc / d / 2
+    shift[width: width + r] = 2 * (uc @ bc) / d
+    shift[width + r] = bc @ bc / d + PART_LN_EPS
     padded = np.full(width, PAD_LOGIT)
     padded[:classes] = bias
     return proj, shift, padded

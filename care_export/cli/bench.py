@@ -140,7 +140,7 @@ def bench_command(
     for r in rows:
         if r["engine"] == "artifact (ORT)":
             say(
-                f"T={r['tasks']:>3} batch {r['batch']}: artifact / backbone = {r['vs_backbone']:.3f} (goal <= 1.15)"
+                f"T={r['tasks']:>3} batch {r['batch']}: artifact / backbone = {r['vs_backbone']:.3f} (goal <= 1.05)"
                 + (f", eager / artifact = {r['eager_vs']:.1f}" if r["eager_vs"] is not None else "")
             )
     if plotted is not None:

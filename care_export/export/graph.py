@@ -6,13 +6,17 @@ opset and the batch size alone, and every weight is an external initializer name
 give the same ``model.onnx`` bytes whatever the number of learned tasks.
 
 Per block the BR-MoE runs every expert's down projection on the CLS token only (one GEMM over
-the slots' weights laid side by side), computes every perceptor's entropy from those hidden
-activations (the up projection is folded into perceptors and routers, runtime/packing.py), masks
-unused slots to +inf, picks M routers (TopK, smallest entropy), gathers their rows from the
-packed router table, keeps K experts each (TopK, softmax over the kept K), and runs only those
-experts and the shared expert over all tokens (two batched matmuls over gathered, concatenated
-weights). Invalid picks (T < M, T < K) are redirected to slot 0 and weighted 0, so unused
-slots never reach the routing decisions or the token path whatever they hold.
+the slots' weights laid side by side), computes every perceptor's negated entropy from those
+hidden activations (the up projection is folded into perceptors and routers, runtime/packing.py),
+masks unused slots to -inf, picks M routers (TopK), gathers their rows from the packed router
+table, keeps K experts each (TopK, softmax over the kept K), and runs only those experts over all
+tokens: two batched matmuls over gathered weights, the routing weights applied to the hidden
+units (ReLU commutes with a weight >= 0). The shared expert's weights are the same for every
+sample, so it runs as two plain GEMMs, the second accumulating into the residual stream, and
+every up bias joins the backbone MLP's output bias: no per-sample copy of a weight is made.
+Invalid picks (T < M, T < K) are redirected to slot 0 and weighted 0, so unused slots never
+reach the routing decisions or the token path whatever they hold. Node names carry the routing
+stage (``block{i}/moe/<stage>/``) for profiles (benchmarks/profile_graph.py).
 """
 
 from __future__ import annotations
@@ -98,35 +102,28 @@ class _Shared:
         self.cls_shape = g.op("Concat", self.batch, g.i64([1, d]), axis=0)
         if not moe:
             return
-        cap, rs = dims.capacity, dims.shared_dim
+        cap = dims.capacity
         self.ones = g.const(np.ones(d))
-        self.shared_w_shape = g.op("Concat", self.batch, g.i64([rs, d]), axis=0)
-        self.shared_b_shape = g.op("Concat", self.batch, g.i64([1, rs]), axis=0)
         self.scalar_batch = g.op("Squeeze", self.batch, g.i64([0]))
         self.batch_col = g.op("Unsqueeze", g.op("Range", g.i64(0), self.scalar_batch, g.i64(1)), g.i64([1]))  # (B, 1)
         self.iota = g.i64(np.arange(cap))
-        self.iota_r = g.i64(np.arange(dims.expert_dim))
+        r, mk = dims.expert_dim, np.prod(routing_widths(dims))
+        self.slot_rows = g.i64(np.arange(cap * r).reshape(cap, r))  # rows of slot t in experts.down
+        self.spread_r = g.const(np.kron(np.eye(mk), np.ones(r)))  # (M*K, M*K*r): a weight per hidden unit
         self.router_base = g.i64([router_base(t, cap) for t in range(cap)])
         self.is_first = g.const(np.arange(cap)[:, None] == 0, np.bool_)
         self.active_tasks = g.weight("active_tasks")
         self.slot_active = g.op("Unsqueeze", g.op("Less", self.iota, self.active_tasks), g.i64([1]))  # (cap, 1)
-        self.inf = g.const(np.inf)
         self.neg_inf = g.const(-np.inf)
         self.zero = g.const(0.0)
         self.i0, self.im1 = g.i64(0), g.i64(-1)
         self.forced = None  # (B, cap) routers always selected (the iterative graph's training-form passes)
+        self.inf = None  # +inf, where the graph needs it
 
 
 def routing_widths(dims: Dims) -> tuple[int, int]:
     """``(M, K)`` as the graph reports them (capped by the capacity)."""
     return min(dims.topk_routers, dims.capacity), min(dims.topk_experts, dims.capacity)
-
-
-def _entropy(g: Builder, logits: str) -> str:
-    """``-sum p log(p + 1e-10)`` over the last axis."""
-    p = g.op("Softmax", logits, axis=-1)
-    plogp = g.op("Mul", p, g.op("Log", g.op("Add", p, g.const(ENTROPY_EPS))))
-    return g.op("Neg", g.op("ReduceSum", plogp, g.i64([-1]), keepdims=0))
 
 
 def _gelu(g: Builder, x: str, opset: int) -> str:
@@ -137,8 +134,8 @@ def _gelu(g: Builder, x: str, opset: int) -> str:
     return g.op("Mul", g.op("Mul", x, g.op("Add", erf, g.const(1.0))), g.const(0.5))
 
 
-def _attention_mlp(g: Builder, dims: Dims, i: int, x: str, opset: int) -> tuple[str, str]:
-    """``(xa, mlp)``: ``xa = x + Attn(LN1(x))`` and ``MLP(LN2(xa))`` of block ``i``."""
+def _attention(g: Builder, dims: Dims, i: int, x: str) -> str:
+    """``xa = x + Attn(LN1(x))`` of block ``i``."""
     b = f"vit.blocks.{i}."
     d, heads = dims.embed_dim, dims.num_heads
     h = g.layer_norm(x, g.weight(b + "norm1.weight"), g.weight(b + "norm1.bias"), BACKBONE_LN_EPS)
@@ -149,54 +146,81 @@ def _attention_mlp(g: Builder, dims: Dims, i: int, x: str, opset: int) -> tuple[
     v = g.op("Transpose", g.op("Gather", qkv, g.i64(2), axis=2), perm=[0, 2, 1, 3])
     att = g.op("Softmax", g.op("MatMul", q, k), axis=-1)
     o = g.op("Reshape", g.op("Transpose", g.op("MatMul", att, v), perm=[0, 2, 1, 3]), g.i64([0, 0, d]))
-    xa = g.op("Add", x, g.linear(o, b + "attn.proj", b + "attn.proj_bias"))
+    return g.op("Add", x, g.linear(o, b + "attn.proj", b + "attn.proj_bias"))
+
+
+def _mlp(g: Builder, dims: Dims, i: int, xa: str, opset: int, extra_bias: str | None = None) -> str:
+    """``MLP(LN2(xa))`` of block ``i``; ``extra_bias`` (broadcast to it) joins fc2's bias."""
+    b = f"vit.blocks.{i}."
     h = g.layer_norm(xa, g.weight(b + "norm2.weight"), g.weight(b + "norm2.bias"), BACKBONE_LN_EPS)
-    mlp = g.linear(_gelu(g, g.linear(h, b + "mlp.fc1", b + "mlp.fc1_bias"), opset), b + "mlp.fc2", b + "mlp.fc2_bias")
-    return xa, mlp
+    h = _gelu(g, g.linear(h, b + "mlp.fc1", b + "mlp.fc1_bias"), opset)
+    bias = g.weight(b + "mlp.fc2_bias")
+    if extra_bias is not None:
+        bias = g.op("Add", bias, extra_bias)
+    return g.op("Add", g.op("MatMul", h, g.weight(b + "mlp.fc2")), bias)
 
 
-def _perceptor_entropy(g: Builder, h: str, proj: str, shift: str, bias: str, classes: int, r: int) -> str:
-    """Entropy of ``fc(LN(c))`` for expert output ``c = h up + up_bias``, computed from ``h``
-    alone (runtime/packing.py folds ``up`` and the LayerNorm into ``proj`` and ``shift``)."""
+def _perceptor_neg_entropy(g: Builder, h: str, proj: str, shift: str, bias: str, classes: int, r: int) -> str:
+    """Negative entropy of ``fc(LN(c))`` for expert output ``c = h up + up_bias``, computed from
+    ``h`` alone (runtime/packing.py folds ``up`` and the LayerNorm into ``proj`` and ``shift``)."""
     y = g.op("Add", g.op("MatMul", h, g.weight(proj)), g.weight(shift))
     num, hg, lin = g.op("Split", y, g.i64([classes, r, 1]), axis=-1, outputs=3)
-    var = g.op("Add", g.op("ReduceSum", g.op("Mul", hg, h), g.i64([-1]), keepdims=1), g.op("Add", lin, lin))
-    std = g.op("Sqrt", g.op("Add", var, g.const(PART_LN_EPS)))
-    return _entropy(g, g.op("Add", g.op("Div", num, std), g.weight(bias)))
+    std = g.op("Sqrt", g.op("Add", g.op("ReduceSum", g.op("Mul", hg, h), g.i64([-1]), keepdims=1), lin))
+    p = g.op("Softmax", g.op("Add", g.op("Div", num, std), g.weight(bias)), axis=-1)
+    return g.op("ReduceSum", g.op("Mul", p, g.op("Log", g.op("Add", p, g.const(ENTROPY_EPS)))), g.i64([-1]),
+                keepdims=0)
 
 
-def _brmoe(g: Builder, dims: Dims, i: int, xa: str, s: _Shared) -> tuple[str, str, str]:
-    """BR-MoE of block ``i`` on ``xa`` (B, N, d): ``(output, tasks (B, M), experts (B, M, K))``."""
+class MoEOut:
+    """A block's BR-MoE, in the parts :func:`network` adds to the residual stream."""
+
+    def __init__(self, selected: str, bias: str, shared_hidden: str, shared_up: str, tasks: str, experts: str):
+        self.selected = selected  # (B, N, d) the selected experts' weighted output, biases excluded
+        self.bias = bias  # (B, 1, d) every expert's up bias, routing weights applied
+        self.shared_hidden = shared_hidden  # (B*N, rs) the shared expert's hidden activations
+        self.shared_up = shared_up  # (rs, d)
+        self.tasks, self.experts = tasks, experts  # (B, M), (B, M, K), -1 where nothing was selected
+
+
+def _brmoe(g: Builder, dims: Dims, i: int, xa: str, s: _Shared) -> MoEOut:
+    """BR-MoE of block ``i`` on ``xa`` (B, N, d)."""
     p = f"moe.{i}."
-    d, r, cap = dims.embed_dim, dims.expert_dim, dims.capacity
+    d, r, rs, cap = dims.embed_dim, dims.expert_dim, dims.shared_dim, dims.capacity
     m, k = routing_widths(dims)
     w = lambda name: g.weight(p + name)  # noqa: E731
+    scope = g.scope
 
+    g.scope = f"{scope}/norm"
     # Affine-free LayerNorm shared by every expert and the shared expert (affines are folded).
     xh = g.layer_norm(xa, s.ones, None, PART_LN_EPS)
 
+    g.scope = f"{scope}/cls"
     # 1. Every slot's expert on the CLS token, down projection only: one GEMM over (cap*r, d).
     hidden = g.op("Relu", g.op("Gemm", g.op("Gather", xh, s.i0, axis=1), w("experts.down"), w("experts.down_bias"),
                                transB=1))
     h = g.op("Transpose", g.op("Reshape", hidden, g.i64([0, cap, r])), perm=[1, 0, 2])  # (cap, B, r)
 
-    # 2. Perceptor entropies; task 0 has its own (wider) perceptor, unused slots never win.
-    ent0 = _perceptor_entropy(g, g.op("Gather", h, s.i0, axis=0), p + "perceptor0.proj", p + "perceptor0.shift",
-                              p + "perceptor0.bias", dims.first_classes, r)
-    ents = _perceptor_entropy(g, h, p + "perceptors.proj", p + "perceptors.shift", p + "perceptors.bias",
-                              dims.slot_classes, r)
+    g.scope = f"{scope}/perceptors"
+    # 2. Perceptor entropies, negated (TopK largest); task 0 has its own (wider) perceptor, unused
+    # slots never win (-inf), forced ones always do (+inf).
+    ent0 = _perceptor_neg_entropy(g, g.op("Gather", h, s.i0, axis=0), p + "perceptor0.proj", p + "perceptor0.shift",
+                                  p + "perceptor0.bias", dims.first_classes, r)
+    ents = _perceptor_neg_entropy(g, h, p + "perceptors.proj", p + "perceptors.shift", p + "perceptors.bias",
+                                  dims.slot_classes, r)
     ent = g.op("Where", s.is_first, g.op("Unsqueeze", ent0, g.i64([0])), ents)
-    ent = g.op("Transpose", g.op("Where", s.slot_active, ent, s.inf), perm=[1, 0])  # (B, cap)
+    ent = g.op("Transpose", g.op("Where", s.slot_active, ent, s.neg_inf), perm=[1, 0])  # (B, cap)
     if s.forced is not None:
-        ent = g.op("Where", s.forced, s.neg_inf, ent)
+        ent = g.op("Where", s.forced, s.inf, ent)
 
+    g.scope = f"{scope}/select_routers"
     # 3. M routers of lowest entropy; picks beyond the active tasks (T < M) point at slot 0, weight 0.
-    _, sel = g.op("TopK", ent, g.i64([m]), axis=-1, largest=0, outputs=2)
+    _, sel = g.op("TopK", ent, g.i64([m]), axis=-1, largest=1, outputs=2)
     router_ok = g.op("Less", sel, s.active_tasks)
     sel0 = g.op("Where", router_ok, sel, s.i0)
     flat_h = g.op("Reshape", h, g.i64([-1, r]))
     h_sel = g.op("Gather", flat_h, g.op("Add", g.op("Mul", sel0, s.scalar_batch), s.batch_col))  # (B, M, r)
 
+    g.scope = f"{scope}/router_logits"
     # 4. Logits of the selected routers: rows base(t) + min(e, t) of the packed table; e > t masked.
     sel_u = g.op("Unsqueeze", sel0, g.i64([-1]))  # (B, M, 1)
     rows = g.op("Add", g.op("Gather", s.router_base, sel_u), g.op("Min", s.iota, sel_u))  # (B, M, cap)
@@ -204,32 +228,35 @@ def _brmoe(g: Builder, dims: Dims, i: int, xa: str, s: _Shared) -> tuple[str, st
     logits = g.op("Add", g.op("Squeeze", logits, g.i64([-1])), g.op("Gather", w("routers.bias"), rows))
     logits = g.op("Where", g.op("LessOrEqual", s.iota, sel_u), logits, s.neg_inf)
 
+    g.scope = f"{scope}/select_experts"
     # 5. K experts per router, softmax over the kept K (the reference's -100 fill is e^-100 ~ 0).
     vals, eidx = g.op("TopK", logits, g.i64([k]), axis=-1, outputs=2)
     kept = g.op("And", g.op("LessOrEqual", eidx, sel_u), g.op("Unsqueeze", router_ok, g.i64([-1])))
-    weights = g.op("Reshape", g.op("Where", kept, g.op("Softmax", vals, axis=-1), s.zero), g.i64([0, m * k]))
+    weights = g.op("Reshape", g.op("Where", kept, g.op("Softmax", vals, axis=-1), s.zero), g.i64([0, 1, m * k]))
     idx = g.op("Reshape", g.op("Where", kept, eidx, s.i0), g.i64([0, m * k]))
 
-    # 6. The M*K selected experts and the shared expert over all tokens, as two batched matmuls.
-    sh = lambda name: g.weight(p + "shared." + name)  # noqa: E731
-    rows = g.op("Reshape", g.op("Add", g.op("Mul", g.op("Unsqueeze", idx, g.i64([-1])), g.i64(r)), s.iota_r),
-                g.i64([0, m * k * r]))  # (B, M*K*r) rows of experts.down
-    down = g.op("Concat", g.op("Gather", w("experts.down"), rows), g.op("Expand", sh("down"), s.shared_w_shape),
-                axis=1)  # (B, R, d)
-    down_b = g.op("Concat", g.op("Unsqueeze", g.op("Gather", w("experts.down_bias"), rows), g.i64([1])),
-                  g.op("Expand", sh("down_bias"), s.shared_b_shape), axis=2)  # (B, 1, R)
-    up_sel = g.op("Mul", g.op("Gather", w("experts.up"), idx), g.op("Unsqueeze", weights, g.i64([2, 3])))
-    up = g.op("Concat", g.op("Reshape", up_sel, g.i64([0, m * k * r, d])),
-              g.op("Expand", sh("up"), s.shared_w_shape), axis=1)  # (B, R, d), routing weights folded in
-    up_b = g.op("MatMul", g.op("Unsqueeze", weights, g.i64([1])),
-                g.op("Reshape", g.op("Gather", w("experts.up_bias"), idx), g.i64([0, m * k, d])))
-    up_b = g.op("Add", up_b, sh("up_bias"))  # (B, 1, d)
-    h = g.op("Relu", g.op("Add", g.op("MatMul", xh, g.op("Transpose", down, perm=[0, 2, 1])), down_b))
-    out = g.op("Add", g.op("MatMul", h, up), up_b)
+    g.scope = f"{scope}/experts"
+    # 6. The M*K selected experts over all tokens as two batched matmuls over gathered weights,
+    # the routing weights applied to their hidden units; the shared expert (constant weights)
+    # as a GEMM whose up projection network() accumulates into the residual stream.
+    rows = g.op("Reshape", g.op("Gather", s.slot_rows, idx), g.i64([0, m * k * r]))  # (B, M*K*r) of experts.down
+    down = g.op("Transpose", g.op("Gather", w("experts.down"), rows), perm=[0, 2, 1])  # (B, d, M*K*r)
+    down_b = g.op("Unsqueeze", g.op("Gather", w("experts.down_bias"), rows), g.i64([1]))  # (B, 1, M*K*r)
+    hsel = g.op("Relu", g.op("Add", g.op("MatMul", xh, down), down_b))
+    hsel = g.op("Mul", hsel, g.op("MatMul", weights, s.spread_r))  # routing weights (>= 0) per hidden unit
+    up = g.op("Reshape", g.op("Gather", w("experts.up"), idx), g.i64([0, m * k * r, d]))
+    selected = g.op("MatMul", hsel, up)
+    up_b = g.op("Reshape", g.op("Gather", w("experts.up_bias"), idx), g.i64([0, m * k, d]))
+    bias = g.op("Add", g.op("MatMul", weights, up_b), w("shared.up_bias"))  # (B, 1, d)
+    sh_down = g.op("Reshape", w("shared.down"), g.i64([rs, d]))
+    sh_down_b = g.op("Reshape", w("shared.down_bias"), g.i64([rs]))
+    shared_hidden = g.op("Relu", g.op("Gemm", g.op("Reshape", xh, g.i64([-1, d])), sh_down, sh_down_b, transB=1))
+    shared_up = g.op("Reshape", w("shared.up"), g.i64([rs, d]))
 
+    g.scope = f"{scope}/outputs"
     tasks = g.op("Where", router_ok, sel, s.im1)
     experts = g.op("Where", kept, eidx, s.im1)
-    return out, tasks, experts
+    return MoEOut(selected, bias, shared_hidden, shared_up, tasks, experts)
 
 
 def build_model(dims: Dims, specs: dict[str, TensorSpec], opset: int = MIN_OPSET, batch: int | None = None,
@@ -281,14 +308,20 @@ def network(g: Builder, dims: Dims, s: _Shared, image: str, opset: int, moe: boo
     tasks, experts = [], []
     for i in range(dims.depth):
         g.scope = f"block{i}"
-        xa, mlp = _attention_mlp(g, dims, i, x, opset)
-        x = g.op("Add", xa, mlp)
-        if moe:
-            g.scope = f"block{i}/moe"
-            out, t, e = _brmoe(g, dims, i, xa, s)
-            x = g.op("Add", x, out)
-            tasks.append(g.op("Unsqueeze", t, g.i64([1])))
-            experts.append(g.op("Unsqueeze", e, g.i64([1])))
+        xa = _attention(g, dims, i, x)
+        if not moe:
+            x = g.op("Add", xa, _mlp(g, dims, i, xa, opset))
+            continue
+        g.scope = f"block{i}/moe"
+        e = _brmoe(g, dims, i, xa, s)
+        g.scope = f"block{i}"
+        x = g.op("Add", g.op("Add", xa, _mlp(g, dims, i, xa, opset, e.bias)), e.selected)
+        g.scope = f"block{i}/moe/experts"
+        x = g.op("Gemm", e.shared_hidden, e.shared_up, g.op("Reshape", x, g.i64([-1, d])))  # + the shared expert
+        x = g.op("Reshape", x, g.op("Shape", xa))
+        g.scope = f"block{i}/moe/outputs"
+        tasks.append(g.op("Unsqueeze", e.tasks, g.i64([1])))
+        experts.append(g.op("Unsqueeze", e.experts, g.i64([1])))
 
     g.scope = "head"
     feat = g.layer_norm(g.op("Gather", x, g.i64(0), axis=1), g.weight("vit.norm.weight"), g.weight("vit.norm.bias"),

@@ -46,6 +46,7 @@ def build_iterative_model(dims: Dims, specs: dict[str, TensorSpec], opset: int =
     limit = g.op("Where", g.op("Less", pass_id, g.i64(cap)), g.op("Add", pass_id, g.i64(1)), learned)
     s.active_tasks = g.op("Unsqueeze", limit, g.i64([1]))  # (P*B, 1)
     s.slot_active = g.op("Less", g.op("Unsqueeze", s.iota, g.i64([1])), g.op("Unsqueeze", limit, g.i64([0])))
+    s.inf = g.const(np.inf)
     s.forced = g.op("Equal", g.op("Unsqueeze", s.iota, g.i64([0])), g.op("Unsqueeze", pass_id, g.i64([1])))
 
     feat, tasks, experts = network(g, dims, s, tiled, opset)

@@ -1,0 +1,125 @@
+"""Where an exported graph spends its time: ONNX Runtime's profiler, per-node times summed by
+op type and by routing stage (the BR-MoE's node names carry their stage, ``block{i}/moe/<stage>/``;
+everything else is ``backbone``), medians over runs, for the artifact and the plain backbone.
+
+    python benchmarks/profile_graph.py --ckpt ckpt/ --capacity 301 --tasks 10 --batch 1 8
+
+Prints, per batch size and graph, the node count (after ORT's graph optimisations), the total
+node time per run and the two tables. The two graphs' runs alternate in one process, so both see the same machine load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from runtime.artifact import INPUT
+
+PAUSE_S = 0.05  # lets the other session's thread pool stop spinning (runtime/timing.py)
+_STAGE = re.compile(r"block\d+/moe/([a-z_]+)/")
+
+
+def stage_of(node_name: str) -> str:
+    m = _STAGE.search(node_name)
+    return m.group(1) if m else "backbone"
+
+
+def _session(model: Path, threads: int):
+    import onnxruntime as ort
+
+    from runtime.backends.onnxrt import session_options
+
+    opts = session_options(threads)
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str(Path(tempfile.mkdtemp(prefix="care-profile-")) / "ort")
+    return ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
+
+
+def summarize(events: list[dict], warmup: int) -> tuple[int, dict, dict, dict, float]:
+    """``(nodes per run, ms per op type, ms per stage, ms per BR-MoE stage and op type, ms per run)``
+    of a profile, per-run medians."""
+    run_starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e["name"] == "model_run")
+    per_run = [defaultdict(list) for _ in run_starts]
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            j = int(np.searchsorted(run_starts, e["ts"], side="right")) - 1
+            per_run[j][e["name"][: -len("_kernel_time")]].append((e["args"].get("op_name", "?"), e["dur"]))
+    per_run = per_run[warmup:]
+    by_op, by_stage, by_both, totals = defaultdict(list), defaultdict(list), defaultdict(list), []
+    for r in per_run:
+        ops, stages, both = defaultdict(float), defaultdict(float), defaultdict(float)
+        for name, items in r.items():
+            for op, dur in items:
+                ops[op] += dur / 1e3
+                stages[stage_of(name)] += dur / 1e3
+                both[f"{stage_of(name)}/{op}"] += dur / 1e3
+        for acc, new in ((by_op, ops), (by_stage, stages), (by_both, both)):
+            for k, v in new.items():
+                acc[k].append(v)
+        totals.append(sum(ops.values()))
+    med = lambda d: {k: float(np.median(v)) for k, v in d.items()}  # noqa: E731
+    return len(per_run[0]), med(by_op), med(by_stage), med(by_both), float(np.median(totals))
+
+
+def profile(models: dict[str, Path], batch: int, runs: int, threads: int, img: int, warmup: int = 2) -> dict:
+    """Per model: :func:`summarize` of ``runs`` runs, the models' runs interleaved."""
+    sessions = {name: _session(path, threads) for name, path in models.items()}
+    x = np.random.default_rng(0).standard_normal((batch, 3, img, img), dtype=np.float32)
+    for _ in range(warmup + runs):
+        for sess in sessions.values():
+            time.sleep(PAUSE_S)
+            sess.run(None, {INPUT: x})
+    return {name: summarize(json.load(open(sess.end_profiling())), warmup) for name, sess in sessions.items()}
+
+
+def table(title: str, rows: dict[str, float], total: float, top: int) -> list[str]:
+    out = [f"  {title:32} {'ms':>8} {'share':>6}"]
+    for k, v in sorted(rows.items(), key=lambda kv: -kv[1])[:top]:
+        out.append(f"  {k:32} {v:8.2f} {v / total:6.1%}")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ckpt", type=Path, required=True)
+    ap.add_argument("--capacity", type=int, default=0, help="artifact capacity (0: --tasks)")
+    ap.add_argument("--tasks", type=int, default=None, help="tasks exported (default: all)")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--top", type=int, default=14, help="op types shown")
+    ap.add_argument("--detail", type=int, default=0, help="also show this many BR-MoE (stage, op type) rows")
+    args = ap.parse_args()
+
+    from care_export.export.writer import export_artifact, export_backbone
+    from runtime.checkpoint_files import read_checkpoint_manifest
+
+    tasks = args.tasks or len(read_checkpoint_manifest(args.ckpt)["tasks"])
+    work = Path(tempfile.mkdtemp(prefix="care-profile-"))
+    export_artifact(args.ckpt, work / "art", args.capacity or tasks, tasks=tasks, force=True)
+    backbone = export_backbone(args.ckpt, work / "backbone")
+    import onnx
+
+    img = onnx.load(str(backbone), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[2].dim_value
+    models = {"artifact": work / "art" / "model.onnx", "backbone": backbone}
+    for batch in args.batch:
+        results = profile(models, batch, args.runs, args.threads, img)
+        for name, (n, ops, stages, both, total) in results.items():
+            print(f"\n{name}, T={tasks}, capacity {args.capacity or tasks}, batch {batch}: {n} nodes run, "
+                  f"{total:.1f} ms of node time per run (median of {args.runs}, interleaved)")
+            print("\n".join(table("op type", ops, total, args.top)))
+            if name == "artifact":
+                print("\n".join(table("stage", stages, total, 20)))
+                if args.detail:
+                    moe = {k: v for k, v in both.items() if not k.startswith("backbone/")}
+                    print("\n".join(table("stage/op type", moe, total, args.detail)))
+
+if __name__ == "__main__":
+    main()
