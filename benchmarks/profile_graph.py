@@ -112,14 +112,17 @@ def main() -> None:
     for batch in args.batch:
         results = profile(models, batch, args.runs, args.threads, img)
         for name, (n, ops, stages, both, total) in results.items():
-            print(f"\n{name}, T={tasks}, capacity {args.capacity or tasks}, batch {batch}: {n} nodes run, "
-                  f"{total:.1f} ms of node time per run (median of {args.runs}, interleaved)")
+            print(
+                f"\n{name}, T={tasks}, capacity {args.capacity or tasks}, batch {batch}: {n} nodes run, "
+                f"{total:.1f} ms of node time per run (median of {args.runs}, interleaved)"
+            )
             print("\n".join(table("op type", ops, total, args.top)))
             if name == "artifact":
                 print("\n".join(table("stage", stages, total, 20)))
                 if args.detail:
                     moe = {k: v for k, v in both.items() if not k.startswith("backbone/")}
                     print("\n".join(table("stage/op type", moe, total, args.detail)))
+
 
 if __name__ == "__main__":
     main()

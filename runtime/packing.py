@@ -59,10 +59,10 @@ def fold_perceptor(up: np.ndarray, up_bias: np.ndarray, weight: np.ndarray, bias
     r = len(up)
     proj = np.zeros((r, width + r + 1))
     proj[:, :classes] = uc @ weight
-    proj[:, width: width + r] = uc @ uc.T / d
+    proj[:, width : width + r] = uc @ uc.T / d
     shift = np.zeros(width + r + 1)
     shift[:classes] = bc @ weight
-    shift[width: width + r] = 2 * (uc @ bc) / d
+    shift[width : width + r] = 2 * (uc @ bc) / d
     shift[width + r] = bc @ bc / d + PART_LN_EPS
     padded = np.full(width, PAD_LOGIT)
     padded[:classes] = bias
@@ -75,8 +75,10 @@ def check_task_classes(task: int, classes: int, dims: Dims) -> None:
     if task == 0 and classes != dims.first_classes:
         raise CapacityError(f"task 0 has {classes} classes, the artifact's first task {dims.first_classes}")
     if task > 0 and classes > dims.slot_classes:
-        raise CapacityError(f"task {task} has {classes} classes, a task slot holds {dims.slot_classes} "
-                            f"(export with --task-classes {classes} or more)")
+        raise CapacityError(
+            f"task {task} has {classes} classes, a task slot holds {dims.slot_classes} "
+            f"(export with --task-classes {classes} or more)"
+        )
 
 
 def pack_task(tensors: dict[str, np.ndarray], task: int, classes: int, dims: Dims, where: str) -> list[Patch]:
@@ -109,18 +111,23 @@ def pack_task(tensors: dict[str, np.ndarray], task: int, classes: int, dims: Dim
     return [Patch(name, row, data[name]) for name, row, _ in task_regions(task, dims)]
 
 
-def pack_state(shared: dict[str, np.ndarray], head: dict[str, np.ndarray], task_classes: list[int], dims: Dims,
-               where: str) -> dict[str, np.ndarray]:
+def pack_state(
+    shared: dict[str, np.ndarray], head: dict[str, np.ndarray], task_classes: list[int], dims: Dims, where: str
+) -> dict[str, np.ndarray]:
     """Every state.bin tensor for a model with ``task_classes``: counts, shared experts, head."""
     for t, c in enumerate(task_classes):
         check_task_classes(t, c, dims)
     d = dims.embed_dim
-    out: dict[str, np.ndarray] = {"active_tasks": np.array(len(task_classes), np.int64),
-           "active_classes": np.array(sum(task_classes), np.int64)}
+    out: dict[str, np.ndarray] = {
+        "active_tasks": np.array(len(task_classes), np.int64),
+        "active_classes": np.array(sum(task_classes), np.int64),
+    }
     for i in range(dims.depth):
         down, down_b, up, up_b = fold_expert(shared, f"blocks.{i}.shared.", d, dims.shared_dim, where)
         m = f"moe.{i}.shared."
-        out.update({m + "down": down[None], m + "down_bias": down_b[None, None], m + "up": up[None], m + "up_bias": up_b})
+        out.update(
+            {m + "down": down[None], m + "down_bias": down_b[None, None], m + "up": up[None], m + "up_bias": up_b}
+        )
     rows = np.concatenate([require(head, f"head.{t}", (c, d), where).astype(_F64) for t, c in enumerate(task_classes)])
     rows /= np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), NORM_EPS)
     w = np.zeros((d, dims.class_capacity))

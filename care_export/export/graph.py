@@ -76,8 +76,9 @@ class Builder:
         """The external initializer ``name`` (declared once)."""
         if name not in self._named:
             s = self.specs[name]
-            t = TensorProto(name=name, data_type=_DTYPES[s.dtype], dims=list(s.shape),
-                            data_location=TensorProto.EXTERNAL)
+            t = TensorProto(
+                name=name, data_type=_DTYPES[s.dtype], dims=list(s.shape), data_location=TensorProto.EXTERNAL
+            )
             for key, value in (("location", s.file), ("offset", str(s.offset)), ("length", str(s.nbytes))):
                 entry = t.external_data.add()
                 entry.key, entry.value = key, value
@@ -167,8 +168,7 @@ def _perceptor_neg_entropy(g: Builder, h: str, proj: str, shift: str, bias: str,
     num, hg, lin = g.op("Split", y, g.i64([classes, r, 1]), axis=-1, outputs=3)
     std = g.op("Sqrt", g.op("Add", g.op("ReduceSum", g.op("Mul", hg, h), g.i64([-1]), keepdims=1), lin))
     p = g.op("Softmax", g.op("Add", g.op("Div", num, std), g.weight(bias)), axis=-1)
-    return g.op("ReduceSum", g.op("Mul", p, g.op("Log", g.op("Add", p, g.const(ENTROPY_EPS)))), g.i64([-1]),
-                keepdims=0)
+    return g.op("ReduceSum", g.op("Mul", p, g.op("Log", g.op("Add", p, g.const(ENTROPY_EPS)))), g.i64([-1]), keepdims=0)
 
 
 class MoEOut:
@@ -196,17 +196,26 @@ def _brmoe(g: Builder, dims: Dims, i: int, xa: str, s: _Shared) -> MoEOut:
 
     g.scope = f"{scope}/cls"
     # 1. Every slot's expert on the CLS token, down projection only: one GEMM over (cap*r, d).
-    hidden = g.op("Relu", g.op("Gemm", g.op("Gather", xh, s.i0, axis=1), w("experts.down"), w("experts.down_bias"),
-                               transB=1))
+    hidden = g.op(
+        "Relu", g.op("Gemm", g.op("Gather", xh, s.i0, axis=1), w("experts.down"), w("experts.down_bias"), transB=1)
+    )
     h = g.op("Transpose", g.op("Reshape", hidden, g.i64([0, cap, r])), perm=[1, 0, 2])  # (cap, B, r)
 
     g.scope = f"{scope}/perceptors"
     # 2. Perceptor entropies, negated (TopK largest); task 0 has its own (wider) perceptor, unused
     # slots never win (-inf), forced ones always do (+inf).
-    ent0 = _perceptor_neg_entropy(g, g.op("Gather", h, s.i0, axis=0), p + "perceptor0.proj", p + "perceptor0.shift",
-                                  p + "perceptor0.bias", dims.first_classes, r)
-    ents = _perceptor_neg_entropy(g, h, p + "perceptors.proj", p + "perceptors.shift", p + "perceptors.bias",
-                                  dims.slot_classes, r)
+    ent0 = _perceptor_neg_entropy(
+        g,
+        g.op("Gather", h, s.i0, axis=0),
+        p + "perceptor0.proj",
+        p + "perceptor0.shift",
+        p + "perceptor0.bias",
+        dims.first_classes,
+        r,
+    )
+    ents = _perceptor_neg_entropy(
+        g, h, p + "perceptors.proj", p + "perceptors.shift", p + "perceptors.bias", dims.slot_classes, r
+    )
     ent = g.op("Where", s.is_first, g.op("Unsqueeze", ent0, g.i64([0])), ents)
     ent = g.op("Transpose", g.op("Where", s.slot_active, ent, s.neg_inf), perm=[1, 0])  # (B, cap)
     if s.forced is not None:
@@ -259,8 +268,9 @@ def _brmoe(g: Builder, dims: Dims, i: int, xa: str, s: _Shared) -> MoEOut:
     return MoEOut(selected, bias, shared_hidden, shared_up, tasks, experts)
 
 
-def build_model(dims: Dims, specs: dict[str, TensorSpec], opset: int = MIN_OPSET, batch: int | None = None,
-                moe: bool = True) -> onnx.ModelProto:
+def build_model(
+    dims: Dims, specs: dict[str, TensorSpec], opset: int = MIN_OPSET, batch: int | None = None, moe: bool = True
+) -> onnx.ModelProto:
     """The CaRE graph (``moe=False``: the plain backbone, output ``features``).
 
     ``batch``: a fixed batch size, or None for a dynamic one.
@@ -291,16 +301,23 @@ def build_model(dims: Dims, specs: dict[str, TensorSpec], opset: int = MIN_OPSET
 def finish(g: Builder, name: str, inputs, outputs, opset: int) -> onnx.ModelProto:
     graph = helper.make_graph(g.nodes, name, inputs, outputs, initializer=g.initializers)
     opsets = [helper.make_opsetid("", opset)]
-    return helper.make_model(graph, opset_imports=opsets, producer_name="care-export",
-                             ir_version=helper.find_min_ir_version_for(opsets))
+    return helper.make_model(
+        graph, opset_imports=opsets, producer_name="care-export", ir_version=helper.find_min_ir_version_for(opsets)
+    )
 
 
 def network(g: Builder, dims: Dims, s: _Shared, image: str, opset: int, moe: bool = True):
     """``(features (B, d), per-block routing tasks, per-block routing experts)`` of ``image``."""
     d, p = dims.embed_dim, dims.patch_size
     g.scope = "embed"
-    x = g.op("Conv", image, g.weight("vit.patch_embed.weight"), g.weight("vit.patch_embed.bias"),
-             kernel_shape=[p, p], strides=[p, p])
+    x = g.op(
+        "Conv",
+        image,
+        g.weight("vit.patch_embed.weight"),
+        g.weight("vit.patch_embed.bias"),
+        kernel_shape=[p, p],
+        strides=[p, p],
+    )
     x = g.op("Transpose", g.op("Reshape", x, g.i64([0, d, -1])), perm=[0, 2, 1])
     cls = g.op("Expand", g.weight("vit.cls_token"), s.cls_shape)
     x = g.op("Add", g.op("Concat", cls, x, axis=1), g.weight("vit.pos_embed"))
@@ -324,8 +341,9 @@ def network(g: Builder, dims: Dims, s: _Shared, image: str, opset: int, moe: boo
         experts.append(g.op("Unsqueeze", e.experts, g.i64([1])))
 
     g.scope = "head"
-    feat = g.layer_norm(g.op("Gather", x, g.i64(0), axis=1), g.weight("vit.norm.weight"), g.weight("vit.norm.bias"),
-                        BACKBONE_LN_EPS)
+    feat = g.layer_norm(
+        g.op("Gather", x, g.i64(0), axis=1), g.weight("vit.norm.weight"), g.weight("vit.norm.bias"), BACKBONE_LN_EPS
+    )
     return feat, tasks, experts
 
 

@@ -26,12 +26,15 @@ MAX_ITERATIVE_CAPACITY = 61  # tasks 0..60 (care_export.model.iterative.MAX_ITER
 
 def check_capacity(capacity: int) -> None:
     if capacity > MAX_ITERATIVE_CAPACITY:
-        raise CareError(f"--predict iterative runs one pass per task slot: capacity {capacity} exceeds "
-                        f"{MAX_ITERATIVE_CAPACITY} tasks, past which the reference predicts in a single pass")
+        raise CareError(
+            f"--predict iterative runs one pass per task slot: capacity {capacity} exceeds "
+            f"{MAX_ITERATIVE_CAPACITY} tasks, past which the reference predicts in a single pass"
+        )
 
 
-def build_iterative_model(dims: Dims, specs: dict[str, TensorSpec], opset: int = MIN_OPSET, batch: int | None = None,
-                          scale: float = COS_SCALE) -> onnx.ModelProto:
+def build_iterative_model(
+    dims: Dims, specs: dict[str, TensorSpec], opset: int = MIN_OPSET, batch: int | None = None, scale: float = COS_SCALE
+) -> onnx.ModelProto:
     """Outputs ``scores`` (B, class capacity) and the single pass's routing."""
     check_capacity(dims.capacity)
     cap, passes = dims.capacity, dims.capacity + 1
@@ -58,8 +61,11 @@ def build_iterative_model(dims: Dims, specs: dict[str, TensorSpec], opset: int =
     ent = g.op("Neg", g.op("ReduceSum", plogp, g.i64([-1]), keepdims=0))  # (cap, B)
     ent = g.op("Where", g.op("Less", g.i64(np.arange(cap)[:, None]), learned), ent, s.inf)  # unlearned never win
     best = g.op("ArgMin", ent, axis=0, keepdims=1)  # (1, B), first on ties as torch.argmin
-    gather_idx = g.op("Expand", g.op("Unsqueeze", best, g.i64([2])),
-                      g.op("Concat", g.i64([1]), g.op("Shape", p_pass, start=1), axis=0))
+    gather_idx = g.op(
+        "Expand",
+        g.op("Unsqueeze", best, g.i64([2])),
+        g.op("Concat", g.i64([1]), g.op("Shape", p_pass, start=1), axis=0),
+    )
     p_iter = g.op("Squeeze", g.op("GatherElements", p_pass, gather_idx, axis=0), g.i64([0]))
     p_single = g.op("Gather", probs, g.i64(cap), axis=0)
     g.nodes.append(helper.make_node("Add", [p_single, p_iter], [SCORES], name="iterative/scores"))
@@ -67,8 +73,11 @@ def build_iterative_model(dims: Dims, specs: dict[str, TensorSpec], opset: int =
     start = g.op("Mul", g.op("Unsqueeze", b, g.i64([0])), g.i64([cap]))  # the single pass's rows
     end = g.i64([np.iinfo(np.int64).max])
     for name, parts in ((ROUTING_TASKS, tasks), (ROUTING_EXPERTS, experts)):
-        g.nodes.append(helper.make_node("Slice", [g.op("Concat", *parts, axis=1), start, end, g.i64([0])], [name],
-                                        name=f"iterative/{name}"))
+        g.nodes.append(
+            helper.make_node(
+                "Slice", [g.op("Concat", *parts, axis=1), start, end, g.i64([0])], [name], name=f"iterative/{name}"
+            )
+        )
     bdim = batch if batch is not None else "batch"
     m, k = routing_widths(dims)
     image = helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, [bdim, dims.in_chans, dims.img_size, dims.img_size])
