@@ -6,8 +6,8 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 RT_VENV ?= .venv-runtime
 RT_PY := $(RT_VENV)/bin/python
 # Tests that need only the runtime install; they also run in `make test`.
-RUNTIME_TESTS := tests/test_runtime_install.py tests/test_runtime_isolation.py tests/test_margins.py \
-	tests/test_gptq.py tests/test_cli.py
+RUNTIME_TESTS := tests/runtime/test_runtime_install.py tests/runtime/test_runtime_isolation.py \
+	tests/runtime/test_atomic.py tests/calibration/test_margins.py tests/calibration/test_gptq.py tests/care_export/test_cli.py
 
 .PHONY: demo test lint test-runtime bench clean-env
 

@@ -1,4 +1,4 @@
-"""Shared test set-up. Helper modules (refmath, test_export_common) import by name: pyproject's
+"""Shared test set-up. Helper modules (helpers, refmath, tiny_artifact) import by name: pyproject's
 ``pythonpath = ["tests"]``. Nothing here imports PyTorch, so the runtime's tests also run where
 only the runtime is installed (``make test-runtime``)."""
 

@@ -1,13 +1,14 @@
 """The demo's comparison table: one row per method with its A-bar, A_B and forgetting."""
 
 import importlib.util
-from pathlib import Path
+
+from helpers import ROOT
 
 from care_export.training.evaluate import Metrics
 
 
 def load_demo():
-    path = Path(__file__).resolve().parents[1] / "examples" / "demo.py"
+    path = ROOT / "examples" / "demo.py"
     spec = importlib.util.spec_from_file_location("demo", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -3,11 +3,10 @@
 import pkgutil
 import subprocess
 import sys
-from pathlib import Path
+
+from helpers import BLOCK_TORCH, ROOT
 
 import runtime
-
-BLOCK_TORCH = "import sys; sys.modules['torch'] = None  # any 'import torch' now raises ImportError\n"
 
 
 def test_runtime_modules_import_without_torch():
@@ -15,6 +14,6 @@ def test_runtime_modules_import_without_torch():
     code = BLOCK_TORCH + "import importlib\n" + "".join(f"importlib.import_module({n!r})\n" for n in names)
     code += "assert sys.modules.get('torch') is None, 'torch was imported'\n"
     proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1]
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT
     )
     assert proc.returncode == 0, proc.stderr

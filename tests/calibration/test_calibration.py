@@ -6,12 +6,12 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from helpers import ROOT
 from PIL import Image
 
 from calibration.calib_data import sample, task_classes
@@ -296,7 +296,7 @@ def test_calibration_imports_without_torch():
         "assert sys.modules.get('torch') is None\n"
     )
     proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1]
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT
     )
     assert proc.returncode == 0, proc.stderr
 

@@ -4,7 +4,7 @@ each version run in ONNX Runtime as Triton's onnxruntime backend loads it."""
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from test_export_common import make_artifact, make_checkpoint
+from helpers import make_artifact, make_checkpoint
 
 from care_export.cli import main
 from care_export.export.parity import random_images

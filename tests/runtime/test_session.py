@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import ROOT
 
 from care_export.checkpoint.format import load_checkpoint
 from care_export.cli import main
@@ -20,7 +21,6 @@ from runtime import Session
 from runtime.errors import ArtifactError, BackendError, CapacityError, CheckpointError, InputError, MismatchError
 from runtime.routing import canonical_routing, pad_routing
 
-ROOT = Path(__file__).resolve().parents[1]
 TASKS, GROWN, CAPACITY = 4, 6, 8
 ATOL = 1e-4
 

@@ -12,8 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from test_export_common import snapshot
-from test_runtime_isolation import BLOCK_TORCH
+from helpers import BLOCK_TORCH, ROOT, snapshot
 
 from care_export.cli import main
 from care_export.data.builtin import BuiltinSource
@@ -26,7 +25,6 @@ from runtime.errors import CareError
 
 TINY = backbone_config("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
 FAST = TrainConfig(epochs=2, batch_size=8, ca_epochs=1)
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def image_folder(root: Path, names: list[str], first_class: int, per_class: int = 6) -> Path:

@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from test_export_common import IMG, make_artifact, make_checkpoint
+from helpers import IMG, make_artifact, make_checkpoint
 
 from care_export.checkpoint.format import load_checkpoint
 from care_export.export.iterative_graph import build_iterative_model, check_capacity

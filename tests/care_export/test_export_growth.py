@@ -8,8 +8,8 @@ import shutil
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import make_artifact, make_checkpoint, snapshot
 from safetensors.numpy import load_file, save_file
-from test_export_common import make_artifact, make_checkpoint, snapshot
 
 from care_export.cli import main
 from care_export.export import export_artifact

@@ -10,21 +10,21 @@ from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import save_file
 
+from care_export.checkpoint.synth import randomize_task
+from care_export.cli import main
+from care_export.data.builtin import BuiltinSource
+from care_export.data.sources import LabelledImages, TaskSequence, eval_transform, train_transform
+from care_export.model.brmoe import MASKED_LOGIT, BRMoE
+from care_export.model.care_vit import CareViT
+from care_export.model.config import MoEConfig, backbone_config
 from care_export.training import task as train_mod
 from care_export.training.alignment import PseudoFeatures, align_classifier, class_statistics
-from care_export.model.brmoe import MASKED_LOGIT, BRMoE
-from care_export.data.builtin import BuiltinSource
-from runtime.checkpoint_files import read_checkpoint_manifest
-from care_export.cli import main
-from care_export.model.config import MoEConfig, backbone_config
-from runtime.preprocess import Preprocessing
 from care_export.training.continual import ContinualRun, resume_sequence, train_sequence
-from care_export.data.sources import LabelledImages, TaskSequence, eval_transform, train_transform
 from care_export.training.evaluate import Metrics
-from care_export.model.care_vit import CareViT
-from care_export.checkpoint.synth import randomize_task
 from care_export.training.task import TaskData, TrainConfig, angular_loss, learn_task, perceptor_loss
+from runtime.checkpoint_files import read_checkpoint_manifest
 from runtime.errors import CareError
+from runtime.preprocess import Preprocessing
 
 TINY = backbone_config("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
 PRE = Preprocessing.for_input(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))

@@ -9,18 +9,16 @@ import pty
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from helpers import BLOCK_TORCH, ROOT
 from PIL import Image
-from test_runtime_isolation import BLOCK_TORCH
 
 from care_export.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--backbone", "vit_tiny_patch16_224", "--img-size", "32", "--patch-size", "8", "--depth", "2"]
 CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")  # anything but printable text and \n
 

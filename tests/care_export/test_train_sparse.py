@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 
-from care_export.model.config import MoEConfig, backbone_config
-from care_export.model.care_vit import CareViT
 from care_export.checkpoint.synth import randomize_task
+from care_export.model.care_vit import CareViT
+from care_export.model.config import MoEConfig, backbone_config
 from care_export.training.task import TrainConfig, set_trainable, task_loss
 
 TINY = backbone_config("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from test_export_common import make_artifact, make_checkpoint, snapshot
+from helpers import make_artifact, make_checkpoint, snapshot
 
 from care_export.cli import main
 from care_export.export import export_artifact

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import ROOT
 from safetensors.numpy import load_file, save_file
 
 from care_export.cli import main
@@ -34,7 +35,6 @@ from runtime.artifact import Artifact
 from runtime.errors import CareError
 from runtime.growth import add_tasks
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "--backbone",
     "vit_tiny_patch16_224",

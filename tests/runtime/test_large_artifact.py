@@ -5,7 +5,7 @@ capacity 2400 has a 2.9 GiB slot file, sparse on disk: cheap to write and to tes
 import numpy as np
 import onnx
 import pytest
-from test_export_common import make_artifact, make_checkpoint
+from helpers import make_artifact, make_checkpoint
 
 from care_export.export.parity import random_images, run_parity
 from runtime import Session

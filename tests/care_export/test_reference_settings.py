@@ -8,34 +8,34 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import refmath
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from helpers import ROOT
 
+from care_export.checkpoint.format import load_checkpoint
+from care_export.checkpoint.synth import synth_model
+from care_export.cli import main
+from care_export.data import INPUT_SETS
+from care_export.data.builtin import BuiltinSource
+from care_export.data.cifar import Cifar100Source
+from care_export.data.sources import LabelledImages, TaskSequence, open_source, train_transform
+from care_export.model.care_vit import CareViT
+from care_export.model.config import MoEConfig, backbone_config
+from care_export.model.iterative import iterative_scores, prediction_scores
 from care_export.training import task as train_mod
 from care_export.training.alignment import PseudoFeatures, reference_mean_decay
-from care_export.data.builtin import BuiltinSource
-from care_export.checkpoint.format import load_checkpoint
-from runtime.checkpoint_files import read_checkpoint_manifest
-from care_export.data.cifar import Cifar100Source
-from care_export.cli import main
-from care_export.model.config import MoEConfig, backbone_config
-from runtime.preprocess import Preprocessing
 from care_export.training.continual import REFERENCE_BACKBONE, ContinualRun, default_backbone
-from care_export.data import INPUT_SETS
-from care_export.data.sources import LabelledImages, TaskSequence, class_order, open_source, train_transform
-from care_export.model.iterative import iterative_scores, prediction_scores
-from care_export.model.care_vit import CareViT
 from care_export.training.reference_config import PRESET_DIR, load_config, load_preset, parse, preset_names
-from care_export.checkpoint.synth import synth_model
 from care_export.training.task import TaskData, TrainConfig, learn_task, perceptor_loss
+from runtime.checkpoint_files import read_checkpoint_manifest
 from runtime.errors import CareError
-
-import refmath
+from runtime.preprocess import Preprocessing
 
 TINY = backbone_config("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
 PRE = Preprocessing.for_input(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-SHARED_CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "reference-configs"
+SHARED_CONFIGS = ROOT.parent / "shared" / "reference-configs"
 
 
 # ---------------------------------------------------------------------- 3. alignment mean decay

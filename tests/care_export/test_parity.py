@@ -4,7 +4,7 @@ inputs, |dlogit| <= 1e-4 (docs/DESIGN.md, "Parity")."""
 
 import numpy as np
 import pytest
-from test_export_common import make_artifact, make_checkpoint
+from helpers import make_artifact, make_checkpoint
 
 from care_export.export.parity import compare, ort_session, random_images, run_artifact, run_parity
 from runtime.errors import AtolError, RoutingError, ShapeError
