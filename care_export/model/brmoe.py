@@ -251,7 +251,7 @@ class BRMoE(nn.Module):
         chosen = cls.new_full((m, bsz, num_e), float("-inf"))
         for r in sel.unique().tolist():
             j, b = (sel == r).nonzero(as_tuple=True)
-            chosen[j, b, : r + 1] = self.routers[r](cls[r, b])
+            chosen[j, b, : r + 1] = self.routers[r](cls[r].index_select(0, b))
         return chosen
 
     def _mixed_tokens(self, x: torch.Tensor, weight: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
@@ -278,10 +278,15 @@ class BRMoE(nn.Module):
         up_w = (st["up.weight"] * st["scale"][:, :, None]).transpose(1, 2)  # (U, r, D)
         up_b = st["up.bias"] * st["scale"]
         xn = F.layer_norm(x, x.shape[-1:], eps=PART_LN_EPS)
-        h = torch.baddbmm(down_b[slot].reshape(bsz, 1, s * r), xn, down_w[slot].reshape(bsz, s * r, -1).transpose(1, 2))
+
+        def per_slot(t):  # t[slot]; index_select's backward sums in a fixed order, indexing's does not on CPU
+            return t.index_select(0, slot.flatten()).reshape(bsz, s, *t.shape[1:])
+
+        h = torch.baddbmm(per_slot(down_b).reshape(bsz, 1, s * r), xn,
+                          per_slot(down_w).reshape(bsz, s * r, -1).transpose(1, 2))
         h = F.dropout(torch.relu(h), self.cfg.dropout, self.training)
         h = h * slot_w.repeat_interleave(r, 1)[:, None]
-        return torch.bmm(h, up_w[slot].reshape(bsz, s * r, -1)) + torch.einsum("bs,bsd->bd", slot_w, up_b[slot])[:, None]
+        return torch.bmm(h, per_slot(up_w).reshape(bsz, s * r, -1)) + torch.einsum("bs,bsd->bd", slot_w, per_slot(up_b))[:, None]
 
 
 def _stacked(modules) -> dict[str, torch.Tensor]:
