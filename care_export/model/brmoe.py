@@ -49,6 +49,7 @@ class BRMoE(nn.Module):
         self.perceptors = nn.ModuleList()
         self.shared = Expert(dim, cfg.shared_dim, cfg.dropout)
         self._anchor: list[torch.Tensor] | None = None  # shared-expert snapshot for the EMA pull
+        self._stack_cache: dict[str, tuple] = {}  # frozen task parts stacked, see _stacks
         self.ema_decay = 0.999
 
     @property
@@ -211,7 +212,7 @@ class BRMoE(nn.Module):
         """The BR-MoE mixture of experts ``0..num_experts-1`` (shared expert excluded), routed by
         the routers of lowest entropy among the candidates (all but ``forced``) plus ``forced``.
         Returns ``(mixture, sel, kept, cls)``, ``cls`` (E, B, D) every expert on the CLS token."""
-        cls = self._experts_on_tokens(self.experts[:num_experts], x[:, 0][None])  # (E, B, D)
+        cls = self._experts_on_tokens(self.experts[:num_experts], x[:, 0])  # (E, B, D)
         cand = num_experts - (forced is not None)
         with torch.no_grad():  # selection only: no gradient flows through the entropies
             sel = self._select(self._perceptor_entropies(cls[:cand].detach()), forced)
@@ -222,12 +223,41 @@ class BRMoE(nn.Module):
         return torch.cat([head[:, None], rest], 1), sel, kept, cls
 
     def _experts_on_tokens(self, experts, x: torch.Tensor) -> torch.Tensor:
-        """Each of ``experts`` on its own slice of ``x`` (E, B, D) -> (E, B, D), batched."""
-        st = _stacked(experts)
-        a = F.layer_norm(x, x.shape[-1:], eps=PART_LN_EPS) * st["norm.weight"][:, None] + st["norm.bias"][:, None]
-        h = torch.relu(torch.baddbmm(st["down.bias"][:, None], a, st["down.weight"].transpose(1, 2)))
-        h = F.dropout(h, self.cfg.dropout, self.training)
-        return torch.baddbmm(st["up.bias"][:, None], h, st["up.weight"].transpose(1, 2)) * st["scale"][:, None]
+        """Each of ``experts`` on the tokens ``x`` (B, D) -> (E, B, D), batched: the frozen
+        leading experts from a cached stack, the trainable rest stacked now."""
+        stacks = self._stacks(experts, "experts")
+        xn = F.layer_norm(x, x.shape[-1:], eps=PART_LN_EPS)
+        hs = [torch.relu(torch.baddbmm(st["down.bias"][:, None], xn * st["norm.weight"][:, None] + st["norm.bias"][:, None],
+                                       st["down.weight"].transpose(1, 2))) for st in stacks]
+        h = F.dropout(torch.cat(hs), self.cfg.dropout, self.training)  # one mask draw, however split
+        return torch.cat([torch.baddbmm(st["up.bias"][:, None], part, st["up.weight"].transpose(1, 2)) * st["scale"][:, None]
+                          for st, part in zip(stacks, h.split([len(st["scale"]) for st in stacks]))])
+
+    def _stacks(self, modules, kind: str) -> list[dict[str, torch.Tensor]]:
+        """The parameters of ``modules`` stacked (see :func:`_stacked`) in at most two parts: the
+        leading modules that train nothing, from a cache, and the others, stacked now.
+
+        Re-stacking every frozen expert at every step, and the gradient of the whole stack that
+        autograd forms when one of its members trains, made a step grow with the task count. The
+        cache is keyed on the tensors' storage and version counters, so any change to a frozen
+        module (an optimizer step, a load) rebuilds it.
+        """
+        modules = list(modules)
+        frozen = 0
+        while frozen < len(modules) and not any(p.requires_grad for p in modules[frozen].parameters()):
+            frozen += 1
+        stacks = []
+        if frozen:
+            key = tuple((p.data_ptr(), p._version) for m in modules[:frozen] for p in m.parameters())
+            cached = self._stack_cache.get(kind)
+            if cached is None or cached[0] != key:
+                with torch.no_grad():
+                    cached = (key, _stacked(modules[:frozen]))
+                self._stack_cache[kind] = cached
+            stacks.append(cached[1])
+        if frozen < len(modules):
+            stacks.append(_stacked(modules[frozen:]))
+        return stacks
 
     def _perceptor_entropies(self, cls: torch.Tensor) -> torch.Tensor:
         """(T', B) entropy of perceptor t on ``cls[t]``, batched over tasks of equal class count."""
@@ -235,12 +265,14 @@ class BRMoE(nn.Module):
         groups: dict[int, list[int]] = {}
         for t in range(cls.shape[0]):
             groups.setdefault(self.perceptors[t].fc.out_features, []).append(t)
-        for tasks in groups.values():
-            st = _stacked([self.perceptors[t] for t in tasks])
+        for classes, tasks in groups.items():
             idx = torch.tensor(tasks, device=cls.device)
-            c = cls[idx]
-            n = F.layer_norm(c, c.shape[-1:], eps=PART_LN_EPS) * st["norm.weight"][:, None] + st["norm.bias"][:, None]
-            ent[idx] = entropy(torch.baddbmm(st["fc.bias"][:, None], n, st["fc.weight"].transpose(1, 2)))
+            n = F.layer_norm(cls[idx], cls.shape[-1:], eps=PART_LN_EPS)
+            stacks = self._stacks([self.perceptors[t] for t in tasks], f"perceptors-{classes}")
+            logits = [torch.baddbmm(st["fc.bias"][:, None], part * st["norm.weight"][:, None] + st["norm.bias"][:, None],
+                                    st["fc.weight"].transpose(1, 2))
+                      for st, part in zip(stacks, n.split([len(st["fc.bias"]) for st in stacks]))]
+            ent[idx] = entropy(torch.cat(logits))
         return ent
 
     def _selected_logits(self, sel: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
@@ -248,10 +280,13 @@ class BRMoE(nn.Module):
         select it; ``-inf`` beyond a router's experts."""
         m, bsz = sel.shape
         num_e = cls.shape[0]
+        # The routers' inputs in one gather: indexing cls per router would make its backward
+        # write a gradient the size of cls for every router.
+        rows = cls.reshape(num_e * bsz, -1).index_select(0, (sel * bsz + torch.arange(bsz, device=sel.device)).flatten())
         chosen = cls.new_full((m, bsz, num_e), float("-inf"))
         for r in sel.unique().tolist():
             j, b = (sel == r).nonzero(as_tuple=True)
-            chosen[j, b, : r + 1] = self.routers[r](cls[r].index_select(0, b))
+            chosen[j, b, : r + 1] = self.routers[r](rows.index_select(0, j * bsz + b))
         return chosen
 
     def _mixed_tokens(self, x: torch.Tensor, weight: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
