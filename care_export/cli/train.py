@@ -124,9 +124,11 @@ def train_command(out, resume, data, skip_known, builtin_classes, builtin_train,
       care-export train -o ckpt/ --data cifar-100-python/ --config care_cifar_inc10.json --epochs 10
     """
     from ..training.continual import resume_sequence
+    from ..training.distributed import from_environment
     from ..training.evaluate import Metrics
 
     ctx = click.get_current_context()
+    group = from_environment()  # several processes under torchrun
 
     def given(name: str) -> bool:
         return ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
@@ -136,7 +138,7 @@ def train_command(out, resume, data, skip_known, builtin_classes, builtin_train,
                     margin=margin, aux_cos_loss=aux_cos_loss, self_dist_loss=self_dist_loss, align_decay=align_decay,
                     amp=amp, eval_mode=eval_mode, input_set=input_set,
                     method=method)
-    progress = not quiet
+    progress = not quiet and group.main
     try:
         if (out is None) == (resume is None):
             raise click.UsageError("give either -o/--output (a new run) or --resume CKPT")
@@ -156,16 +158,19 @@ def train_command(out, resume, data, skip_known, builtin_classes, builtin_train,
                     overrides[key] = training[key]
             directory = resume_sequence(resume, tasks=tasks, overrides=overrides,
                                         data=data if given("data") else None, skip_known=skip_known,
-                                        device=device, progress=progress)
+                                        device=device, progress=progress, group=group)
         else:
             directory = _start(out, data, builtin_classes, builtin_train, builtin_test, init_cls, increment, tasks,
                                seed, backbone, img_size, patch_size, depth, backbone_weights, topk_routers,
-                               topk_experts, expert_dim, shared_dim, training, mean, std, device, cache_dir, progress)
+                               topk_experts, expert_dim, shared_dim, training, mean, std, device, cache_dir, progress,
+                               group)
     except KeyboardInterrupt:
         where = resume or out
         click.echo(f"\ninterrupted: {where} holds the tasks finished before; continue with "
                    f"care-export train --resume {where}", err=True)
         sys.exit(130)
+    if not group.main:
+        return
     from ..checkpoint.format import read_manifest
 
     metrics = Metrics.from_dict(read_manifest(directory)["metrics"])
@@ -175,7 +180,7 @@ def train_command(out, resume, data, skip_known, builtin_classes, builtin_train,
 
 def _start(out, data, builtin_classes, builtin_train, builtin_test, init_cls, increment, tasks, seed, backbone,
            img_size, patch_size, depth, backbone_weights, topk_routers, topk_experts, expert_dim, shared_dim,
-           training, mean, std, device, cache_dir, progress) -> Path:
+           training, mean, std, device, cache_dir, progress, group) -> Path:
     from dataclasses import replace
 
     from ..model.config import MoEConfig, Preprocessing, backbone_config
@@ -200,4 +205,4 @@ def _start(out, data, builtin_classes, builtin_train, builtin_test, init_cls, in
                           seed=seed, backbone=cfg, weights=weights,
                           moe=MoEConfig(topk_routers, topk_experts, expert_dim, shared_dim),
                           cfg=TrainConfig(**training), preprocessing=preprocessing, cache_dir=cache_dir,
-                          device=device, progress=progress)
+                          device=device, progress=progress, group=group)

@@ -28,6 +28,7 @@ from ..data.sources import (DEFAULT_SEED, LabelledImages, TaskSequence, eval_tra
 from .evaluate import Metrics, accuracy_by_task, write_metrics
 from ..model.iterative import prediction_scores
 from ..model.care_vit import CareViT
+from .distributed import SINGLE, Group
 from .task import TaskData, TrainConfig, learn_task
 
 STATS_FILE = "class-stats-{:04d}.safetensors"
@@ -118,7 +119,8 @@ class ContinualRun:
     def __init__(self, directory, model, sequence: TaskSequence, source, preprocessing: Preprocessing,
                  cfg: TrainConfig, *, limit: int, weights: str, stats=None, metrics: Metrics | None = None,
                  device="cpu", plan: dict | None = None, records: list[dict] | None = None,
-                 class_names: list[str] | None = None, sequence_record: dict | None = None):
+                 class_names: list[str] | None = None, sequence_record: dict | None = None,
+                 group: Group = SINGLE):
         if plan is None:
             if not model.num_tasks < limit <= sequence.num_tasks:
                 raise CareError(f"cannot train up to task {limit}: the checkpoint has {model.num_tasks} tasks and "
@@ -127,6 +129,7 @@ class ContinualRun:
             plan = {t: (source, given, [sequence.order[g] for g in sequence.classes(t)])
                     for t in range(model.num_tasks, limit)}
         self.directory = Path(directory)
+        self.group = group
         self.model = model.to(device)
         self.sequence, self.source, self.preprocessing, self.cfg = sequence, source, preprocessing, cfg
         self.limit, self.weights, self.device, self.plan = limit, weights, device, plan
@@ -153,11 +156,16 @@ class ContinualRun:
 
         data = TaskData(images(train_transform(self.preprocessing, cfg.crop_scale, cfg.input_set)),
                         images(eval_transform(self.preprocessing)), cfg,
-                        torch.Generator().manual_seed(_task_seed(seq.seed, task)))
-        own = learn_task(self.model, task, data, self.stats, cfg, device=self.device, progress=progress)
+                        torch.Generator().manual_seed(_task_seed(seq.seed, task)), self.group)
+        own = learn_task(self.model, task, data, self.stats, cfg, device=self.device,
+                         progress=progress and self.group.main)
         self.model.requires_grad_(False)
         self.records.append(task_record(source, given, labels))
         self.class_names += [source.class_names[c] for c in labels]
+        self.stats.append({k: v.to(self.device) for k, v in own.items()})
+        if not self.group.main:  # rank 0 evaluates and writes the checkpoint
+            self.group.barrier()
+            return
 
         top1, per_task, skipped = evaluate_recorded(self.model, self.records, self.preprocessing,
                                                     3 * cfg.batch_size, self.device, cfg.workers,
@@ -167,8 +175,8 @@ class ContinualRun:
         self.metrics.add(top1, per_task)
         self.directory.mkdir(parents=True, exist_ok=True)
         save_statistics(own, self.directory / STATS_FILE.format(task))
-        self.stats.append({k: v.to(self.device) for k, v in own.items()})
         self._save()
+        self.group.barrier()
         for line in skipped:
             tqdm.write(f"evaluation skipped {line}")
         old = [a for a in per_task[:-1] if a is not None]
@@ -194,7 +202,7 @@ class ContinualRun:
     def run(self, progress: bool = True) -> Metrics:
         """Learn tasks until ``limit``; the checkpoint is saved after each."""
         todo = range(self.model.num_tasks, self.limit)
-        for _ in tqdm(todo, desc="tasks", unit="task", disable=not progress or len(todo) < 2):
+        for _ in tqdm(todo, desc="tasks", unit="task", disable=not progress or len(todo) < 2 or not self.group.main):
             self.learn_next(progress)
         return self.metrics
 
@@ -236,12 +244,13 @@ def train_sequence(out: str | Path, *, data: str | Path = "builtin", builtin: di
                    backbone: BackboneConfig | None = None, weights: str | Path | None = BUILTIN_WEIGHTS,
                    moe: MoEConfig = MoEConfig(), cfg: TrainConfig = TrainConfig(),
                    preprocessing: Preprocessing | None = None, cache_dir=None, device: str = "auto",
-                   progress: bool = True) -> Path:
+                   progress: bool = True, group: Group = SINGLE) -> Path:
     """Learn the first ``tasks`` tasks (all by default) of a sequence into a new checkpoint ``out``.
 
     ``builtin``: settings of the built-in dataset (``num_classes``, ``train_per_class``,
     ``test_per_class``, ``seed``); its image size is the backbone's. ``preprocessing``: mean and
-    std of the input (default: those of the backbone weights' training).
+    std of the input (default: those of the backbone weights' training). ``group``: the
+    processes training together (``distributed.from_environment()`` under torchrun).
     """
     out = Path(out)
     if (out / MANIFEST).exists():
@@ -254,18 +263,24 @@ def train_sequence(out: str | Path, *, data: str | Path = "builtin", builtin: di
     if limit > sequence.num_tasks:
         raise CareError(f"--tasks {limit}: the sequence has only {sequence.num_tasks} tasks "
                         f"({source.num_classes} classes, init {init_cls}, increment {increment})")
-    dev = resolve_device(device)
+    dev = group.device(resolve_device(device))
+    if group.distributed and weights == BUILTIN_WEIGHTS:  # pre-trained once, by rank 0, into the cache
+        if group.main:
+            from .pretrain import PretrainConfig, pretrained_backbone
+
+            pretrained_backbone(PretrainConfig(backbone=backbone), cache_dir, progress=progress)
+        group.barrier()
     model, weights_desc, default_pre = build_model(backbone, weights, moe, seed=seed, cache_dir=cache_dir,
-                                                   progress=progress)
+                                                   progress=progress and group.main)
     run = ContinualRun(out, model, sequence, source, preprocessing or default_pre, cfg, limit=limit,
-                       weights=weights_desc, device=dev)
+                       weights=weights_desc, device=dev, group=group)
     run.run(progress)
     return out
 
 
 def resume_sequence(directory: str | Path, *, tasks: int | None = None, overrides: dict | None = None,
                     data: str | Path | None = None, skip_known: bool = False, device: str = "auto",
-                    progress: bool = True) -> Path:
+                    progress: bool = True, group: Group = SINGLE) -> Path:
     """Go on learning a checkpoint made by :func:`train_sequence`.
 
     Without ``data``, or with ``data`` holding the classes of the recorded sequence (a folder
@@ -315,14 +330,14 @@ def resume_sequence(directory: str | Path, *, tasks: int | None = None, override
         plan = {t: (source, str(data or stored["data"].get("path", "builtin")),
                     [sequence.order[g] for g in sequence.classes(t)]) for t in range(learned, limit)}
     model, _ = load_checkpoint(directory)
-    dev = resolve_device(device)
+    dev = group.device(resolve_device(device))
     stats = [{k: v.to(dev) for k, v in load_statistics(directory / f).items()} for f in manifest["class_stats"]]
     run = ContinualRun(directory, model, sequence, source, Preprocessing.from_dict(manifest["preprocessing"]), cfg,
                        limit=limit, weights=training["backbone_weights"], stats=stats,
                        metrics=Metrics.from_dict(manifest.get("metrics")), device=dev, plan=plan,
                        records=manifest.get("task_data") or sequence_records(stored, range(learned)),
                        class_names=manifest["classes"]["names"],
-                       sequence_record={k: stored[k] for k in ("data", "source_classes")})
+                       sequence_record={k: stored[k] for k in ("data", "source_classes")}, group=group)
     run.run(progress)
     return directory
 

@@ -22,6 +22,7 @@ from runtime.errors import CareError
 
 from .alignment import ALIGN_DECAYS, CA_METHODS, PseudoFeatures, align_classifier, class_statistics, reference_mean_decay
 from .baselines import METHODS, trainable_parts, uses_routing
+from .distributed import SINGLE, GlobalBatches, Group, SeededItems, ShardedIndices
 
 EVAL_MODES = ("single", "iterative")
 
@@ -144,19 +145,41 @@ def set_trainable(model, task: int, method: str = "care") -> list[torch.nn.Param
 
 # ---------------------------------------------------------------------- one task
 class TaskData:
-    """The loaders of one task: augmented training images, and the same images with the test
-    transform for the class statistics."""
+    """The loaders of one task: augmented training images (this rank's share of every global
+    batch, see ``distributed.py``), and the same images with the test transform for the class
+    statistics (this rank's share, in order)."""
 
-    def __init__(self, train, stats, cfg: TrainConfig, generator: torch.Generator):
-        self.train = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.workers,
-                                generator=generator)
-        self.stats = DataLoader(stats, batch_size=3 * cfg.batch_size, num_workers=cfg.workers)
+    def __init__(self, train, stats, cfg: TrainConfig, generator: torch.Generator, group: Group = SINGLE):
+        self.group = group
+        self.batches = GlobalBatches(len(train), cfg.batch_size, generator, group)
+        self.train = DataLoader(SeededItems(train, generator.initial_seed()), batch_sampler=self.batches,
+                                num_workers=cfg.workers)
+        self.stats_order = ShardedIndices(len(stats), group)
+        self.stats = DataLoader(stats, batch_size=3 * cfg.batch_size, sampler=self.stats_order,
+                                num_workers=cfg.workers)
 
 
-def _train_round(model, task: int, first_class: int, loader: DataLoader, cfg: TrainConfig, *, lr: float,
+class _TaskForward(torch.nn.Module):
+    """``model.forward_train(x, task)`` as a module's forward, for DistributedDataParallel."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, task: int):
+        return self.model.forward_train(x, task)
+
+
+def _train_round(model, task: int, first_class: int, data: TaskData, cfg: TrainConfig, *, lr: float,
                  eta_min: float, epochs: int, device, progress: bool) -> float:
     """SGD with a per-epoch cosine schedule from ``lr`` to ``eta_min``; returns the final lr."""
     params = set_trainable(model, task, cfg.method)
+    group = data.group
+    forward = _TaskForward(model)
+    if group.distributed:  # the ranks hold identical models: no initial broadcast of all tensors
+        forward = torch.nn.parallel.DistributedDataParallel(
+            forward, device_ids=[device.index] if torch.device(device).type == "cuda" else None, broadcast_buffers=False,
+            find_unused_parameters=True, init_sync=False)
     opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=eta_min)
     # float16 gradients need loss scaling; bfloat16 has float32's range and does not.
@@ -165,15 +188,18 @@ def _train_round(model, task: int, first_class: int, loader: DataLoader, cfg: Tr
     for _ in bar:
         model.train()
         total = main = correct = seen = 0.0
-        for x, y in loader:
+        for (x, y), global_size in zip(data.train, data.batches.global_sizes()):
             x, y = x.to(device), y.to(device)
             with autocast_context(device, cfg.amp):
-                out = model.forward_train(x, task)
+                out = forward(x, task)
                 loss, loss_main = task_loss(out, y, first_class, cfg)
             if not torch.isfinite(loss):
                 raise CareError(f"training diverged on task {task} (loss {loss.item()}); lower --lr")
             opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            # The ranks' gradients are averaged: weighted by its share, a rank's mean loss makes
+            # the average that of the global batch.
+            share = loss * (len(y) * group.world / global_size) if group.distributed else loss
+            scaler.scale(share).backward()
             scaler.step(opt)
             scaler.update()
             total += loss.item() * len(y)
@@ -187,14 +213,18 @@ def _train_round(model, task: int, first_class: int, loader: DataLoader, cfg: Tr
 
 
 @torch.no_grad()
-def _task_statistics(model, task: int, first_class: int, num_classes: int, loader: DataLoader, method: str, device):
-    """Feature statistics of ``task``'s classes, from the task's forward in eval mode."""
+def _task_statistics(model, task: int, first_class: int, num_classes: int, data: TaskData, method: str, device):
+    """Feature statistics of ``task``'s classes, from the task's forward in eval mode, over the
+    features of every rank."""
     model.eval()
     feats, labels = [], []
-    for x, y in loader:
+    for x, y in data.stats:
         feats.append(model.forward_train(x.to(device), task)["features"])
         labels.append(y.to(device))
-    return class_statistics(torch.cat(feats), torch.cat(labels), range(first_class, first_class + num_classes), method)
+    index = torch.tensor(data.stats_order.indices, device=device)
+    feats, _ = data.group.gather_rows(torch.cat(feats), index)
+    labels, _ = data.group.gather_rows(torch.cat(labels), index)
+    return class_statistics(feats, labels, range(first_class, first_class + num_classes), method)
 
 
 def learn_task(model, task: int, data: TaskData, stats: list[dict], cfg: TrainConfig, *, device,
@@ -209,11 +239,11 @@ def learn_task(model, task: int, data: TaskData, stats: list[dict], cfg: TrainCo
     def round_(lr, eta_min, epochs):
         for m in model.moe:  # task 0 trains the shared expert freely; later rounds pull it back
             m.anchor_shared(task > 0 and uses_routing(cfg.method))
-        last_lr = _train_round(model, task, first_class, data.train, cfg, lr=lr, eta_min=eta_min, epochs=epochs,
+        last_lr = _train_round(model, task, first_class, data, cfg, lr=lr, eta_min=eta_min, epochs=epochs,
                                device=device, progress=progress)
         for m in model.moe:
             m.anchor_shared(False)
-        return last_lr, _task_statistics(model, task, first_class, num_classes, data.stats, cfg.ca_method, device)
+        return last_lr, _task_statistics(model, task, first_class, num_classes, data, cfg.ca_method, device)
 
     def align(own):
         decay = None
@@ -222,6 +252,7 @@ def learn_task(model, task: int, data: TaskData, stats: list[dict], cfg: TrainCo
         sampler = PseudoFeatures(stats + [own], device, mean_scale=decay)
         align_classifier(model.head, sampler, lr=cfg.ca_lr, epochs=cfg.ca_epochs, per_class=cfg.pseudo_per_class,
                          scale=cfg.scale, weight_decay=cfg.weight_decay, progress=progress)
+        data.group.broadcast_(model.head.parameters())  # the ranks' random streams may have parted
 
     if task == 0:
         _, own = round_(cfg.lr, cfg.min_lr, cfg.epochs)
