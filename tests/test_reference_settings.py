@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-from care_export import train as train_mod
+from care_export.training import task as train_mod  # the trainer module, in the new layout
 from care_export.training.alignment import PseudoFeatures, reference_mean_decay
 from care_export.data.builtin import BuiltinSource
 from care_export.checkpoint.format import load_checkpoint, read_manifest

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import save_file
 
-from care_export import train as train_mod
+from care_export.training import task as train_mod  # the trainer module, in the new layout
 from care_export.training.alignment import PseudoFeatures, align_classifier, class_statistics
 from care_export.model.brmoe import MASKED_LOGIT, BRMoE
 from care_export.data.builtin import BuiltinSource
