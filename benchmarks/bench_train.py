@@ -81,14 +81,16 @@ def step_fn(model, params, task: int, form: str, batch: int):
 
 
 def peak_rss_gib(name: str, task: int, form: str, batch: int) -> float:
-    """Peak resident memory of a child process that builds the model and runs two steps."""
+    """Peak resident memory of a child process that builds the model and runs two steps: its
+    own VmHWM (``ru_maxrss`` of a child would include this process's memory at the fork)."""
     code = ("import sys; sys.argv = sys.argv[:1]; from benchmarks.bench_train import learner, step_fn; "
-            f"m, p = learner({name!r}, {task}); s = step_fn(m, p, {task}, {form!r}, {batch}); s(); s()")
-    proc = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=os.getcwd()))
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
+            f"m, p = learner({name!r}, {task}); s = step_fn(m, p, {task}, {form!r}, {batch}); s(); s(); "
+            "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
+    proc = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=os.getcwd()),
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
         return float("nan")
-    return usage.ru_maxrss / 2**20  # KiB on Linux
+    return int(proc.stdout.split()[-1]) / 2**20  # kB
 
 
 def main(argv=None):

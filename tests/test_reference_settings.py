@@ -204,7 +204,7 @@ def test_unknown_and_unsupported_keys_are_named_in_one_line(tmp_path):
 
 
 def test_config_gives_defaults_and_options_override(tmp_path, monkeypatch):
-    from care_export import continual
+    from care_export.training import continual
 
     got = {}
     monkeypatch.setattr(continual, "train_sequence", lambda out, **kw: got.update(kw) or out)
