@@ -49,7 +49,7 @@ class BRMoE(nn.Module):
         self.perceptors = nn.ModuleList()
         self.shared = Expert(dim, cfg.shared_dim, cfg.dropout)
         self._anchor: list[torch.Tensor] | None = None  # shared-expert snapshot for the EMA pull
-        self._stack_cache: dict[str, tuple] = {}  # frozen task parts stacked, see _stacks
+        self._stack_cache: dict[str, dict] = {}  # frozen task parts stacked, see _stacks
         self.ema_decay = 0.999
 
     @property
@@ -212,7 +212,7 @@ class BRMoE(nn.Module):
         """The BR-MoE mixture of experts ``0..num_experts-1`` (shared expert excluded), routed by
         the routers of lowest entropy among the candidates (all but ``forced``) plus ``forced``.
         Returns ``(mixture, sel, kept, cls)``, ``cls`` (E, B, D) every expert on the CLS token."""
-        cls = self._experts_on_tokens(self.experts[:num_experts], x[:, 0])  # (E, B, D)
+        cls = self._experts_on_tokens(list(self.experts)[:num_experts], x[:, 0])  # (E, B, D)
         cand = num_experts - (forced is not None)
         with torch.no_grad():  # selection only: no gradient flows through the entropies
             sel = self._select(self._perceptor_entropies(cls[:cand].detach()), forced)
@@ -243,18 +243,23 @@ class BRMoE(nn.Module):
         module (an optimizer step, a load) rebuilds it.
         """
         modules = list(modules)
+        ids = tuple(map(id, modules))
+        entry = self._stack_cache.get(kind)
+        if entry is None or entry["ids"] != ids:  # other modules (a task added): look their parameters up once
+            entry = self._stack_cache[kind] = {"ids": ids, "params": [list(m.parameters()) for m in modules],
+                                               "key": None}
+        params = entry["params"]
         frozen = 0
-        while frozen < len(modules) and not any(p.requires_grad for p in modules[frozen].parameters()):
+        while frozen < len(modules) and not any(p.requires_grad for p in params[frozen]):
             frozen += 1
         stacks = []
         if frozen:
-            key = tuple((p.data_ptr(), p._version) for m in modules[:frozen] for p in m.parameters())
-            cached = self._stack_cache.get(kind)
-            if cached is None or cached[0] != key:
+            key = (frozen, tuple((p.data_ptr(), p._version) for ps in params[:frozen] for p in ps))
+            if entry["key"] != key:
                 with torch.no_grad():
-                    cached = (key, _stacked(modules[:frozen]))
-                self._stack_cache[kind] = cached
-            stacks.append(cached[1])
+                    entry["stack"] = _stacked(modules[:frozen])
+                entry["key"] = key
+            stacks.append(entry["stack"])
         if frozen < len(modules):
             stacks.append(_stacked(modules[frozen:]))
         return stacks
@@ -262,13 +267,14 @@ class BRMoE(nn.Module):
     def _perceptor_entropies(self, cls: torch.Tensor) -> torch.Tensor:
         """(T', B) entropy of perceptor t on ``cls[t]``, batched over tasks of equal class count."""
         ent = cls.new_empty(cls.shape[:2])
+        perceptors = list(self.perceptors)
         groups: dict[int, list[int]] = {}
         for t in range(cls.shape[0]):
-            groups.setdefault(self.perceptors[t].fc.out_features, []).append(t)
+            groups.setdefault(perceptors[t].fc.out_features, []).append(t)
         for classes, tasks in groups.items():
             idx = torch.tensor(tasks, device=cls.device)
             n = F.layer_norm(cls[idx], cls.shape[-1:], eps=PART_LN_EPS)
-            stacks = self._stacks([self.perceptors[t] for t in tasks], f"perceptors-{classes}")
+            stacks = self._stacks([perceptors[t] for t in tasks], f"perceptors-{classes}")
             logits = [torch.baddbmm(st["fc.bias"][:, None], part * st["norm.weight"][:, None] + st["norm.bias"][:, None],
                                     st["fc.weight"].transpose(1, 2))
                       for st, part in zip(stacks, n.split([len(st["fc.bias"]) for st in stacks]))]
