@@ -1,15 +1,17 @@
-"""Seconds per training step, dense (``forward_train``, every expert over every token) against
-sparse (``forward_train_sparse``, what the trainer uses), while learning task T of a synthetic
-checkpoint: interleaved in one run, medians, with the ratios, and the peak memory of one step of
-each form in a child process of its own.
+"""Seconds per training step, dense (``forward_train(mode="reference")``, every expert over
+every token) against sparse (``mode="sparse"``, what the trainer uses), while learning task T of a
+synthetic checkpoint: every (T, form) timed interleaved in one run, medians, with the ratios to
+the first T and dense/sparse, and the peak memory of one step of each in a child process of its
+own.
 
 A step is what the trainer does per batch minus the optimizer update: the training forward, the
 loss, the backward. Task T's model holds T+1 tasks (tasks 0..T), of 10 then 3 classes (B100-Inc3).
+Its tensors are drawn directly (``synth_model``'s module-by-module build of a 301-task ViT-B/16
+takes minutes).
 
     python benchmarks/bench_train.py                                  # built-in ViT, T = 1 10 100 301
-    python benchmarks/bench_train.py --backbone vit_base_patch16_224 --batch 2 --tasks 1 301 \\
-        --forms sparse --rounds 3
-    python benchmarks/bench_train.py --dense-max-task 100             # no dense step beyond T = 100
+    python benchmarks/bench_train.py --backbone vit_base_patch16_224 --batch 4 --dense-max-task 10
+    python benchmarks/bench_train.py --forms sparse --no-memory       # the trainer's form only
 
 The dense form's memory grows with T (ViT-B/16 at T = 300 with batch 4 needed more than 23 GB):
 ``--dense-max-task`` skips it above a task.
@@ -25,9 +27,10 @@ import sys
 
 import torch
 
+from care_export.checkpoint.synth import EXPERT_SCALE_STD, randomize_task, task_sizes
+from care_export.model.care_vit import CareViT, empty_model
 from care_export.model.config import MoEConfig, backbone_config
 from care_export.training.pretrain import BUILTIN_BACKBONE
-from care_export.checkpoint.synth import synth_model, task_sizes
 from care_export.training.task import TrainConfig, set_trainable, task_loss
 from runtime.timing import median_times
 
@@ -39,7 +42,22 @@ def backbone(name: str):
 
 
 def learner(name: str, task: int):
-    model = synth_model(backbone(name), MoEConfig(), task_sizes(10, 3, task + 1), seed=0)
+    """The model learning ``task`` (tasks 0..task, random non-degenerate parts) and its trainable
+    parameters, every tensor drawn directly."""
+    cfg, moe = backbone(name), MoEConfig()
+    torch.manual_seed(0)
+    fresh = CareViT(cfg, moe)  # backbone and shared experts, no task yet
+    model = empty_model(cfg, moe, task_sizes(10, 3, task + 1))
+    model.vit.load_state_dict(fresh.vit.state_dict())
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m, f in zip(model.moe, fresh.moe):
+            m.shared.load_state_dict(f.shared.state_dict())
+            m.shared.scale.normal_(0, EXPERT_SCALE_STD, generator=gen)
+        for w in model.head.blocks:
+            w.normal_(0, 0.02, generator=gen)
+        for t in range(task + 1):
+            randomize_task(model, t, gen)
     params = set_trainable(model, task)
     for m in model.moe:
         m.anchor_shared(task > 0)
@@ -63,14 +81,19 @@ def step_fn(model, params, task: int, form: str, batch: int):
 
 
 def peak_rss_gib(name: str, task: int, form: str, batch: int) -> float:
-    """Peak resident memory of a child process that builds the model and runs two steps."""
-    code = ("import sys; sys.argv = sys.argv[:1]; from benchmarks.bench_train import learner, step_fn; "
-            f"m, p = learner({name!r}, {task}); s = step_fn(m, p, {task}, {form!r}, {batch}); s(); s()")
-    proc = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=os.getcwd()))
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
+    """Peak resident memory of a child process that builds the model and runs two steps: its
+    own VmHWM (``ru_maxrss`` of a child would include this process's memory at the fork)."""
+    code = (
+        "import sys; sys.argv = sys.argv[:1]; from benchmarks.bench_train import learner, step_fn; "
+        f"m, p = learner({name!r}, {task}); s = step_fn(m, p, {task}, {form!r}, {batch}); s(); s(); "
+        "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=os.getcwd()), capture_output=True, text=True
+    )
+    if proc.returncode != 0:
         return float("nan")
-    return usage.ru_maxrss / 2**20  # KiB on Linux
+    return int(proc.stdout.split()[-1]) / 2**20  # kB
 
 
 def main(argv=None):
@@ -89,22 +112,31 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
-    base = {}
-    print(f"backbone {args.backbone}, batch {args.batch}, {torch.get_num_threads()} threads, medians of {args.rounds}")
-    print(f"{'T':>5} {'form':>7} {'s/step':>8} {'vs T=' + str(args.tasks[0]):>8} {'dense/sparse':>13} {'peak GiB':>9}")
+    print(
+        f"backbone {args.backbone}, batch {args.batch}, {torch.get_num_threads()} threads, medians of "
+        f"{args.rounds}, every (T, form) interleaved"
+    )
+    calls, held = {}, []
     for task in args.tasks:
-        forms = [f for f in args.forms if not (f == "dense" and args.dense_max_task is not None
-                                               and task > args.dense_max_task)]
         model, params = learner(args.backbone, task)
-        calls = {f: step_fn(model, params, task, f, args.batch) for f in forms}
-        times = median_times(calls, args.rounds, warmup=args.warmup)
-        del calls, model, params
-        for f in forms:
-            base.setdefault(f, times[f])
-            peak = float("nan") if args.no_memory else peak_rss_gib(args.backbone, task, f, args.batch)
-            ratio = f"{times['dense'] / times['sparse']:.2f}x" if len(forms) == 2 else "-"
-            rows.append(dict(task=task, form=f, seconds=times[f], vs_first=times[f] / base[f], peak_gib=peak))
-            print(f"{task:>5} {f:>7} {times[f]:>8.3f} {times[f] / base[f]:>7.2f}x {ratio:>13} {peak:>9.2f}", flush=True)
+        held.append(model)
+        for f in args.forms:
+            if not (f == "dense" and args.dense_max_task is not None and task > args.dense_max_task):
+                calls[task, f] = step_fn(model, params, task, f, args.batch)
+    times = median_times(calls, args.rounds, warmup=args.warmup)
+    del calls, held
+    first = {}
+    print(f"{'T':>5} {'form':>7} {'s/step':>8} {'vs T=' + str(args.tasks[0]):>8} {'dense/sparse':>13} {'peak GiB':>9}")
+    for (task, f), sec in times.items():
+        first.setdefault(f, sec)
+        peak = float("nan") if args.no_memory else peak_rss_gib(args.backbone, task, f, args.batch)
+        ratio = (
+            f"{times[task, 'dense'] / times[task, 'sparse']:.2f}x"
+            if {(task, "dense"), (task, "sparse")} <= set(times)
+            else "-"
+        )
+        rows.append(dict(task=task, form=f, seconds=sec, vs_first=sec / first[f], peak_gib=peak))
+        print(f"{task:>5} {f:>7} {sec:>8.3f} {sec / first[f]:>7.2f}x {ratio:>13} {peak:>9.2f}", flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)

@@ -48,6 +48,7 @@ class BRMoE(nn.Module):
         self.perceptors = nn.ModuleList()
         self.shared = Expert(dim, cfg.shared_dim, cfg.dropout)
         self._anchor: list[torch.Tensor] | None = None  # shared-expert snapshot for the EMA pull
+        self._stack_cache: dict[str, dict] = {}  # frozen task parts stacked, see _stacks
         self.ema_decay = 0.999
 
     @property
@@ -95,7 +96,7 @@ class BRMoE(nn.Module):
         """
         num_e = len(cls_logits)
         bsz = ent.shape[1]
-        pad = [torch.cat([l, l.new_full((bsz, num_e - l.shape[1]), float("-inf"))], -1) for l in cls_logits]
+        pad = [torch.cat([lg, lg.new_full((bsz, num_e - lg.shape[1]), float("-inf"))], -1) for lg in cls_logits]
         logits = torch.stack(pad)  # (E, B, E): router t, sample, expert
         sel = self._select(ent, forced)
         chosen = logits.gather(0, sel[..., None].expand(-1, -1, num_e))  # (m, B, E)
@@ -210,7 +211,7 @@ class BRMoE(nn.Module):
         """The BR-MoE mixture of experts ``0..num_experts-1`` (shared expert excluded), routed by
         the routers of lowest entropy among the candidates (all but ``forced``) plus ``forced``.
         Returns ``(mixture, sel, kept, cls)``, ``cls`` (E, B, D) every expert on the CLS token."""
-        cls = self._experts_on_tokens(self.experts[:num_experts], x[:, 0][None])  # (E, B, D)
+        cls = self._experts_on_tokens(list(self.experts)[:num_experts], x[:, 0])  # (E, B, D)
         cand = num_experts - (forced is not None)
         with torch.no_grad():  # selection only: no gradient flows through the entropies
             sel = self._select(self._perceptor_entropies(cls[:cand].detach()), forced)
@@ -221,25 +222,82 @@ class BRMoE(nn.Module):
         return torch.cat([head[:, None], rest], 1), sel, kept, cls
 
     def _experts_on_tokens(self, experts, x: torch.Tensor) -> torch.Tensor:
-        """Each of ``experts`` on its own slice of ``x`` (E, B, D) -> (E, B, D), batched."""
-        st = _stacked(experts)
-        a = F.layer_norm(x, x.shape[-1:], eps=PART_LN_EPS) * st["norm.weight"][:, None] + st["norm.bias"][:, None]
-        h = torch.relu(torch.baddbmm(st["down.bias"][:, None], a, st["down.weight"].transpose(1, 2)))
-        h = F.dropout(h, self.cfg.dropout, self.training)
-        return torch.baddbmm(st["up.bias"][:, None], h, st["up.weight"].transpose(1, 2)) * st["scale"][:, None]
+        """Each of ``experts`` on the tokens ``x`` (B, D) -> (E, B, D), batched: the frozen
+        leading experts from a cached stack, the trainable rest stacked now."""
+        stacks = self._stacks(experts, "experts")
+        xn = F.layer_norm(x, x.shape[-1:], eps=PART_LN_EPS)
+        hs = [
+            torch.relu(
+                torch.baddbmm(
+                    st["down.bias"][:, None],
+                    xn * st["norm.weight"][:, None] + st["norm.bias"][:, None],
+                    st["down.weight"].transpose(1, 2),
+                )
+            )
+            for st in stacks
+        ]
+        h = F.dropout(torch.cat(hs), self.cfg.dropout, self.training)  # one mask draw, however split
+        return torch.cat(
+            [
+                torch.baddbmm(st["up.bias"][:, None], part, st["up.weight"].transpose(1, 2)) * st["scale"][:, None]
+                for st, part in zip(stacks, h.split([len(st["scale"]) for st in stacks]))
+            ]
+        )
+
+    def _stacks(self, modules, kind: str) -> list[dict[str, torch.Tensor]]:
+        """The parameters of ``modules`` stacked (see :func:`_stacked`) in at most two parts: the
+        leading modules that train nothing, from a cache, and the others, stacked now.
+
+        Re-stacking every frozen expert at every step, and the gradient of the whole stack that
+        autograd forms when one of its members trains, made a step grow with the task count. The
+        cache is keyed on the tensors' storage and version counters, so any change to a frozen
+        module (an optimizer step, a load) rebuilds it.
+        """
+        modules = list(modules)
+        ids = tuple(map(id, modules))
+        entry = self._stack_cache.get(kind)
+        if entry is None or entry["ids"] != ids:  # other modules (a task added): look their parameters up once
+            entry = self._stack_cache[kind] = {
+                "ids": ids,
+                "params": [list(m.parameters()) for m in modules],
+                "key": None,
+            }
+        params = entry["params"]
+        frozen = 0
+        while frozen < len(modules) and not any(p.requires_grad for p in params[frozen]):
+            frozen += 1
+        stacks = []
+        if frozen:
+            key = (frozen, tuple((p.data_ptr(), p._version) for ps in params[:frozen] for p in ps))
+            if entry["key"] != key:
+                with torch.no_grad():
+                    entry["stack"] = _stacked(modules[:frozen])
+                entry["key"] = key
+            stacks.append(entry["stack"])
+        if frozen < len(modules):
+            stacks.append(_stacked(modules[frozen:]))
+        return stacks
 
     def _perceptor_entropies(self, cls: torch.Tensor) -> torch.Tensor:
         """(T', B) entropy of perceptor t on ``cls[t]``, batched over tasks of equal class count."""
         ent = cls.new_empty(cls.shape[:2])
+        perceptors = list(self.perceptors)
         groups: dict[int, list[int]] = {}
         for t in range(cls.shape[0]):
-            groups.setdefault(self.perceptors[t].fc.out_features, []).append(t)
-        for tasks in groups.values():
-            st = _stacked([self.perceptors[t] for t in tasks])
+            groups.setdefault(perceptors[t].fc.out_features, []).append(t)
+        for classes, tasks in groups.items():
             idx = torch.tensor(tasks, device=cls.device)
-            c = cls[idx]
-            n = F.layer_norm(c, c.shape[-1:], eps=PART_LN_EPS) * st["norm.weight"][:, None] + st["norm.bias"][:, None]
-            ent[idx] = entropy(torch.baddbmm(st["fc.bias"][:, None], n, st["fc.weight"].transpose(1, 2)))
+            n = F.layer_norm(cls[idx], cls.shape[-1:], eps=PART_LN_EPS)
+            stacks = self._stacks([perceptors[t] for t in tasks], f"perceptors-{classes}")
+            logits = [
+                torch.baddbmm(
+                    st["fc.bias"][:, None],
+                    part * st["norm.weight"][:, None] + st["norm.bias"][:, None],
+                    st["fc.weight"].transpose(1, 2),
+                )
+                for st, part in zip(stacks, n.split([len(st["fc.bias"]) for st in stacks]))
+            ]
+            ent[idx] = entropy(torch.cat(logits))
         return ent
 
     def _selected_logits(self, sel: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
@@ -247,10 +305,15 @@ class BRMoE(nn.Module):
         select it; ``-inf`` beyond a router's experts."""
         m, bsz = sel.shape
         num_e = cls.shape[0]
+        # The routers' inputs in one gather: indexing cls per router would make its backward
+        # write a gradient the size of cls for every router.
+        rows = cls.reshape(num_e * bsz, -1).index_select(
+            0, (sel * bsz + torch.arange(bsz, device=sel.device)).flatten()
+        )
         chosen = cls.new_full((m, bsz, num_e), float("-inf"))
         for r in sel.unique().tolist():
             j, b = (sel == r).nonzero(as_tuple=True)
-            chosen[j, b, : r + 1] = self.routers[r](cls[r, b])
+            chosen[j, b, : r + 1] = self.routers[r](rows.index_select(0, j * bsz + b))
         return chosen
 
     def _mixed_tokens(self, x: torch.Tensor, weight: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
@@ -277,10 +340,19 @@ class BRMoE(nn.Module):
         up_w = (st["up.weight"] * st["scale"][:, :, None]).transpose(1, 2)  # (U, r, D)
         up_b = st["up.bias"] * st["scale"]
         xn = F.layer_norm(x, x.shape[-1:], eps=PART_LN_EPS)
-        h = torch.baddbmm(down_b[slot].reshape(bsz, 1, s * r), xn, down_w[slot].reshape(bsz, s * r, -1).transpose(1, 2))
+
+        def per_slot(t):  # t[slot]; index_select's backward sums in a fixed order, indexing's does not on CPU
+            return t.index_select(0, slot.flatten()).reshape(bsz, s, *t.shape[1:])
+
+        h = torch.baddbmm(
+            per_slot(down_b).reshape(bsz, 1, s * r), xn, per_slot(down_w).reshape(bsz, s * r, -1).transpose(1, 2)
+        )
         h = F.dropout(torch.relu(h), self.cfg.dropout, self.training)
         h = h * slot_w.repeat_interleave(r, 1)[:, None]
-        return torch.bmm(h, up_w[slot].reshape(bsz, s * r, -1)) + torch.einsum("bs,bsd->bd", slot_w, up_b[slot])[:, None]
+        return (
+            torch.bmm(h, per_slot(up_w).reshape(bsz, s * r, -1))
+            + torch.einsum("bs,bsd->bd", slot_w, per_slot(up_b))[:, None]
+        )
 
 
 def _stacked(modules) -> dict[str, torch.Tensor]:

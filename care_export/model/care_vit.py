@@ -4,7 +4,6 @@ cosine classifier that grows by one weight block per task."""
 from __future__ import annotations
 
 import os
-
 from pathlib import Path
 
 import torch
@@ -201,14 +200,13 @@ class CareViT(nn.Module):
         logits = self.head(self.forward_features(x, mode, routing))
         return logits, routing
 
-    def forward_train(self, x: torch.Tensor, task: int, mode: str = "reference") -> dict:
+    def forward_train(self, x: torch.Tensor, task: int, mode: str = "sparse") -> dict:
         """The forward used while learning ``task``: features, head logits over all learned
         classes, and the per-block perceptor logits of ``task``.
 
-        ``mode``: ``"reference"`` (every expert over every token, what the trainer uses) or
-        ``"sparse"`` (:meth:`BRMoE.forward_train_sparse`): the same loss and gradients to float
-        rounding. The trainer stays on the reference form because a run resumed from a checkpoint
-        must be bit-identical to an uninterrupted one, which the sparse form is not yet.
+        ``mode``: ``"sparse"`` (:meth:`BRMoE.forward_train_sparse`, what the trainer uses: a step
+        costs about the same at any ``task``) or ``"reference"`` (every expert over every token,
+        the tested reference): the same loss and gradients to float rounding.
         """
         if mode not in FORWARD_MODES:
             raise ValueError(f"mode must be one of {FORWARD_MODES}, got {mode!r}")
@@ -236,4 +234,3 @@ def empty_model(backbone: BackboneConfig, moe: MoEConfig, task_classes: list[int
         for c in task_classes:
             model.add_task(c, init_from_older=False)
     return model.to_empty(device="cpu")
-

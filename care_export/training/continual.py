@@ -23,15 +23,15 @@ from runtime.checkpoint_files import read_checkpoint_manifest
 from runtime.errors import CareError, CheckpointError
 from runtime.preprocess import Preprocessing
 
-from .alignment import load_statistics, save_statistics
 from ..checkpoint.format import MANIFEST, load_checkpoint, save_checkpoint
-from ..model.config import BackboneConfig, MoEConfig, backbone_config
 from ..data import DEFAULT_SEED
-from ..data.sources import (LabelledImages, TaskSequence, eval_transform, open_source, source_from_dict,
-                       train_transform)
-from .evaluate import Metrics, accuracy_by_task, write_metrics
-from ..model.iterative import prediction_scores
+from ..data.sources import LabelledImages, TaskSequence, eval_transform, open_source, source_from_dict, train_transform
 from ..model.care_vit import CareViT
+from ..model.config import BackboneConfig, MoEConfig, backbone_config
+from ..model.iterative import prediction_scores
+from .alignment import load_statistics, save_statistics
+from .distributed import SINGLE, Group
+from .evaluate import Metrics, accuracy_by_task, write_metrics
 from .task import TaskData, TrainConfig, learn_task
 
 log = logging.getLogger(__name__)
@@ -57,9 +57,12 @@ def _task_seed(seed: int, task: int) -> int:
 def task_record(source, given: str, labels: list[int]) -> dict:
     """Where a task's data came from: the source (as reopened, and as given), its classes, image
     counts and, for a folder, a digest of its file list: enough to audit and repeat the task."""
-    record = {"data": source.describe(), "given": str(given),
-              "classes": [source.class_names[c] for c in labels],
-              "images": {split: len(source.samples(split, labels)) for split in ("train", "test")}}
+    record = {
+        "data": source.describe(),
+        "given": str(given),
+        "classes": [source.class_names[c] for c in labels],
+        "images": {split: len(source.samples(split, labels)) for split in ("train", "test")},
+    }
     if hasattr(source, "files_digest"):
         record["files_sha256"] = source.files_digest(labels)
     return record
@@ -69,12 +72,26 @@ def sequence_records(stored: dict, tasks: range) -> list[dict]:
     """Task records of a checkpoint that predates them, from its recorded sequence."""
     seq = TaskSequence.from_dict(stored)
     given = stored["data"].get("path", "builtin")
-    return [{"data": stored["data"], "given": given,
-             "classes": [stored["source_classes"][seq.order[g]] for g in seq.classes(t)]} for t in tasks]
+    return [
+        {
+            "data": stored["data"],
+            "given": given,
+            "classes": [stored["source_classes"][seq.order[g]] for g in seq.classes(t)],
+        }
+        for t in tasks
+    ]
 
 
-def evaluate_recorded(model, records: list[dict], pre: Preprocessing, batch_size: int, device, workers: int = 0,
-                      opened: dict | None = None, predict=None) -> tuple[float | None, list[float | None], list[str]]:
+def evaluate_recorded(
+    model,
+    records: list[dict],
+    pre: Preprocessing,
+    batch_size: int,
+    device,
+    workers: int = 0,
+    opened: dict | None = None,
+    predict=None,
+) -> tuple[float | None, list[float | None], list[str]]:
     """Top-1 over every task whose recorded source can still be read, accuracy per task (None for
     a skipped task), and one line per skipped task saying why. ``opened``: sources already open,
     keyed by :func:`_source_key`; ``predict``: as for :func:`accuracy_by_task`."""
@@ -121,23 +138,43 @@ class ContinualRun:
     reopen the checkpoint with :func:`resume_sequence` rather than calling :meth:`learn_next` again.
     """
 
-    def __init__(self, directory, model, sequence: TaskSequence, source, preprocessing: Preprocessing,
-                 cfg: TrainConfig, *, limit: int, weights: str, stats=None, metrics: Metrics | None = None,
-                 device="cpu", plan: dict | None = None, records: list[dict] | None = None,
-                 class_names: list[str] | None = None, sequence_record: dict | None = None):
+    def __init__(
+        self,
+        directory,
+        model,
+        sequence: TaskSequence,
+        source,
+        preprocessing: Preprocessing,
+        cfg: TrainConfig,
+        *,
+        limit: int,
+        weights: str,
+        stats=None,
+        metrics: Metrics | None = None,
+        device="cpu",
+        plan: dict | None = None,
+        records: list[dict] | None = None,
+        class_names: list[str] | None = None,
+        sequence_record: dict | None = None,
+        group: Group = SINGLE,
+    ):
         if plan is None:
             if not model.num_tasks < limit <= sequence.num_tasks:
-                raise CareError(f"cannot train up to task {limit}: the checkpoint has {model.num_tasks} tasks and "
-                                f"the sequence {sequence.num_tasks}")
+                raise CareError(
+                    f"cannot train up to task {limit}: the checkpoint has {model.num_tasks} tasks and "
+                    f"the sequence {sequence.num_tasks}"
+                )
             given = str(getattr(source, "root", "builtin"))
-            plan = {t: (source, given, [sequence.order[g] for g in sequence.classes(t)])
-                    for t in range(model.num_tasks, limit)}
+            plan = {
+                t: (source, given, [sequence.order[g] for g in sequence.classes(t)])
+                for t in range(model.num_tasks, limit)
+            }
         self.directory = Path(directory)
+        self.group = group
         self.model = model.to(device)
         self.sequence, self.source, self.preprocessing, self.cfg = sequence, source, preprocessing, cfg
         self.limit, self.weights, self.device, self.plan = limit, weights, device, plan
-        self.sequence_record = sequence_record or dict(data=source.describe(),
-                                                       source_classes=list(source.class_names))
+        self.sequence_record = sequence_record or dict(data=source.describe(), source_classes=list(source.class_names))
         self.records = list(records or [])
         self.class_names = list(class_names or [])
         self.stats = list(stats or [])
@@ -157,32 +194,49 @@ class ContinualRun:
         def images(transform):
             return LabelledImages(source, "train", order, classes, transform)
 
-        data = TaskData(images(train_transform(self.preprocessing, cfg.crop_scale, cfg.input_set)),
-                        images(eval_transform(self.preprocessing)), cfg,
-                        torch.Generator().manual_seed(_task_seed(seq.seed, task)))
-        own = learn_task(self.model, task, data, self.stats, cfg, device=self.device, progress=progress)
+        data = TaskData(
+            images(train_transform(self.preprocessing, cfg.crop_scale, cfg.input_set)),
+            images(eval_transform(self.preprocessing)),
+            cfg,
+            torch.Generator().manual_seed(_task_seed(seq.seed, task)),
+            self.group,
+        )
+        own = learn_task(
+            self.model, task, data, self.stats, cfg, device=self.device, progress=progress and self.group.main
+        )
         self.model.requires_grad_(False)
         self.records.append(task_record(source, given, labels))
         self.class_names += [source.class_names[c] for c in labels]
+        self.stats.append({k: v.to(self.device) for k, v in own.items()})
+        if not self.group.main:  # rank 0 evaluates and writes the checkpoint
+            self.group.barrier()
+            return
 
-        top1, per_task, skipped = evaluate_recorded(self.model, self.records, self.preprocessing,
-                                                    3 * cfg.batch_size, self.device, cfg.workers,
-                                                    {_source_key(source.describe()): source},
-                                                    partial(prediction_scores, self.model, mode=cfg.eval_mode,
-                                                            scale=cfg.scale))
+        top1, per_task, skipped = evaluate_recorded(
+            self.model,
+            self.records,
+            self.preprocessing,
+            3 * cfg.batch_size,
+            self.device,
+            cfg.workers,
+            {_source_key(source.describe()): source},
+            partial(prediction_scores, self.model, mode=cfg.eval_mode, scale=cfg.scale),
+        )
         self.metrics.add(top1, per_task)
         self.directory.mkdir(parents=True, exist_ok=True)
         save_statistics(own, self.directory / STATS_FILE.format(task))
-        self.stats.append({k: v.to(self.device) for k, v in own.items()})
         self._save()
+        self.group.barrier()
         for line in skipped:
             log.warning(f"evaluation skipped {line}")
         old = [a for a in per_task[:-1] if a is not None]
         old = f", old tasks {sum(old) / len(old):.1f}%" if old else ""
         seen = "n/a" if top1 is None else f"{top1:.2f}%"
-        log.info(f"task {task} ({task + 1}/{max(seq.num_tasks, self.limit)}): classes {classes.start}-"
-                   f"{classes.stop - 1}, top-1 over {self.model.num_classes} seen classes {seen} (new task "
-                   f"{per_task[-1]:.1f}%{old}) in {time.perf_counter() - t0:.1f} s")
+        log.info(
+            f"task {task} ({task + 1}/{max(seq.num_tasks, self.limit)}): classes {classes.start}-"
+            f"{classes.stop - 1}, top-1 over {self.model.num_classes} seen classes {seen} (new task "
+            f"{per_task[-1]:.1f}%{old}) in {time.perf_counter() - t0:.1f} s"
+        )
 
     def _save(self) -> None:
         seq = self.sequence
@@ -200,7 +254,9 @@ class ContinualRun:
     def run(self, progress: bool = True) -> Metrics:
         """Learn tasks until ``limit``; the checkpoint is saved after each."""
         todo = range(self.model.num_tasks, self.limit)
-        for _ in tqdm(todo, desc="tasks", unit="task", disable=None if progress and len(todo) > 1 else True):
+        for _ in tqdm(
+            todo, desc="tasks", unit="task", disable=None if progress and len(todo) > 1 and self.group.main else True
+        ):
             self.learn_next(progress)
         return self.metrics
 
@@ -216,8 +272,15 @@ def default_backbone(weights: str | Path | None) -> BackboneConfig:
     return backbone_config("vit_base_patch16_224")
 
 
-def build_care_vit(backbone: BackboneConfig, weights: str | Path | None, moe: MoEConfig, *, seed: int = DEFAULT_SEED,
-                   cache_dir=None, progress: bool = True) -> tuple[CareViT, str, Preprocessing]:
+def build_care_vit(
+    backbone: BackboneConfig,
+    weights: str | Path | None,
+    moe: MoEConfig,
+    *,
+    seed: int = DEFAULT_SEED,
+    cache_dir=None,
+    progress: bool = True,
+) -> tuple[CareViT, str, Preprocessing]:
     """The untrained model, a description of its backbone weights, and the default preprocessing.
 
     ``weights``: ``"builtin-pretrained"`` (a small ViT pre-trained on built-in classes, cached),
@@ -237,41 +300,85 @@ def build_care_vit(backbone: BackboneConfig, weights: str | Path | None, moe: Mo
     return CareViT(backbone, moe, weights), str(weights or "random"), Preprocessing.for_input(backbone.img_size)
 
 
-def train_sequence(out: str | Path, *, data: str | Path = "builtin", builtin: dict | None = None,
-                   init_cls: int = 10, increment: int = 10, tasks: int | None = None, seed: int = DEFAULT_SEED,
-                   backbone: BackboneConfig | None = None, weights: str | Path | None = BUILTIN_WEIGHTS,
-                   moe: MoEConfig = MoEConfig(), cfg: TrainConfig = TrainConfig(),
-                   preprocessing: Preprocessing | None = None, cache_dir=None, device: str = "auto",
-                   progress: bool = True) -> Path:
+def train_sequence(
+    out: str | Path,
+    *,
+    data: str | Path = "builtin",
+    builtin: dict | None = None,
+    init_cls: int = 10,
+    increment: int = 10,
+    tasks: int | None = None,
+    seed: int = DEFAULT_SEED,
+    backbone: BackboneConfig | None = None,
+    weights: str | Path | None = BUILTIN_WEIGHTS,
+    moe: MoEConfig = MoEConfig(),
+    cfg: TrainConfig = TrainConfig(),
+    preprocessing: Preprocessing | None = None,
+    cache_dir=None,
+    device: str = "auto",
+    progress: bool = True,
+    group: Group = SINGLE,
+) -> Path:
     """Learn the first ``tasks`` tasks (all by default) of a sequence into a new checkpoint ``out``.
 
     ``builtin``: settings of the built-in dataset (``num_classes``, ``train_per_class``,
     ``test_per_class``, ``seed``); its image size is the backbone's. ``preprocessing``: mean and
-    std of the input (default: those of the backbone weights' training).
+    std of the input (default: those of the backbone weights' training). ``group``: the
+    processes training together (``distributed.from_environment()`` under torchrun).
     """
     out = Path(out)
     if (out / MANIFEST).exists():
         raise CareError(f"{out} already holds a checkpoint; resume it, or choose another directory")
     backbone = backbone or default_backbone(weights)
-    source = open_source(data, sequence=dict(init_cls=init_cls, increment=increment, order_seed=seed),
-                         **dict(dict(num_classes=100), **(builtin or {}), image_size=backbone.img_size))
+    source = open_source(
+        data,
+        sequence=dict(init_cls=init_cls, increment=increment, order_seed=seed),
+        **dict(dict(num_classes=100), **(builtin or {}), image_size=backbone.img_size),
+    )
     sequence = TaskSequence.build(source.num_classes, init_cls, increment, seed)
     limit = sequence.num_tasks if tasks is None else tasks
     if limit > sequence.num_tasks:
-        raise CareError(f"--tasks {limit}: the sequence has only {sequence.num_tasks} tasks "
-                        f"({source.num_classes} classes, init {init_cls}, increment {increment})")
-    dev = resolve_device(device)
-    model, weights_desc, default_pre = build_care_vit(backbone, weights, moe, seed=seed, cache_dir=cache_dir,
-                                                      progress=progress)
-    run = ContinualRun(out, model, sequence, source, preprocessing or default_pre, cfg, limit=limit,
-                       weights=weights_desc, device=dev)
+        raise CareError(
+            f"--tasks {limit}: the sequence has only {sequence.num_tasks} tasks "
+            f"({source.num_classes} classes, init {init_cls}, increment {increment})"
+        )
+    dev = group.device(resolve_device(device))
+    if group.distributed and weights == BUILTIN_WEIGHTS:  # pre-trained once, by rank 0, into the cache
+        if group.main:
+            from .pretrain import PretrainConfig, pretrained_backbone
+
+            pretrained_backbone(PretrainConfig(backbone=backbone), cache_dir, progress=progress)
+        group.barrier()
+    model, weights_desc, default_pre = build_care_vit(
+        backbone, weights, moe, seed=seed, cache_dir=cache_dir, progress=progress and group.main
+    )
+    run = ContinualRun(
+        out,
+        model,
+        sequence,
+        source,
+        preprocessing or default_pre,
+        cfg,
+        limit=limit,
+        weights=weights_desc,
+        device=dev,
+        group=group,
+    )
     run.run(progress)
     return out
 
 
-def resume_sequence(directory: str | Path, *, tasks: int | None = None, overrides: dict | None = None,
-                    data: str | Path | None = None, skip_known: bool = False, device: str = "auto",
-                    progress: bool = True) -> Path:
+def resume_sequence(
+    directory: str | Path,
+    *,
+    tasks: int | None = None,
+    overrides: dict | None = None,
+    data: str | Path | None = None,
+    skip_known: bool = False,
+    device: str = "auto",
+    progress: bool = True,
+    group: Group = SINGLE,
+) -> Path:
     """Go on learning a checkpoint made by :func:`train_sequence`.
 
     Without ``data``, or with ``data`` holding the classes of the recorded sequence (a folder
@@ -301,34 +408,56 @@ def resume_sequence(directory: str | Path, *, tasks: int | None = None, override
     new_data = source is not None and list(source.class_names) != stored["source_classes"]
     if new_data:
         if learned < sequence.num_tasks:
-            raise CareError(f"the data's classes differ from those {directory} was trained on, and its sequence is "
-                            f"not finished ({learned} of {sequence.num_tasks} tasks): finish it first with "
-                            f"care-export train --resume {directory}")
+            raise CareError(
+                f"the data's classes differ from those {directory} was trained on, and its sequence is "
+                f"not finished ({learned} of {sequence.num_tasks} tasks): finish it first with "
+                f"care-export train --resume {directory}"
+            )
         if tasks is not None and tasks != learned + 1:
             raise CareError(f"--tasks {tasks}: new data is learned as one task (task {learned})")
         labels = _new_labels(source, manifest["classes"]["names"], data, directory, skip_known)
         plan, limit = {learned: (source, str(data), labels)}, learned + 1
     else:
         if learned >= sequence.num_tasks:
-            raise CareError(f"{directory} already holds all {sequence.num_tasks} tasks of its sequence; learn new "
-                            f"classes with --data NEW_FOLDER")
+            raise CareError(
+                f"{directory} already holds all {sequence.num_tasks} tasks of its sequence; learn new "
+                f"classes with --data NEW_FOLDER"
+            )
         source = source or source_from_dict(stored["data"])
         limit = tasks if tasks is not None else (stored["tasks"] if stored["tasks"] > learned else learned + 1)
         if limit > sequence.num_tasks:
             raise CareError(f"--tasks {limit}: the sequence of {directory} has only {sequence.num_tasks} tasks")
         if limit <= learned:
             raise CareError(f"--tasks {limit}: {directory} already holds {learned} tasks")
-        plan = {t: (source, str(data or stored["data"].get("path", "builtin")),
-                    [sequence.order[g] for g in sequence.classes(t)]) for t in range(learned, limit)}
+        plan = {
+            t: (
+                source,
+                str(data or stored["data"].get("path", "builtin")),
+                [sequence.order[g] for g in sequence.classes(t)],
+            )
+            for t in range(learned, limit)
+        }
     model, _ = load_checkpoint(directory)
-    dev = resolve_device(device)
+    dev = group.device(resolve_device(device))
     stats = [{k: v.to(dev) for k, v in load_statistics(directory / f).items()} for f in manifest["class_stats"]]
-    run = ContinualRun(directory, model, sequence, source, Preprocessing.from_dict(manifest["preprocessing"]), cfg,
-                       limit=limit, weights=training["backbone_weights"], stats=stats,
-                       metrics=Metrics.from_dict(manifest.get("metrics")), device=dev, plan=plan,
-                       records=manifest.get("task_data") or sequence_records(stored, range(learned)),
-                       class_names=manifest["classes"]["names"],
-                       sequence_record={k: stored[k] for k in ("data", "source_classes")})
+    run = ContinualRun(
+        directory,
+        model,
+        sequence,
+        source,
+        Preprocessing.from_dict(manifest["preprocessing"]),
+        cfg,
+        limit=limit,
+        weights=training["backbone_weights"],
+        stats=stats,
+        metrics=Metrics.from_dict(manifest.get("metrics")),
+        device=dev,
+        plan=plan,
+        records=manifest.get("task_data") or sequence_records(stored, range(learned)),
+        class_names=manifest["classes"]["names"],
+        sequence_record={k: stored[k] for k in ("data", "source_classes")},
+        group=group,
+    )
     run.run(progress)
     return directory
 
@@ -340,8 +469,10 @@ def _new_labels(source, known_names: list[str], data, directory: Path, skip_know
     overlap = [n for n in source.class_names if n in known]
     if overlap and not skip_known:
         more = f" (and {len(overlap) - 1} more)" if len(overlap) > 1 else ""
-        raise CareError(f"class {overlap[0]!r} of {data} is already known to {directory}{more}; pass --skip-known "
-                        f"to leave known classes out")
+        raise CareError(
+            f"class {overlap[0]!r} of {data} is already known to {directory}{more}; pass --skip-known "
+            f"to leave known classes out"
+        )
     labels = [i for i, n in enumerate(source.class_names) if n not in known]
     if not labels:
         raise CareError(f"{data} holds no class that {directory} does not know")

@@ -22,8 +22,16 @@ from tqdm import tqdm
 from runtime.errors import CareError
 from runtime.numerics import COS_SCALE
 
-from .alignment import ALIGN_DECAYS, CA_METHODS, PseudoFeatures, align_classifier, class_statistics, reference_mean_decay
+from .alignment import (
+    ALIGN_DECAYS,
+    CA_METHODS,
+    PseudoFeatures,
+    align_classifier,
+    class_statistics,
+    reference_mean_decay,
+)
 from .baselines import METHODS, trainable_parts, uses_routing
+from .distributed import SINGLE, GlobalBatches, Group, SeededItems, ShardedIndices
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +69,9 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.epochs < 2:
-            raise CareError(f"--epochs must be at least 2 (later tasks train two rounds of epochs // 2), got {self.epochs}")
+            raise CareError(
+                f"--epochs must be at least 2 (later tasks train two rounds of epochs // 2), got {self.epochs}"
+            )
         if self.batch_size < 1 or self.ca_epochs < 0 or self.lr <= 0 or self.ca_lr <= 0:
             raise CareError("--batch-size and the learning rates must be positive, --ca-epochs not negative")
         if self.ca_method not in CA_METHODS:
@@ -83,7 +93,7 @@ class TrainConfig:
         return dict(asdict(self), crop_scale=list(self.crop_scale))
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
         if "crop_scale" in d:
@@ -99,8 +109,16 @@ def angular_loss(logits: torch.Tensor, target: torch.Tensor, s: float, m: float 
     return F.cross_entropy(s * logits, target)
 
 
-def perceptor_loss(latents: list[torch.Tensor], head_logits: torch.Tensor, target: torch.Tensor,
-                   s: float, m: float, *, cos_loss: bool = True, self_dist: bool = True) -> torch.Tensor:
+def perceptor_loss(
+    latents: list[torch.Tensor],
+    head_logits: torch.Tensor,
+    target: torch.Tensor,
+    s: float,
+    m: float,
+    *,
+    cos_loss: bool = True,
+    self_dist: bool = True,
+) -> torch.Tensor:
     """Mean over blocks of ``(angular loss + tau^2 KL(p_head || p_perceptor)) / 2``, the head's
     current-task cosine logits being the (detached) teacher.
 
@@ -119,15 +137,16 @@ def perceptor_loss(latents: list[torch.Tensor], head_logits: torch.Tensor, targe
     return torch.stack(losses).mean()
 
 
-def task_loss(out: dict, y: torch.Tensor, first_class: int, cfg: "TrainConfig") -> tuple[torch.Tensor, torch.Tensor]:
+def task_loss(out: dict, y: torch.Tensor, first_class: int, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss of a training step from ``forward_train``'s output, and its main part."""
     cur = out["logits"][:, first_class:]
     local = y - first_class
     loss_main = angular_loss(cur, local, cfg.scale, cfg.margin)
     if not uses_routing(cfg.method):  # the baselines have no perceptors
         return loss_main, loss_main
-    return loss_main + perceptor_loss(out["latents"], cur, local, cfg.scale, cfg.margin,
-                                      cos_loss=cfg.aux_cos_loss, self_dist=cfg.self_dist_loss), loss_main
+    return loss_main + perceptor_loss(
+        out["latents"], cur, local, cfg.scale, cfg.margin, cos_loss=cfg.aux_cos_loss, self_dist=cfg.self_dist_loss
+    ), loss_main
 
 
 def autocast_context(device, enabled: bool):
@@ -148,19 +167,56 @@ def set_trainable(model, task: int, method: str = "care") -> list[torch.nn.Param
 
 # ---------------------------------------------------------------------- one task
 class TaskData:
-    """The loaders of one task: augmented training images, and the same images with the test
-    transform for the class statistics."""
+    """The loaders of one task: augmented training images (this rank's share of every global
+    batch, see ``distributed.py``), and the same images with the test transform for the class
+    statistics (this rank's share, in order)."""
 
-    def __init__(self, train, stats, cfg: TrainConfig, generator: torch.Generator):
-        self.train = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.workers,
-                                generator=generator)
-        self.stats = DataLoader(stats, batch_size=3 * cfg.batch_size, num_workers=cfg.workers)
+    def __init__(self, train, stats, cfg: TrainConfig, generator: torch.Generator, group: Group = SINGLE):
+        self.group = group
+        self.batches = GlobalBatches(len(train), cfg.batch_size, generator, group)
+        self.train = DataLoader(
+            SeededItems(train, generator.initial_seed()), batch_sampler=self.batches, num_workers=cfg.workers
+        )
+        self.stats_order = ShardedIndices(len(stats), group)
+        self.stats = DataLoader(stats, batch_size=3 * cfg.batch_size, sampler=self.stats_order, num_workers=cfg.workers)
 
 
-def _train_round(model, task: int, first_class: int, loader: DataLoader, cfg: TrainConfig, *, lr: float,
-                 eta_min: float, epochs: int, device, progress: bool) -> float:
+class _TaskForward(torch.nn.Module):
+    """``model.forward_train(x, task)`` as a module's forward, for DistributedDataParallel."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, task: int):
+        return self.model.forward_train(x, task)
+
+
+def _train_round(
+    model,
+    task: int,
+    first_class: int,
+    data: TaskData,
+    cfg: TrainConfig,
+    *,
+    lr: float,
+    eta_min: float,
+    epochs: int,
+    device,
+    progress: bool,
+) -> float:
     """SGD with a per-epoch cosine schedule from ``lr`` to ``eta_min``; returns the final lr."""
     params = set_trainable(model, task, cfg.method)
+    group = data.group
+    forward = _TaskForward(model)
+    if group.distributed:  # the ranks hold identical models: no initial broadcast of all tensors
+        forward = torch.nn.parallel.DistributedDataParallel(
+            forward,
+            device_ids=[device.index] if torch.device(device).type == "cuda" else None,
+            broadcast_buffers=False,
+            find_unused_parameters=True,
+            init_sync=False,
+        )
     opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=eta_min)
     # float16 gradients need loss scaling; bfloat16 has float32's range and does not.
@@ -170,15 +226,18 @@ def _train_round(model, task: int, first_class: int, loader: DataLoader, cfg: Tr
     for epoch in bar:
         model.train()
         total = main = correct = seen = 0.0
-        for x, y in loader:
+        for (x, y), global_size in zip(data.train, data.batches.global_sizes()):
             x, y = x.to(device), y.to(device)
             with autocast_context(device, cfg.amp):
-                out = model.forward_train(x, task)
+                out = forward(x, task)
                 loss, loss_main = task_loss(out, y, first_class, cfg)
             if not torch.isfinite(loss):
                 raise CareError(f"training diverged on task {task} (loss {loss.item()}); lower --lr")
             opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            # The ranks' gradients are averaged: weighted by its share, a rank's mean loss makes
+            # the average that of the global batch.
+            share = loss * (len(y) * group.world / global_size) if group.distributed else loss
+            scaler.scale(share).backward()
             scaler.step(opt)
             scaler.update()
             total += loss.item() * len(y)
@@ -186,26 +245,43 @@ def _train_round(model, task: int, first_class: int, loader: DataLoader, cfg: Tr
             correct += int((out["logits"].argmax(1) == y).sum())
             seen += len(y)
         sched.step()
-        bar.set_postfix(loss=f"{total / seen:.3f}", main=f"{main / seen:.3f}", acc=f"{100 * correct / seen:.1f}%",
-                        lr=f"{opt.param_groups[0]['lr']:.2e}")
-        log.debug("task %d epoch %d/%d: loss %.3f (main %.3f), train accuracy %.1f%%, lr %.2e", task, epoch + 1,
-                  epochs, total / seen, main / seen, 100 * correct / seen, opt.param_groups[0]["lr"])
+        bar.set_postfix(
+            loss=f"{total / seen:.3f}",
+            main=f"{main / seen:.3f}",
+            acc=f"{100 * correct / seen:.1f}%",
+            lr=f"{opt.param_groups[0]['lr']:.2e}",
+        )
+        log.debug(
+            "task %d epoch %d/%d: loss %.3f (main %.3f), train accuracy %.1f%%, lr %.2e",
+            task,
+            epoch + 1,
+            epochs,
+            total / seen,
+            main / seen,
+            100 * correct / seen,
+            opt.param_groups[0]["lr"],
+        )
     return opt.param_groups[0]["lr"]
 
 
 @torch.no_grad()
-def _task_statistics(model, task: int, first_class: int, num_classes: int, loader: DataLoader, method: str, device):
-    """Feature statistics of ``task``'s classes, from the task's forward in eval mode."""
+def _task_statistics(model, task: int, first_class: int, num_classes: int, data: TaskData, method: str, device):
+    """Feature statistics of ``task``'s classes, from the task's forward in eval mode, over the
+    features of every rank."""
     model.eval()
     feats, labels = [], []
-    for x, y in loader:
+    for x, y in data.stats:
         feats.append(model.forward_train(x.to(device), task)["features"])
         labels.append(y.to(device))
-    return class_statistics(torch.cat(feats), torch.cat(labels), range(first_class, first_class + num_classes), method)
+    index = torch.tensor(data.stats_order.indices, device=device)
+    feats, _ = data.group.gather_rows(torch.cat(feats), index)
+    labels, _ = data.group.gather_rows(torch.cat(labels), index)
+    return class_statistics(feats, labels, range(first_class, first_class + num_classes), method)
 
 
-def learn_task(model, task: int, data: TaskData, stats: list[dict], cfg: TrainConfig, *, device,
-               progress: bool = False) -> dict[str, torch.Tensor]:
+def learn_task(
+    model, task: int, data: TaskData, stats: list[dict], cfg: TrainConfig, *, device, progress: bool = False
+) -> dict[str, torch.Tensor]:
     """Train ``task`` (already added to ``model``); return its classes' feature statistics.
 
     ``stats`` holds the statistics of tasks ``0..task-1`` for classifier alignment.
@@ -216,19 +292,29 @@ def learn_task(model, task: int, data: TaskData, stats: list[dict], cfg: TrainCo
     def round_(lr, eta_min, epochs):
         for m in model.moe:  # task 0 trains the shared expert freely; later rounds pull it back
             m.anchor_shared(task > 0 and uses_routing(cfg.method))
-        last_lr = _train_round(model, task, first_class, data.train, cfg, lr=lr, eta_min=eta_min, epochs=epochs,
-                               device=device, progress=progress)
+        last_lr = _train_round(
+            model, task, first_class, data, cfg, lr=lr, eta_min=eta_min, epochs=epochs, device=device, progress=progress
+        )
         for m in model.moe:
             m.anchor_shared(False)
-        return last_lr, _task_statistics(model, task, first_class, num_classes, data.stats, cfg.ca_method, device)
+        return last_lr, _task_statistics(model, task, first_class, num_classes, data, cfg.ca_method, device)
 
     def align(own):
         decay = None
         if cfg.align_decay == "reference":
             decay = reference_mean_decay(first_class, first_class + num_classes, task)
         sampler = PseudoFeatures(stats + [own], device, mean_scale=decay)
-        align_classifier(model.head, sampler, lr=cfg.ca_lr, epochs=cfg.ca_epochs, per_class=cfg.pseudo_per_class,
-                         scale=cfg.scale, weight_decay=cfg.weight_decay, progress=progress)
+        align_classifier(
+            model.head,
+            sampler,
+            lr=cfg.ca_lr,
+            epochs=cfg.ca_epochs,
+            per_class=cfg.pseudo_per_class,
+            scale=cfg.scale,
+            weight_decay=cfg.weight_decay,
+            progress=progress,
+        )
+        data.group.broadcast_(model.head.parameters())  # the ranks' random streams may have parted
 
     if task == 0:
         _, own = round_(cfg.lr, cfg.min_lr, cfg.epochs)

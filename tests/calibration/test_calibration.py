@@ -295,9 +295,7 @@ def test_calibration_imports_without_torch():
         "import care_export.cli.quantize\n"
         "assert sys.modules.get('torch') is None\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT
-    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
 
 

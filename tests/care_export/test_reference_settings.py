@@ -82,8 +82,9 @@ def test_align_decay_reference_feeds_the_multipliers_to_alignment(monkeypatch):
         seen.clear()
         cfg = TrainConfig(epochs=2, batch_size=4, ca_epochs=1, ca_method="variance", align_decay=decay)
         images = LabelledImages(source, "train", seq.order, seq.classes(1), train_transform(PRE))
-        learn_task(model, 1, TaskData(images, images, cfg, torch.Generator().manual_seed(0)), [stats0], cfg,
-                   device="cpu")
+        learn_task(
+            model, 1, TaskData(images, images, cfg, torch.Generator().manual_seed(0)), [stats0], cfg, device="cpu"
+        )
         assert len(seen) == 2  # one alignment after each round
         for s in seen:
             assert (s is None) if want is None else torch.equal(s, want)
@@ -121,8 +122,7 @@ def test_amp_runs_the_training_forward_in_bfloat16_on_cpu_and_statistics_in_floa
     images = LabelledImages(source, "train", seq.order, seq.classes(0), train_transform(PRE))
     cfg = TrainConfig(epochs=2, batch_size=4, amp=True)
     before = model.head.weight.detach().clone()
-    stats = learn_task(model, 0, TaskData(images, images, cfg, torch.Generator().manual_seed(0)), [], cfg,
-                       device="cpu")
+    stats = learn_task(model, 0, TaskData(images, images, cfg, torch.Generator().manual_seed(0)), [], cfg, device="cpu")
     train_calls = [c for c in calls if c[0]]
     stat_calls = [c for c in calls if not c[0]]
     assert train_calls and all(c[1] and c[2] == torch.bfloat16 for c in train_calls)
@@ -136,8 +136,9 @@ def test_amp_runs_the_training_forward_in_bfloat16_on_cpu_and_statistics_in_floa
 def test_amp_on_cuda_uses_float16_and_a_gradient_scaler(monkeypatch):
     scales = []
     real_step = torch.amp.GradScaler.step
-    monkeypatch.setattr(torch.amp.GradScaler, "step", lambda self, opt: scales.append(self.is_enabled())
-                        or real_step(self, opt))
+    monkeypatch.setattr(
+        torch.amp.GradScaler, "step", lambda self, opt: scales.append(self.is_enabled()) or real_step(self, opt)
+    )
     torch.manual_seed(0)
     model = CareViT(TINY, MoEConfig()).cuda()
     model.add_task(3)
@@ -147,8 +148,9 @@ def test_amp_on_cuda_uses_float16_and_a_gradient_scaler(monkeypatch):
     cfg = TrainConfig(epochs=2, batch_size=4, amp=True)
     with torch.autocast("cuda", dtype=torch.float16):
         assert model.forward_train(images[0][0][None].cuda(), 0)["logits"].dtype == torch.float16
-    stats = learn_task(model, 0, TaskData(images, images, cfg, torch.Generator().manual_seed(0)), [], cfg,
-                       device=torch.device("cuda"))
+    stats = learn_task(
+        model, 0, TaskData(images, images, cfg, torch.Generator().manual_seed(0)), [], cfg, device=torch.device("cuda")
+    )
     assert scales and all(scales) and stats["mean"].dtype == torch.float32
 
 
@@ -161,24 +163,42 @@ def test_every_reference_configuration_is_a_preset_with_its_values():
         o = load_preset(name).options
         assert (o["init_cls"], o["increment"], o["seed"]) == (raw["init_cls"], raw["increment"], raw["seed"][0])
         assert (o["epochs"], o["lr"], o["batch_size"], o["weight_decay"], o["min_lr"]) == (
-            raw["tuned_epoch"], raw["init_lr"], raw["batch_size"], raw["weight_decay"], raw["min_lr"])
+            raw["tuned_epoch"],
+            raw["init_lr"],
+            raw["batch_size"],
+            raw["weight_decay"],
+            raw["min_lr"],
+        )
         assert (o["ca_epochs"], o["ca_lr"], o["ca_method"]) == (
-            raw["crct_epochs"], raw["ca_lr"], raw["ca_storage_efficient_method"])
+            raw["crct_epochs"],
+            raw["ca_lr"],
+            raw["ca_storage_efficient_method"],
+        )
         assert o["align_decay"] == ("reference" if raw["decay"] else "off")
         assert (o["scale"], o["margin"], o["amp"]) == (raw["scale"], raw["m"], raw["amp"])
         assert (o["expert_dim"], o["shared_dim"], o["topk_experts"], o["topk_routers"]) == (
-            raw["expert_dim"], raw["adapter_dim"], raw["topk_experts"], raw["topk_routers"])
+            raw["expert_dim"],
+            raw["adapter_dim"],
+            raw["topk_experts"],
+            raw["topk_routers"],
+        )
         assert o["eval_mode"] == ("iterative" if raw.get("iter_pred", True) else "single")
-        assert (o["aux_cos_loss"], o["self_dist_loss"]) == (raw.get("aux_cos_loss", True),
-                                                          raw.get("self_dist_loss", True))
+        assert (o["aux_cos_loss"], o["self_dist_loss"]) == (
+            raw.get("aux_cos_loss", True),
+            raw.get("self_dist_loss", True),
+        )
         assert o["backbone"] == REFERENCE_BACKBONE
         half = raw["dataset"] in ("cifar224", "imageneta", "vtab")
         assert o["mean"] == ((0.5,) * 3 if half else (0.0,) * 3) and o["std"] == ((0.5,) * 3 if half else (1.0,) * 3)
     ob1k = load_preset("ob1k_b100inc3").options
     assert (ob1k["init_cls"], ob1k["increment"], ob1k["amp"], ob1k["eval_mode"]) == (100, 3, True, "single")
     ina = load_preset("ina_inc20").options
-    assert (ina["margin"], ina["aux_cos_loss"], ina["self_dist_loss"], ina["input_set"]) == (0.3, False, False,
-                                                                                             "imageneta")
+    assert (ina["margin"], ina["aux_cos_loss"], ina["self_dist_loss"], ina["input_set"]) == (
+        0.3,
+        False,
+        False,
+        "imageneta",
+    )
 
 
 @pytest.mark.skipif(not SHARED_CONFIGS.is_dir(), reason="the reference's configuration files are not beside the clone")
@@ -211,10 +231,27 @@ def test_config_gives_defaults_and_options_override(tmp_path, monkeypatch):
 
     got = {}
     monkeypatch.setattr(continual, "train_sequence", lambda out, **kw: got.update(kw) or out)
-    monkeypatch.setattr("runtime.checkpoint_files.read_checkpoint_manifest",
-                        lambda d: {"metrics": {"top1": [1.0], "matrix": [[1.0]]}})
-    res = CliRunner().invoke(main, ["train", "-o", str(tmp_path / "c"), "--data", "builtin", "--preset", "ina_inc20",
-                                    "--epochs", "4", "-M", "1", "--backbone", "vit_tiny_patch16_224"])
+    monkeypatch.setattr(
+        "runtime.checkpoint_files.read_checkpoint_manifest", lambda d: {"metrics": {"top1": [1.0], "matrix": [[1.0]]}}
+    )
+    res = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "-o",
+            str(tmp_path / "c"),
+            "--data",
+            "builtin",
+            "--preset",
+            "ina_inc20",
+            "--epochs",
+            "4",
+            "-M",
+            "1",
+            "--backbone",
+            "vit_tiny_patch16_224",
+        ],
+    )
     assert res.exit_code == 0, res.output
     cfg = got["cfg"]
     assert cfg.epochs == 4 and cfg.lr == 0.01 and cfg.batch_size == 16 and cfg.ca_epochs == 10
@@ -223,8 +260,10 @@ def test_config_gives_defaults_and_options_override(tmp_path, monkeypatch):
     assert got["moe"].topk_routers == 1 and got["moe"].topk_experts == 3
     assert (got["init_cls"], got["increment"], got["seed"]) == (20, 20, 1993)
     assert got["preprocessing"].mean == (0.5,) * 3
-    res = CliRunner().invoke(main, ["train", "-o", str(tmp_path / "c"), "--preset", "ina_inc20", "--config",
-                                    str(PRESET_DIR / "ina_inc20.json")])
+    res = CliRunner().invoke(
+        main,
+        ["train", "-o", str(tmp_path / "c"), "--preset", "ina_inc20", "--config", str(PRESET_DIR / "ina_inc20.json")],
+    )
     assert res.exit_code == 2 and "not both" in res.output
 
 
@@ -252,8 +291,9 @@ def test_reference_checkpoint_wrappers_import_like_the_bare_state(tmp_path, form
     torch.save(obj, tmp_path / "care.pkl")
     torch.save(sd, tmp_path / "bare.pth")
     for name, src in (("a", "care.pkl"), ("b", "bare.pth")):
-        res = CliRunner().invoke(main, ["import-official", str(tmp_path / src), "-o", str(tmp_path / name),
-                                        "--num-heads", "2"])
+        res = CliRunner().invoke(
+            main, ["import-official", str(tmp_path / src), "-o", str(tmp_path / name), "--num-heads", "2"]
+        )
         assert res.exit_code == 0, res.output
     a, _ = load_checkpoint(tmp_path / "a")
     b, _ = load_checkpoint(tmp_path / "b")
@@ -265,9 +305,23 @@ def test_import_official_preset_sets_m_k_input_and_the_reference_class_order(tmp
     torch.save(sd, tmp_path / "care.pth")
     names = [f"class{i:02d}" for i in range(10)]
     (tmp_path / "names.txt").write_text("\n".join(names))
-    res = CliRunner().invoke(main, ["import-official", str(tmp_path / "care.pth"), "-o", str(tmp_path / "ckpt"),
-                                    "--num-heads", "2", "--preset", "ina_inc20", "-K", "2",
-                                    "--class-names", str(tmp_path / "names.txt")])
+    res = CliRunner().invoke(
+        main,
+        [
+            "import-official",
+            str(tmp_path / "care.pth"),
+            "-o",
+            str(tmp_path / "ckpt"),
+            "--num-heads",
+            "2",
+            "--preset",
+            "ina_inc20",
+            "-K",
+            "2",
+            "--class-names",
+            str(tmp_path / "names.txt"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     m = read_checkpoint_manifest(tmp_path / "ckpt")
     assert (m["brmoe"]["topk_routers"], m["brmoe"]["topk_experts"]) == (2, 2)
@@ -290,8 +344,9 @@ def _write_cifar(folder: Path, classes=5, per_class=(4, 2)):
     for split, n in zip(("train", "test"), per_class):
         labels = [c for c in range(classes) for _ in range(n)]
         data = rng.randint(0, 256, (len(labels), 3072)).astype(np.uint8)
-        pickle.dump({b"data": data, b"fine_labels": labels, b"filenames": [b"f"] * len(labels)},
-                    open(folder / split, "wb"))
+        pickle.dump(
+            {b"data": data, b"fine_labels": labels, b"filenames": [b"f"] * len(labels)}, open(folder / split, "wb")
+        )
     return data
 
 
@@ -320,7 +375,7 @@ def _per_sample_iterative(model, x, scale):
     """The reference's _eval_cnn written sample by sample."""
     out = []
     for b in range(x.shape[0]):
-        xb = x[b:b + 1]
+        xb = x[b : b + 1]
         best, best_h = None, None
         for i in range(model.num_tasks):
             logits = model.forward_train(xb, i)["logits"][0] * scale
@@ -353,9 +408,16 @@ def test_training_evaluates_with_the_configured_mode(tmp_path, monkeypatch):
     monkeypatch.setattr(it, "iterative_scores", lambda *a, **k: calls.append(1) or real(*a, **k))
     torch.manual_seed(0)
     source = BuiltinSource(6, train_per_class=4, test_per_class=2, image_size=32)
-    run = ContinualRun(tmp_path, CareViT(TINY, MoEConfig()), TaskSequence.build(6, 3, 3), source, PRE,
-                       TrainConfig(epochs=2, batch_size=4, ca_epochs=1, eval_mode="iterative"), limit=2,
-                       weights="random")
+    run = ContinualRun(
+        tmp_path,
+        CareViT(TINY, MoEConfig()),
+        TaskSequence.build(6, 3, 3),
+        source,
+        PRE,
+        TrainConfig(epochs=2, batch_size=4, ca_epochs=1, eval_mode="iterative"),
+        limit=2,
+        weights="random",
+    )
     run.learn_next(progress=False)
     assert not calls  # task 0: single pass
     run.learn_next(progress=False)

@@ -87,9 +87,12 @@ def test_trainer_forwards_with_the_task_and_pulls_the_shared_expert_back(monkeyp
         forward_train = model.forward_train
         monkeypatch.setattr(model, "forward_train", lambda x, task: tasks_seen.add(task) or forward_train(x, task))
         start = [p.detach().clone() for m in model.moe for p in m.shared.parameters()]
-        data = TaskData(LabelledImages(source, "train", seq.order, seq.classes(1), train_transform(PRE)),
-                        LabelledImages(source, "train", seq.order, seq.classes(1), eval_transform(PRE)), cfg,
-                        torch.Generator().manual_seed(0))
+        data = TaskData(
+            LabelledImages(source, "train", seq.order, seq.classes(1), train_transform(PRE)),
+            LabelledImages(source, "train", seq.order, seq.classes(1), eval_transform(PRE)),
+            cfg,
+            torch.Generator().manual_seed(0),
+        )
         learn_task(model, 1, data, [task0_stats], cfg, device="cpu")
         monkeypatch.setattr(BRMoE, "anchor_shared", anchor)
         assert tasks_seen == {1}
@@ -167,10 +170,15 @@ def test_task_forward_selects_router_t_plus_lowest_entropy_others(monkeypatch):
         out, _ = moe.forward_train(xa, task)
         sel = seen[0][0]  # (M, B)
         assert sel.shape == (2, 8) and (sel[-1] == task).all()
-        ent = torch.stack([
-            -(F.softmax(moe.perceptors[t](moe.experts[t](xa)[:, 0]), 1)
-              * torch.log(F.softmax(moe.perceptors[t](moe.experts[t](xa)[:, 0]), 1) + 1e-10)).sum(1)
-            for t in range(task)])
+        ent = torch.stack(
+            [
+                -(
+                    F.softmax(moe.perceptors[t](moe.experts[t](xa)[:, 0]), 1)
+                    * torch.log(F.softmax(moe.perceptors[t](moe.experts[t](xa)[:, 0]), 1) + 1e-10)
+                ).sum(1)
+                for t in range(task)
+            ]
+        )
         assert torch.equal(sel[0], ent.argmin(0))
         # Experts of later tasks play no part.
         for p in moe.experts[4].parameters():
@@ -185,7 +193,7 @@ def test_angular_loss_is_cosface():
     y = torch.tensor([0, 1, 2, 3, 4, 0])
     for s, m in [(20.0, 0.0), (16.0, 0.35)]:
         target = s * (cos[torch.arange(6), y] - m)
-        others = torch.stack([torch.cat([cos[i, :y[i]], cos[i, y[i] + 1:]]) for i in range(6)])
+        others = torch.stack([torch.cat([cos[i, : y[i]], cos[i, y[i] + 1 :]]) for i in range(6)])
         expected = -(target - torch.log(torch.exp(target) + torch.exp(s * others).sum(1))).mean()
         assert torch.allclose(angular_loss(cos, y, s, m), expected, atol=1e-5)
 
@@ -222,8 +230,9 @@ def test_class_statistics_and_alignment():
         head = CosineHead(d)
         head.add_task(2)
         head.add_task(2)
-        sampler = PseudoFeatures([{k: v[:2] for k, v in method_stats.items()},
-                                  {k: v[2:] for k, v in method_stats.items()}], "cpu")
+        sampler = PseudoFeatures(
+            [{k: v[:2] for k, v in method_stats.items()}, {k: v[2:] for k, v in method_stats.items()}], "cpu"
+        )
         x, y = sampler.sample(5)
         assert x.shape == (20, d) and y.tolist() == [0] * 5 + [1] * 5 + [2] * 5 + [3] * 5
         acc = align_classifier(head, sampler, lr=0.05, epochs=5, per_class=40, scale=20.0, weight_decay=5e-4)
@@ -233,16 +242,34 @@ def test_class_statistics_and_alignment():
 
 def test_divergence_is_reported(tmp_path):
     with pytest.raises(CareError, match="diverged"):
-        train_sequence(tmp_path / "c", builtin=SMALL_DATA, init_cls=4, increment=4, tasks=1, backbone=TINY,
-                       weights=None, cfg=TrainConfig(epochs=2, lr=1e6), progress=False)
+        train_sequence(
+            tmp_path / "c",
+            builtin=SMALL_DATA,
+            init_cls=4,
+            increment=4,
+            tasks=1,
+            backbone=TINY,
+            weights=None,
+            cfg=TrainConfig(epochs=2, lr=1e6),
+            progress=False,
+        )
     with pytest.raises(CareError, match="epochs"):
         TrainConfig(epochs=1)
 
 
 # ---------------------------------------------------------------------- resume
 def small_run(directory, tasks):
-    return train_sequence(directory, builtin=SMALL_DATA, init_cls=4, increment=4, tasks=tasks, backbone=TINY,
-                          weights=None, cfg=FAST, progress=False)
+    return train_sequence(
+        directory,
+        builtin=SMALL_DATA,
+        init_cls=4,
+        increment=4,
+        tasks=tasks,
+        backbone=TINY,
+        weights=None,
+        cfg=FAST,
+        progress=False,
+    )
 
 
 def test_resume_learns_the_next_task_as_an_uninterrupted_run(tmp_path):
@@ -274,8 +301,24 @@ def test_interrupted_task_leaves_the_checkpoint_untouched(tmp_path, monkeypatch)
 
 
 def test_resume_refuses_foreign_or_mismatched_checkpoints(tmp_path):
-    res = CliRunner().invoke(main, ["synth-ckpt", "-o", str(tmp_path / "s"), "--backbone", "vit_tiny_patch16_224",
-                                    "--img-size", "32", "--patch-size", "8", "--depth", "2", "--tasks", "2"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "synth-ckpt",
+            "-o",
+            str(tmp_path / "s"),
+            "--backbone",
+            "vit_tiny_patch16_224",
+            "--img-size",
+            "32",
+            "--patch-size",
+            "8",
+            "--depth",
+            "2",
+            "--tasks",
+            "2",
+        ],
+    )
     assert res.exit_code == 0, res.output
     with pytest.raises(CareError, match="not written by care-export train"):
         resume_sequence(tmp_path / "s", progress=False)
@@ -298,17 +341,47 @@ def test_cli_train_and_resume(tmp_path):
     vit = timm.create_model(TINY.name, pretrained=False, **TINY.timm_kwargs())
     save_file(vit.state_dict(), str(tmp_path / "vit.safetensors"))
     ckpt = tmp_path / "ckpt"
-    common = ["--backbone", "vit_tiny_patch16_224", "--img-size", "32", "--patch-size", "8", "--depth", "2",
-              "--backbone-weights", str(tmp_path / "vit.safetensors")]
-    args = ["train", "-o", str(ckpt), "--builtin-classes", "12", "--builtin-train", "8", "--builtin-test", "3",
-            "--init-cls", "4", "--increment", "4", "--tasks", "2", "--epochs", "2", "--quiet", *common]
+    common = [
+        "--backbone",
+        "vit_tiny_patch16_224",
+        "--img-size",
+        "32",
+        "--patch-size",
+        "8",
+        "--depth",
+        "2",
+        "--backbone-weights",
+        str(tmp_path / "vit.safetensors"),
+    ]
+    args = [
+        "train",
+        "-o",
+        str(ckpt),
+        "--builtin-classes",
+        "12",
+        "--builtin-train",
+        "8",
+        "--builtin-test",
+        "3",
+        "--init-cls",
+        "4",
+        "--increment",
+        "4",
+        "--tasks",
+        "2",
+        "--epochs",
+        "2",
+        "--quiet",
+        *common,
+    ]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     assert "A-bar" in res.output and "task 1 (2/3)" in res.output
     manifest = read_checkpoint_manifest(ckpt)
     assert manifest["sequence"]["init_cls"] == 4 and len(manifest["sequence"]["class_order"]) == 12
     assert manifest["training"]["epochs"] == 2 and manifest["classes"]["names"][0].endswith(
-        str(manifest["sequence"]["class_order"][0]))
+        str(manifest["sequence"]["class_order"][0])
+    )
     assert manifest["brmoe"]["topk_routers"] == 2
 
     res = CliRunner().invoke(main, ["train", "-o", str(ckpt), *common])

@@ -58,16 +58,19 @@ def relative_gaps(task, M, K, batch=6):
     return dloss, dgrad
 
 
-@pytest.mark.parametrize("task,M,K", [
-    (1, 2, 3),  # one earlier router: every router selected
-    (2, 2, 3),  # K >= experts (3): every existing expert of a selected router
-    (2, 3, 8),  # M and K beyond what exists
-    (5, 2, 3),  # top-K masking
-    (5, 3, 2),
-    (5, 1, 1),  # router T alone, one expert
-    (40, 2, 3),
-    (40, 2, 50),  # K >= experts at 41 tasks: as dense as it gets
-])
+@pytest.mark.parametrize(
+    "task,M,K",
+    [
+        (1, 2, 3),  # one earlier router: every router selected
+        (2, 2, 3),  # K >= experts (3): every existing expert of a selected router
+        (2, 3, 8),  # M and K beyond what exists
+        (5, 2, 3),  # top-K masking
+        (5, 3, 2),
+        (5, 1, 1),  # router T alone, one expert
+        (40, 2, 3),
+        (40, 2, 50),  # K >= experts at 41 tasks: as dense as it gets
+    ],
+)
 def test_sparse_training_forward_equals_dense(task, M, K):
     dloss, dgrad = relative_gaps(task, M, K)
     print(f"T={task} M={M} K={K}: rel |dloss| {dloss:.2e}, max rel |dgrad| {dgrad:.2e}")
@@ -106,3 +109,32 @@ def test_forward_train_refuses_unknown_mode():
     model = learner(1, 2, 3)
     with pytest.raises(ValueError, match="mode"):
         model.forward_train(torch.zeros(1, 3, 32, 32), 0, mode="dense")
+
+
+def test_sparse_backward_is_deterministic():
+    """Two identical steps give bit-identical gradients (a resumed run must repeat an
+    uninterrupted one bit for bit), with every thread of the machine at work."""
+    model = learner(6, 2, 3)
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(16, 3, 32, 32, generator=gen)
+    y = sum(model.task_classes[:5]) + torch.randint(0, model.task_classes[5], (16,), generator=gen)
+    grads = [loss_and_grads(copy.deepcopy(model), 5, x, y, "sparse")[1] for _ in range(3)]
+    for other in grads[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(grads[0], other))
+
+
+def test_cached_frozen_parts_follow_their_weights():
+    """The sparse forward stacks frozen task parts once; changing one in place (an optimizer
+    step, a load) is seen by the next forward."""
+    model = learner(4, 2, 8)
+    set_trainable(model, 3)
+    model.eval()
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        model.forward_train(x, 3, mode="sparse")  # fills the cache
+        for m in model.moe:
+            m.experts[0].up.weight.mul_(3.0)
+            m.perceptors[1].fc.weight.mul_(-2.0)
+        dense = model.forward_train(x, 3, mode="reference")
+        sparse = model.forward_train(x, 3, mode="sparse")
+    torch.testing.assert_close(sparse["features"], dense["features"], rtol=1e-5, atol=1e-6)

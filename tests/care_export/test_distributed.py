@@ -1,0 +1,50 @@
+"""Training on two CPU processes (torchrun, gloo) learns what one process learns with the same
+global batch, and an interrupted distributed run resumes under torchrun."""
+
+import os
+import subprocess
+import sys
+
+from ddp_worker import run
+from helpers import ROOT
+
+from care_export.checkpoint.format import load_checkpoint
+from runtime.checkpoint_files import read_checkpoint_manifest
+
+# Two processes sum the gradients of a batch in another order than one: the runs agree to float
+# rounding, grown over a few dozen SGD steps.
+REL_TOL = 1e-4
+
+
+def torchrun(*args, cwd=ROOT):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return res
+
+
+def test_two_gloo_processes_learn_what_one_learns_and_resume(tmp_path):
+    run(tmp_path / "single", 2)
+    # The distributed run stops after task 0 (as an interrupted run leaves its checkpoint) and
+    # is resumed, from the command line, under torchrun.
+    torchrun("tests/ddp_worker.py", str(tmp_path / "ddp"), "1")
+    assert len(read_checkpoint_manifest(tmp_path / "ddp")["tasks"]) == 1
+    res = torchrun("-m", "care_export", "train", "--resume", str(tmp_path / "ddp"), "--quiet")
+    assert res.stdout.count("checkpoint ") == 1, res.stdout  # rank 0 alone reports
+    assert not list((tmp_path / "ddp").glob(".*tmp*")), "a temporary file was left behind"
+
+    single, _ = load_checkpoint(tmp_path / "single")
+    ddp, _ = load_checkpoint(tmp_path / "ddp")
+    a, b = single.state_dict(), ddp.state_dict()
+    assert a.keys() == b.keys()
+    gaps = {k: float((a[k] - b[k]).abs().max() / a[k].abs().max().clamp(min=1e-12)) for k in a}
+    worst = max(gaps, key=gaps.get)
+    print(f"max relative gap {gaps[worst]:.2e} ({worst})")
+    assert gaps[worst] <= REL_TOL, (worst, gaps[worst])
+    ms, md = (
+        read_checkpoint_manifest(tmp_path / "single")["metrics"],
+        read_checkpoint_manifest(tmp_path / "ddp")["metrics"],
+    )
+    assert len(read_checkpoint_manifest(tmp_path / "ddp")["tasks"]) == len(md["top1"]) == 2
+    assert all(abs(x - y) <= 100 / 12 for x, y in zip(ms["top1"], md["top1"])), (ms["top1"], md["top1"])
