@@ -1,13 +1,14 @@
-"""One process of tests/test_distributed.py's torchrun runs: a tiny sequence, no dropout."""
+"""One process of tests/care_export/test_distributed.py's torchrun runs: a tiny sequence, no dropout."""
 
 import sys
 
-from care_export.model.config import MoEConfig, backbone_config
+from helpers import TINY
+
+from care_export.model.config import MoEConfig
 from care_export.training.continual import train_sequence
 from care_export.training.distributed import from_environment
 from care_export.training.task import TrainConfig
 
-TINY = backbone_config("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
 DATA = dict(num_classes=12, train_per_class=10, test_per_class=3)
 NO_DROPOUT = MoEConfig(dropout=0.0)  # dropout masks are drawn per process: they could not match
 CFG = TrainConfig(epochs=2, batch_size=8)

@@ -11,70 +11,19 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from helpers import ROOT
+from helpers import CALIB_BACKBONE, ROOT, images_for
 from PIL import Image
 
 from calibration.calib_data import sample, task_classes
-from calibration.quantize import draw_images, quantize_artifact
+from calibration.quantize import quantize_artifact
 from calibration.report import REPORT_FILE
 from calibration.routing_nodes import routing_nodes
 from care_export.cli import main
 from care_export.data.builtin import builtin_pool
-from care_export.export.writer import export_artifact
-from care_export.model.config import backbone_config
-from care_export.training.continual import train_sequence
-from care_export.training.pretrain import PretrainConfig, pretrained_backbone
-from care_export.training.task import TrainConfig
 from runtime import Session
 from runtime.artifact import Artifact
 from runtime.errors import ArtifactError, InputError
 from runtime.growth import add_tasks
-from runtime.preprocess import Preprocessing
-
-BACKBONE = backbone_config("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
-CAPACITY = 16
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A 3-task model on the built-in dataset: a small ViT pre-trained on other built-in classes,
-    then CaRE; exported whole and after its first two tasks (for growth)."""
-    d = tmp_path_factory.mktemp("calib")
-    weights = pretrained_backbone(
-        PretrainConfig(backbone=BACKBONE, classes=40, images_per_class=24, epochs=3),
-        cache_dir=d / "cache",
-        progress=False,
-    )
-    ckpt = train_sequence(
-        d / "ckpt",
-        builtin=dict(num_classes=15, train_per_class=16, test_per_class=20),
-        init_cls=5,
-        increment=5,
-        tasks=3,
-        backbone=BACKBONE,
-        weights=str(weights),
-        cfg=TrainConfig(epochs=2, ca_epochs=1),
-        preprocessing=Preprocessing.for_input(32, (0.5,) * 3, (0.5,) * 3),
-        progress=False,
-    )
-    export_artifact(ckpt, d / "fp32", CAPACITY)
-    export_artifact(ckpt, d / "fp32-2", CAPACITY, tasks=2)
-    return {"dir": d, "ckpt": ckpt, "fp32": d / "fp32", "fp32-2": d / "fp32-2"}
-
-
-def images_for(art_dir, per_task=16, eval_samples=300):
-    art = Artifact(art_dir)
-    names = art.manifest["classes"]["names"]
-    return draw_images(
-        art,
-        builtin_pool(names, art.dims.img_size, "train"),
-        builtin_pool(names, art.dims.img_size, "test"),
-        per_task,
-        eval_samples,
-        1993,
-        "builtin train",
-        "builtin test",
-    )
 
 
 @pytest.fixture(scope="module")
@@ -95,14 +44,14 @@ def test_routing_nodes_are_the_routing_path(trained):
     nodes = {n.name: n for n in model.graph.node}
     reads = lambda n, suffix: any(i.endswith(suffix) for i in n.input)  # noqa: E731
     topk = [n for n in nodes.values() if n.op_type == "TopK"]
-    assert len(topk) == 2 * BACKBONE.depth and all(n.name in routing for n in topk)
+    assert len(topk) == 2 * CALIB_BACKBONE.depth and all(n.name in routing for n in topk)
     for suffix in ("perceptor0.proj", "perceptors.proj", "experts.down"):  # perceptor MatMuls, CLS expert pass
         users = [n for n in nodes.values() if reads(n, suffix) and n.op_type in ("MatMul", "Gemm")]
         assert users and all(n.name in routing for n in users), suffix
     # Router logits: the MatMul over the gathered rows of the router table.
     gathered = {n.output[0] for n in nodes.values() if n.op_type == "Gather" and reads(n, "routers.weight")}
     router_mm = [n for n in nodes.values() if n.op_type == "MatMul" and gathered & set(n.input)]
-    assert len(router_mm) == BACKBONE.depth and all(n.name in routing for n in router_mm)
+    assert len(router_mm) == CALIB_BACKBONE.depth and all(n.name in routing for n in router_mm)
     # Nothing of the backbone (attention, MLP, norms, embedding, head) nor the token path's products.
     backbone = [n for n in nodes.values() if any(i.startswith("vit.") for i in n.input)]
     assert backbone and not any(n.name in routing for n in backbone)
@@ -318,7 +267,7 @@ def test_reduced_routing_rewrites_the_routing_path_too(trained, tmp_path):
             src = onnx.load(str(trained["fp32"] / "model.onnx"), load_external_data=False)
             gathered = {n.output[0] for n in src.graph.node if n.op_type == "Gather" and "routers.weight" in n.input[0]}
             router_mm = [n.name for n in src.graph.node if n.op_type == "MatMul" and gathered & set(n.input)]
-            assert len(router_mm) == BACKBONE.depth
+            assert len(router_mm) == CALIB_BACKBONE.depth
             assert manifest["tensors"]["moe.0.routers.weight"]["dtype"] == "int8"
             for name in router_mm:
                 assert all(producers[i].op_type == "DequantizeLinear" for i in nodes[name].input), name

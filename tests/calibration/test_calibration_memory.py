@@ -8,8 +8,8 @@ import tracemalloc
 import numpy as np
 import onnxruntime as ort
 import pytest
+from helpers import images_for
 from onnxruntime.quantization.calibrate import HistogramCalibrater
-from test_calibration import images_for, trained  # noqa: F401  (the module's trained model)
 
 from calibration.quantize import quantize_artifact
 
@@ -46,7 +46,7 @@ def quantize_peak(art, out, per_task):
         tracemalloc.stop()
 
 
-def test_calibration_memory_does_not_grow_with_the_image_count(trained, tmp_path, watch):  # noqa: F811
+def test_calibration_memory_does_not_grow_with_the_image_count(trained, tmp_path, watch):
     small, n_small, _ = quantize_peak(trained["fp32"], tmp_path / "small", per_task=3)
     assert watch["feed"] <= CHUNK and 0 < watch["held"] <= CHUNK, watch
     large, n_large, report = quantize_peak(trained["fp32"], tmp_path / "large", per_task=4 * CHUNK)

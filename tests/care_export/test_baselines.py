@@ -2,7 +2,7 @@
 
 import torch
 from click.testing import CliRunner
-from test_train import TINY
+from helpers import TINY
 
 from care_export.checkpoint.format import load_checkpoint
 from care_export.cli import main

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from helpers import TINY
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -16,7 +17,7 @@ from care_export.data.builtin import BuiltinSource
 from care_export.data.sources import LabelledImages, TaskSequence, eval_transform, train_transform
 from care_export.model.brmoe import MASKED_LOGIT, BRMoE
 from care_export.model.care_vit import CareViT
-from care_export.model.config import MoEConfig, backbone_config
+from care_export.model.config import MoEConfig
 from care_export.training import task as train_mod
 from care_export.training.alignment import PseudoFeatures, align_classifier, class_statistics
 from care_export.training.continual import ContinualRun, resume_sequence, train_sequence
@@ -26,7 +27,6 @@ from runtime.checkpoint_files import read_checkpoint_manifest
 from runtime.errors import CareError
 from runtime.preprocess import Preprocessing
 
-TINY = backbone_config("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
 PRE = Preprocessing.for_input(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 SMALL_DATA = dict(num_classes=12, train_per_class=12, test_per_class=4)
 FAST = TrainConfig(epochs=2)

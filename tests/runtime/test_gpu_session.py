@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from test_session import ATOL, GROWN, assert_equals_reference, built  # noqa: F401 - `built` is a fixture
+from helpers import ATOL, SESSION_GROWN, assert_equals_reference
 
 from runtime import Session
 from runtime.backends.gpu import gpu_names
@@ -46,7 +46,7 @@ TRT_ATOL = 1e-3
 
 def parity_and_growth(session: Session, built, atol: float) -> None:  # noqa: F811
     assert_equals_reference(session, built["x"], built["before"], atol)
-    assert session.add_task(built["grown"]) == [4, 5] and session.num_tasks == GROWN
+    assert session.add_task(built["grown"]) == [4, 5] and session.num_tasks == SESSION_GROWN
     assert_equals_reference(session, built["x"], built["after"], atol)
 
 

@@ -10,94 +10,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
-from helpers import ROOT
+from helpers import (
+    ATOL,
+    ROOT,
+    SESSION_CAPACITY,
+    SESSION_GROWN,
+    SESSION_TASKS,
+    assert_equals_reference,
+    synth_session_checkpoint,
+)
 
-from care_export.checkpoint.format import load_checkpoint
 from care_export.cli import main
 from care_export.export.writer import export_artifact
 from runtime import Session
 from runtime.errors import ArtifactError, BackendError, CapacityError, CheckpointError, InputError, MismatchError
-from runtime.routing import canonical_routing, pad_routing
-
-TASKS, GROWN, CAPACITY = 4, 6, 8
-ATOL = 1e-4
-
-
-def synth(out: Path, tasks: int, seed: int = 0, depth: int = 3) -> Path:
-    """A random checkpoint; the same seed with more tasks is the same model grown by later tasks."""
-    res = CliRunner().invoke(
-        main,
-        [
-            "synth-ckpt",
-            "-o",
-            str(out),
-            "--backbone",
-            "vit_tiny_patch16_224",
-            "--img-size",
-            "32",
-            "--patch-size",
-            "8",
-            "--depth",
-            str(depth),
-            "--init-cls",
-            "10",
-            "--increment",
-            "3",
-            "--tasks",
-            str(tasks),
-            "--seed",
-            str(seed),
-        ],
-    )
-    assert res.exit_code == 0, res.output
-    return out
-
-
-def reference(ckpt: Path, x: np.ndarray, moe) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``CareViT.forward`` logits and canonical routing (B, depth, M) / (B, depth, M, K)."""
-    model, _ = load_checkpoint(ckpt)
-    with torch.no_grad():
-        logits, routing = model.forward_with_routing(torch.from_numpy(x))
-    m, k = moe["topk_routers"], moe["topk_experts"]
-    tasks, experts = zip(*(pad_routing(r.tasks.numpy(), r.experts.numpy(), min(m, 99), min(k, 99)) for r in routing))
-    tasks, experts = np.stack(tasks, 1), np.stack(experts, 1)
-    return logits.numpy(), *canonical_routing(tasks, experts)
-
-
-def random_inputs(n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((n, 3, 32, 32)).astype(np.float32)
-
-
-def assert_equals_reference(session: Session, x: np.ndarray, ref, atol: float = ATOL) -> None:
-    logits, tasks, experts = ref
-    got = session.logits(x)
-    assert got.shape == logits.shape
-    assert np.abs(got - logits).max() <= atol
-    pred = session.predict(x, return_routing=True)
-    np.testing.assert_array_equal(pred.classes[:, 0], logits.argmax(1))
-    width = pred.tasks.shape[-1], pred.experts.shape[-1]
-    np.testing.assert_array_equal(pred.tasks, pad_routing(tasks, experts, *width)[0])
-    np.testing.assert_array_equal(pred.experts, pad_routing(tasks, experts, *width)[1])
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """Checkpoints of 4 and 6 tasks (one sequence), the 4-task artifact at capacity 8, references."""
-    d = tmp_path_factory.mktemp("session")
-    ck, grown = synth(d / "ck4", TASKS), synth(d / "ck6", GROWN)
-    manifest = export_artifact(ck, d / "art", CAPACITY)
-    x = random_inputs(48)
-    return {
-        "dir": d,
-        "ck": ck,
-        "grown": grown,
-        "art": d / "art",
-        "x": x,
-        "before": reference(ck, x, manifest["brmoe"]),
-        "after": reference(grown, x, manifest["brmoe"]),
-    }
 
 
 @pytest.fixture()
@@ -112,7 +39,7 @@ def test_equals_pytorch_before_and_after_add_task(built):
     assert (session.backend, session.providers, session.device) == ("onnxruntime", ["CPUExecutionProvider"], "cpu")
     assert_equals_reference(session, built["x"], built["before"])
     assert session.add_task(built["grown"]) == [4, 5]
-    assert (session.num_tasks, session.num_classes) == (GROWN, 25)
+    assert (session.num_tasks, session.num_classes) == (SESSION_GROWN, 25)
     assert_equals_reference(session, built["x"], built["after"])
     assert session.add_task(built["grown"]) == []  # nothing new: a no-op
 
@@ -122,14 +49,14 @@ def test_add_task_in_memory_leaves_the_artifact_untouched(built, art_copy):
     session = Session(art_copy)
     session.add_task(built["grown"])
     assert {p.name: p.read_bytes() for p in art_copy.iterdir()} == before
-    assert Session(art_copy).num_tasks == TASKS
+    assert Session(art_copy).num_tasks == SESSION_TASKS
 
 
 def test_add_task_persist_and_artifacts_grown_by_add_tasks(built, art_copy, tmp_path):
     session = Session(art_copy)
     session.add_task(built["grown"], persist=True)
     reopened = Session(art_copy)
-    assert reopened.num_tasks == GROWN
+    assert reopened.num_tasks == SESSION_GROWN
     assert_equals_reference(reopened, built["x"], built["after"])
 
     from runtime.growth import add_tasks  # what `care-export add-task` runs
@@ -179,7 +106,7 @@ def test_chunks_and_static_batch_give_the_same_answers(built, tmp_path):
     x, (logits, _, _) = built["x"][:10], built["before"]
     small = Session(built["art"], max_batch=3)
     np.testing.assert_allclose(small.logits(x), logits[:10], atol=ATOL, rtol=0)
-    export_artifact(built["ck"], tmp_path / "static", CAPACITY, batch=4)
+    export_artifact(built["ck"], tmp_path / "static", SESSION_CAPACITY, batch=4)
     static = Session(tmp_path / "static")
     np.testing.assert_allclose(static.logits(x), logits[:10], atol=ATOL, rtol=0)
     pred = static.predict(x, top_k=3, return_routing=True)
@@ -351,14 +278,14 @@ def test_damaged_artifact(art_copy, damage, message, verify):
 
 def test_add_task_refusals_leave_the_session_as_it_was(built, tmp_path):
     x, before = built["x"], built["before"]
-    export_artifact(built["ck"], tmp_path / "small", TASKS + 1)  # room for one more task only
+    export_artifact(built["ck"], tmp_path / "small", SESSION_TASKS + 1)  # room for one more task only
     small = Session(tmp_path / "small")
     with pytest.raises(CapacityError, match="holds 5 tasks"):
         small.add_task(built["grown"])
     assert_equals_reference(small, x, before)
 
     session = Session(built["art"])
-    other = synth(tmp_path / "other", GROWN, seed=1)
+    other = synth_session_checkpoint(tmp_path / "other", SESSION_GROWN, seed=1)
     with pytest.raises(MismatchError, match="backbone differs"):
         session.add_task(other)
     with pytest.raises(CheckpointError, match="not found"):
