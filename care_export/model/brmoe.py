@@ -14,6 +14,9 @@ Three forwards:
 
 from __future__ import annotations
 
+import bisect
+import itertools
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +27,9 @@ from runtime.numerics import MASKED_LOGIT, PART_LN_EPS
 
 from .config import MoEConfig
 from .experts import Expert, Perceptor, entropy, new_router
+
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
+_VERSION = operator.attrgetter("_version")
 
 
 @dataclass
@@ -194,8 +200,8 @@ class BRMoE(nn.Module):
         Every expert ``0..task`` runs on the CLS token only, batched (all that the entropies, the
         router logits and the CLS token of the mixture read); the selected routers' logits are
         computed for the samples that select them; then only the experts some selected router
-        keeps run over the other tokens. Each expert's CLS output is computed once, so dropout
-        draws one mask per expert and token, as in the dense form. Experts outside the top-K
+        keeps run over the other tokens (see :meth:`_sparse_mixture`). Dropout draws one mask per
+        expert and token, as in the dense form. Experts outside the top-K
         (weight ``e^-100`` relative in the dense form) are dropped.
         """
         if self.training and self._anchor is not None:
@@ -205,44 +211,122 @@ class BRMoE(nn.Module):
             out = self.experts[0](x)
             return out + shared, self.perceptors[0](out[:, 0])
         out, _, _, cls = self._sparse_mixture(x, task + 1, forced=task)
-        return out + shared, self.perceptors[task](cls[task])
+        return out + shared, self.perceptors[task](cls)
 
     def _sparse_mixture(self, x: torch.Tensor, num_experts: int, forced: int | None):
         """The BR-MoE mixture of experts ``0..num_experts-1`` (shared expert excluded), routed by
         the routers of lowest entropy among the candidates (all but ``forced``) plus ``forced``.
-        Returns ``(mixture, sel, kept, cls)``, ``cls`` (E, B, D) every expert on the CLS token."""
-        cls = self._experts_on_tokens(list(self.experts)[:num_experts], x[:, 0])  # (E, B, D)
-        cand = num_experts - (forced is not None)
-        with torch.no_grad():  # selection only: no gradient flows through the entropies
-            sel = self._select(self._perceptor_entropies(cls[:cand].detach()), forced)
-        w, kept = self._weights(self._selected_logits(sel, cls))
-        per_expert = (w * kept).sum(0)  # (B, E): total weight of each expert per sample
-        head = torch.einsum("be,ebd->bd", per_expert, cls)
-        rest = self._mixed_tokens(x[:, 1:], per_expert, kept.any(0))
-        return torch.cat([head[:, None], rest], 1), sel, kept, cls
+        Returns ``(mixture, sel, kept, forced_cls)``, ``forced_cls`` (B, D) expert ``forced`` on
+        the CLS token (``None`` without ``forced``).
 
-    def _experts_on_tokens(self, experts, x: torch.Tensor) -> torch.Tensor:
-        """Each of ``experts`` on the tokens ``x`` (B, D) -> (E, B, D), batched: the frozen
-        leading experts from a cached stack, the trainable rest stacked now."""
+        Every expert runs on the CLS token without autograd, for the entropies (selection only: no
+        gradient flows through them). Only the CLS outputs that feed a selected router or the
+        mixture are on the gradient path; they are computed again with autograd, with the same
+        dropout masks, so a step's backward does not grow with the number of experts.
+        """
+        experts = list(self.experts)[:num_experts]
+        cand = num_experts - (forced is not None)
+        cls0 = x[:, 0]
         stacks = self._stacks(experts, "experts")
+        with torch.no_grad():
+            every, drop = self._routing_cls(stacks, cls0, cand)
+            sel = self._select(self._perceptor_entropies(every), forced)
+        rows = sel.unique()  # the selected routers read their own expert's CLS output
+        local = torch.full((num_experts,), -1, dtype=torch.long, device=x.device)
+        local[rows] = torch.arange(len(rows), device=x.device)
+        cls = self._cls_with_grad(stacks, cls0, rows, drop)
+        w, kept = self._weights(self._selected_logits(sel, cls, local))
+        more = (kept.any(0).any(0) & (local < 0)).nonzero()[:, 0]  # kept experts not read yet
+        if len(more):
+            local[more] = torch.arange(len(rows), len(rows) + len(more), device=x.device)
+            rows = torch.cat([rows, more])
+            cls = torch.cat([cls, self._cls_with_grad(stacks, cls0, more, drop)])
+        per_expert = (w * kept).sum(0)  # (B, E): total weight of each expert per sample
+        head = torch.einsum("bu,ubd->bd", per_expert.index_select(1, rows), cls)
+        rest = self._mixed_tokens(x[:, 1:], per_expert, kept.any(0))
+        forced_cls = None if forced is None else cls[int(local[forced])]
+        return torch.cat([head[:, None], rest], 1), sel, kept, forced_cls
+
+    def _routing_cls(self, stacks, x: torch.Tensor, count: int):
+        """(count, B, D) the first ``count`` experts of ``stacks`` on the tokens ``x`` (B, D), for
+        the entropies only (no autograd; LayerNorm's affine and the scale folded into the
+        projections, the frozen experts' from a cache), and the dropout masks of all of them as
+        :meth:`_experts_on_tokens` draws them."""
         xn = F.layer_norm(x, x.shape[-1:], eps=PART_LN_EPS)
-        hs = [
-            torch.relu(
-                torch.baddbmm(
-                    st["down.bias"][:, None],
-                    xn * st["norm.weight"][:, None] + st["norm.bias"][:, None],
-                    st["down.weight"].transpose(1, 2),
+        total = sum(len(st["scale"]) for st in stacks)
+        outs, start = [], 0
+        for st in stacks:
+            if start >= count:
+                break
+            f = self._folded(st, "experts", _fold_expert)
+            h = torch.relu(torch.addmm(f["down_b"], xn, f["down_w"]))  # (B, E*r)
+            outs.append(h.reshape(len(x), -1, f["rank"]).transpose(0, 1))  # (E, B, r)
+            start += len(st["scale"])
+        drop = None
+        if self.training and self.cfg.dropout > 0:
+            r = stacks[0]["down.weight"].shape[1]
+            drop = F.dropout(x.new_ones((total, len(x), r)), self.cfg.dropout, True)
+        out = []
+        start = 0
+        for st, h in zip(stacks, outs):
+            f = self._folded(st, "experts", _fold_expert)
+            if drop is not None:
+                h = h * drop[start : start + len(h)]
+            out.append(torch.baddbmm(f["up_b"][:, None], h, f["up_w"]))
+            start += len(h)
+        return (out[0] if len(out) == 1 else torch.cat(out))[:count], drop
+
+    def _folded(self, st: dict, kind: str, fold) -> dict:
+        """``fold(st)`` without autograd; for the cached frozen stack of ``kind``, cached too."""
+        entry = self._stack_cache[kind]
+        if st is not entry.get("stack"):
+            return fold(st)
+        if entry.get("folded_of") is not st:
+            entry["folded"], entry["folded_of"] = fold(st), st
+        return entry["folded"]
+
+    def _cls_with_grad(self, stacks, x: torch.Tensor, rows: torch.Tensor, drop: torch.Tensor | None):
+        """(len(rows), B, D) the experts ``rows`` (ascending) of ``stacks`` (see :meth:`_stacks`)
+        on the tokens ``x`` with autograd, with the dropout masks ``drop`` of
+        :meth:`_experts_on_tokens` (``None``: no dropout)."""
+        picked, start = [], 0
+        for st in stacks:  # ascending rows: each stack's rows follow the previous stack's
+            n = len(st["scale"])
+            mine = rows[(rows >= start) & (rows < start + n)] - start
+            if len(mine):
+                picked.append({name: t.index_select(0, mine) for name, t in st.items()})
+            start += n
+        return self._experts_on_tokens(picked, x, None if drop is None else drop.index_select(0, rows))[0]
+
+    def _experts_on_tokens(self, stacks, x: torch.Tensor, drop: torch.Tensor | None = None):
+        """Each expert of ``stacks`` (see :meth:`_stacks`) on the tokens ``x`` (B, D), batched.
+        Returns ``(out, drop)``: ``out`` (E, B, D) and the dropout masks used, (E, B, r) scaled
+        keep-masks, drawn here when ``drop`` is None (``None``: no dropout)."""
+        xn = F.layer_norm(x, x.shape[-1:], eps=PART_LN_EPS)
+        h = torch.cat(
+            [
+                torch.relu(
+                    torch.baddbmm(
+                        st["down.bias"][:, None],
+                        xn * st["norm.weight"][:, None] + st["norm.bias"][:, None],
+                        st["down.weight"].transpose(1, 2),
+                    )
                 )
-            )
-            for st in stacks
-        ]
-        h = F.dropout(torch.cat(hs), self.cfg.dropout, self.training)  # one mask draw, however split
-        return torch.cat(
+                for st in stacks
+            ]
+        )
+        if drop is None and self.training and self.cfg.dropout > 0:
+            # F.dropout multiplies by exactly this mask; drawn once, so a recomputation can reuse it
+            drop = F.dropout(torch.ones_like(h), self.cfg.dropout, True)
+        if drop is not None:
+            h = h * drop
+        out = torch.cat(
             [
                 torch.baddbmm(st["up.bias"][:, None], part, st["up.weight"].transpose(1, 2)) * st["scale"][:, None]
                 for st, part in zip(stacks, h.split([len(st["scale"]) for st in stacks]))
             ]
         )
+        return out, drop
 
     def _stacks(self, modules, kind: str) -> list[dict[str, torch.Tensor]]:
         """The parameters of ``modules`` stacked (see :func:`_stacked`) in at most two parts: the
@@ -257,18 +341,23 @@ class BRMoE(nn.Module):
         ids = tuple(map(id, modules))
         entry = self._stack_cache.get(kind)
         if entry is None or entry["ids"] != ids:  # other modules (a task added): look their parameters up once
+            params = [list(m.parameters()) for m in modules]
             entry = self._stack_cache[kind] = {
                 "ids": ids,
-                "params": [list(m.parameters()) for m in modules],
+                "flat": [p for ps in params for p in ps],
+                "ends": list(itertools.accumulate(map(len, params))),  # each module's end in flat
                 "key": None,
             }
-        params = entry["params"]
-        frozen = 0
-        while frozen < len(modules) and not any(p.requires_grad for p in params[frozen]):
-            frozen += 1
+        flat, ends = entry["flat"], entry["ends"]
+        # A module is frozen when none of its parameters train; map/attrgetter keep these per-step
+        # scans over every parameter cheap at hundreds of tasks.
+        trains = list(map(_REQUIRES_GRAD, flat))
+        first = trains.index(True) if True in trains else len(flat)
+        frozen = bisect.bisect_right(ends, first)
         stacks = []
         if frozen:
-            key = (frozen, tuple((p.data_ptr(), p._version) for ps in params[:frozen] for p in ps))
+            n = ends[frozen - 1]
+            key = (frozen, tuple(map(torch.Tensor.data_ptr, flat[:n])), tuple(map(_VERSION, flat[:n])))
             if entry["key"] != key:
                 with torch.no_grad():
                     entry["stack"] = _stacked(modules[:frozen])
@@ -279,36 +368,35 @@ class BRMoE(nn.Module):
         return stacks
 
     def _perceptor_entropies(self, cls: torch.Tensor) -> torch.Tensor:
-        """(T', B) entropy of perceptor t on ``cls[t]``, batched over tasks of equal class count."""
+        """(T', B) entropy of perceptor t on ``cls[t]``, batched over tasks of equal class count
+        (no autograd: LayerNorm's affine folded into the projection)."""
         ent = cls.new_empty(cls.shape[:2])
         perceptors = list(self.perceptors)
         groups: dict[int, list[int]] = {}
         for t in range(cls.shape[0]):
             groups.setdefault(perceptors[t].fc.out_features, []).append(t)
         for classes, tasks in groups.items():
-            idx = torch.tensor(tasks, device=cls.device)
-            n = F.layer_norm(cls[idx], cls.shape[-1:], eps=PART_LN_EPS)
-            stacks = self._stacks([perceptors[t] for t in tasks], f"perceptors-{classes}")
+            contiguous = tasks == list(range(tasks[0], tasks[0] + len(tasks)))
+            idx = slice(tasks[0], tasks[0] + len(tasks)) if contiguous else torch.tensor(tasks, device=cls.device)
+            n = F.layer_norm(cls[idx], cls.shape[-1:], eps=PART_LN_EPS)  # a slice, not a copy, if it can
+            kind = f"perceptors-{classes}"
+            stacks = [self._folded(st, kind, _fold_perceptor) for st in self._stacks([perceptors[t] for t in tasks], kind)]
             logits = [
-                torch.baddbmm(
-                    st["fc.bias"][:, None],
-                    part * st["norm.weight"][:, None] + st["norm.bias"][:, None],
-                    st["fc.weight"].transpose(1, 2),
-                )
-                for st, part in zip(stacks, n.split([len(st["fc.bias"]) for st in stacks]))
+                torch.baddbmm(f["fc_b"][:, None], part, f["fc_w"])
+                for f, part in zip(stacks, n.split([len(f["fc_b"]) for f in stacks]))
             ]
             ent[idx] = entropy(torch.cat(logits))
         return ent
 
-    def _selected_logits(self, sel: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+    def _selected_logits(self, sel: torch.Tensor, cls: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         """(m, B, E) logits of the selected routers, each computed only for the samples that
-        select it; ``-inf`` beyond a router's experts."""
+        select it; ``-inf`` beyond a router's experts. Router ``r`` reads ``cls[local[r]]``."""
         m, bsz = sel.shape
-        num_e = cls.shape[0]
+        num_e = len(local)
         # The routers' inputs in one gather: indexing cls per router would make its backward
         # write a gradient the size of cls for every router.
-        rows = cls.reshape(num_e * bsz, -1).index_select(
-            0, (sel * bsz + torch.arange(bsz, device=sel.device)).flatten()
+        rows = cls.reshape(-1, cls.shape[-1]).index_select(
+            0, (local[sel] * bsz + torch.arange(bsz, device=sel.device)).flatten()
         )
         chosen = cls.new_full((m, bsz, num_e), float("-inf"))
         for r in sel.unique().tolist():
@@ -359,3 +447,25 @@ def _stacked(modules) -> dict[str, torch.Tensor]:
     """The parameters of identical modules stacked along a new first axis, by name."""
     params = [dict(m.named_parameters()) for m in modules]
     return {name: torch.stack([p[name] for p in params]) for name in params[0]}
+
+
+def _fold_expert(st: dict) -> dict:
+    """An expert stack's projections with LayerNorm's affine and the output scale folded in:
+    ``down`` as one (D, E*r) matrix over all experts, ``up`` as (E, r, D)."""
+    w = st["down.weight"]  # (E, r, D)
+    return {
+        "rank": w.shape[1],
+        "down_w": (w * st["norm.weight"][:, None]).reshape(-1, w.shape[-1]).T,
+        "down_b": (st["down.bias"] + torch.einsum("erd,ed->er", w, st["norm.bias"])).reshape(-1),
+        "up_w": (st["up.weight"] * st["scale"][:, :, None]).transpose(1, 2),
+        "up_b": st["up.bias"] * st["scale"],
+    }
+
+
+def _fold_perceptor(st: dict) -> dict:
+    """A perceptor stack's projection (E, D, C) with LayerNorm's affine folded in."""
+    w = st["fc.weight"]  # (E, C, D)
+    return {
+        "fc_w": (w * st["norm.weight"][:, None]).transpose(1, 2),
+        "fc_b": st["fc.bias"] + torch.einsum("ecd,ed->ec", w, st["norm.bias"]),
+    }
