@@ -251,7 +251,7 @@ class BRMoE(nn.Module):
         """(count, B, D) the first ``count`` experts of ``stacks`` on the tokens ``x`` (B, D), for
         the entropies only (no autograd; LayerNorm's affine and the scale folded into the
         projections, the frozen experts' from a cache), and the dropout masks of all of them as
-        :meth:`_experts_on_tokens` draws them."""
+        :meth:`_experts_on_tokens` applies them (scaled keep-masks, (E, B, r); ``None``: no dropout)."""
         xn = F.layer_norm(x, x.shape[-1:], eps=PART_LN_EPS)
         total = sum(len(st["scale"]) for st in stacks)
         outs, start = [], 0
@@ -263,7 +263,7 @@ class BRMoE(nn.Module):
             outs.append(h.reshape(len(x), -1, f["rank"]).transpose(0, 1))  # (E, B, r)
             start += len(st["scale"])
         drop = None
-        if self.training and self.cfg.dropout > 0:
+        if self.training and self.cfg.dropout > 0:  # F.dropout multiplies by exactly this mask
             r = stacks[0]["down.weight"].shape[1]
             drop = F.dropout(x.new_ones((total, len(x), r)), self.cfg.dropout, True)
         out = []
@@ -288,7 +288,7 @@ class BRMoE(nn.Module):
     def _cls_with_grad(self, stacks, x: torch.Tensor, rows: torch.Tensor, drop: torch.Tensor | None):
         """(len(rows), B, D) the experts ``rows`` (ascending) of ``stacks`` (see :meth:`_stacks`)
         on the tokens ``x`` with autograd, with the dropout masks ``drop`` of
-        :meth:`_experts_on_tokens` (``None``: no dropout)."""
+        :meth:`_routing_cls` (``None``: no dropout)."""
         picked, start = [], 0
         for st in stacks:  # ascending rows: each stack's rows follow the previous stack's
             n = len(st["scale"])
@@ -296,12 +296,12 @@ class BRMoE(nn.Module):
             if len(mine):
                 picked.append({name: t.index_select(0, mine) for name, t in st.items()})
             start += n
-        return self._experts_on_tokens(picked, x, None if drop is None else drop.index_select(0, rows))[0]
+        return self._experts_on_tokens(picked, x, None if drop is None else drop.index_select(0, rows))
 
-    def _experts_on_tokens(self, stacks, x: torch.Tensor, drop: torch.Tensor | None = None):
-        """Each expert of ``stacks`` (see :meth:`_stacks`) on the tokens ``x`` (B, D), batched.
-        Returns ``(out, drop)``: ``out`` (E, B, D) and the dropout masks used, (E, B, r) scaled
-        keep-masks, drawn here when ``drop`` is None (``None``: no dropout)."""
+    def _experts_on_tokens(self, stacks, x: torch.Tensor, drop: torch.Tensor | None):
+        """(E, B, D) each expert of ``stacks`` (see :meth:`_stacks`) on the tokens ``x`` (B, D),
+        batched, with the dropout masks ``drop`` (E, B, r) of :meth:`_routing_cls` (``None``: no
+        dropout)."""
         xn = F.layer_norm(x, x.shape[-1:], eps=PART_LN_EPS)
         h = torch.cat(
             [
@@ -315,18 +315,14 @@ class BRMoE(nn.Module):
                 for st in stacks
             ]
         )
-        if drop is None and self.training and self.cfg.dropout > 0:
-            # F.dropout multiplies by exactly this mask; drawn once, so a recomputation can reuse it
-            drop = F.dropout(torch.ones_like(h), self.cfg.dropout, True)
         if drop is not None:
             h = h * drop
-        out = torch.cat(
+        return torch.cat(
             [
                 torch.baddbmm(st["up.bias"][:, None], part, st["up.weight"].transpose(1, 2)) * st["scale"][:, None]
                 for st, part in zip(stacks, h.split([len(st["scale"]) for st in stacks]))
             ]
         )
-        return out, drop
 
     def _stacks(self, modules, kind: str) -> list[dict[str, torch.Tensor]]:
         """The parameters of ``modules`` stacked (see :func:`_stacked`) in at most two parts: the
