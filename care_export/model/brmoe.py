@@ -376,7 +376,9 @@ class BRMoE(nn.Module):
             idx = slice(tasks[0], tasks[0] + len(tasks)) if contiguous else torch.tensor(tasks, device=cls.device)
             n = F.layer_norm(cls[idx], cls.shape[-1:], eps=PART_LN_EPS)  # a slice, not a copy, if it can
             kind = f"perceptors-{classes}"
-            stacks = [self._folded(st, kind, _fold_perceptor) for st in self._stacks([perceptors[t] for t in tasks], kind)]
+            stacks = [
+                self._folded(st, kind, _fold_perceptor) for st in self._stacks([perceptors[t] for t in tasks], kind)
+            ]
             logits = [
                 torch.baddbmm(f["fc_b"][:, None], part, f["fc_w"])
                 for f, part in zip(stacks, n.split([len(f["fc_b"]) for f in stacks]))
