@@ -12,8 +12,8 @@ from pathlib import Path
 
 from care_export.checkpoint.format import save_checkpoint
 from care_export.checkpoint.synth import synth_model, task_sizes
-from care_export.export import export_artifact
 from care_export.export.parity import ort_session, random_images
+from care_export.export.writer import export_artifact
 from care_export.model.config import MoEConfig, backbone_config
 from runtime.layout import INPUT, LOGITS, SCORES
 from runtime.preprocess import Preprocessing

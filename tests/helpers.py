@@ -33,7 +33,7 @@ def make_checkpoint(
 
 
 def make_artifact(ckpt: Path, out: Path, capacity: int = 301, **kw) -> Path:
-    from care_export.export import export_artifact
+    from care_export.export.writer import export_artifact
 
     export_artifact(ckpt, out, capacity, **kw)
     return out

@@ -79,7 +79,7 @@ def onnx_command(ckpt, capacity, out, opset, batch, task_classes, predict, force
     import onnx
     from tqdm import tqdm
 
-    from ..export import export_artifact
+    from ..export.writer import export_artifact
 
     out = out or ckpt.resolve().with_name(ckpt.resolve().name + "-onnx")
     t0 = time.perf_counter()

@@ -1,5 +1,4 @@
-"""The static-graph exporter: checkpoint directory -> artifact directory (see docs/ARTIFACT.md)."""
+"""The static-graph exporter: checkpoint directory -> artifact directory (see docs/ARTIFACT.md).
 
-from .writer import export_artifact, export_backbone
-
-__all__ = ["export_artifact", "export_backbone"]
+``writer`` writes artifacts (single-pass ``graph``, ``iterative_graph``), ``parity`` proves them
+against PyTorch, ``bench`` times them."""

@@ -9,8 +9,8 @@ from click.testing import CliRunner
 from helpers import make_artifact, make_checkpoint, snapshot
 
 from care_export.cli import main
-from care_export.export import export_artifact
 from care_export.export.parity import ort_session, random_images, run_artifact
+from care_export.export.writer import export_artifact
 from runtime.artifact import Artifact
 from runtime.errors import ArtifactError, CapacityError
 from runtime.layout import SLOTS_FILE, Dims, layout, router_base, task_regions

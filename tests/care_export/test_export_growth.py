@@ -12,8 +12,8 @@ from helpers import make_artifact, make_checkpoint, snapshot
 from safetensors.numpy import load_file, save_file
 
 from care_export.cli import main
-from care_export.export import export_artifact
 from care_export.export.parity import ort_session, random_images, run_artifact, run_parity
+from care_export.export.writer import export_artifact
 from runtime.artifact import Artifact
 from runtime.checkpoint_files import sha256_file
 from runtime.errors import CapacityError, MismatchError

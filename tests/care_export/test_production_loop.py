@@ -16,7 +16,7 @@ from helpers import BLOCK_TORCH, ROOT, snapshot
 
 from care_export.cli import main
 from care_export.data.builtin import BuiltinSource
-from care_export.export import export_artifact
+from care_export.export.writer import export_artifact
 from care_export.model.config import backbone_config
 from care_export.training.continual import resume_sequence, train_sequence
 from care_export.training.task import TrainConfig
