@@ -50,6 +50,7 @@ _TRAINING = (
     "align_decay",
     "amp",
     "eval_mode",
+    "eval_every",
     "scale",
     "margin",
     "aux_cos_loss",
@@ -221,6 +222,14 @@ _TRAINING = (
     "a configuration implies iterative unless it says iter_pred: false).",
 )
 @click.option(
+    "--eval-every",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Evaluate after every N-th task and the last task of the run (other tasks record no accuracy; "
+    "A-bar averages the evaluated ones). Evaluating all seen classes grows with their number.",
+)
+@click.option(
     "--input-set",
     default="common",
     show_default=True,
@@ -280,6 +289,7 @@ def train_command(
     align_decay,
     amp,
     eval_mode,
+    eval_every,
     input_set,
     mean,
     std,
@@ -338,6 +348,7 @@ def train_command(
         align_decay=align_decay,
         amp=amp,
         eval_mode=eval_mode,
+        eval_every=eval_every,
         input_set=input_set,
         method=method,
     )

@@ -212,30 +212,43 @@ class ContinualRun:
             self.group.barrier()
             return
 
-        top1, per_task, skipped = evaluate_recorded(
-            self.model,
-            self.records,
-            self.preprocessing,
-            3 * cfg.batch_size,
-            self.device,
-            cfg.workers,
-            {_source_key(source.describe()): source},
-            partial(prediction_scores, self.model, mode=cfg.eval_mode, scale=cfg.scale),
-        )
+        trained = time.perf_counter() - t0
+        evaluated = (task + 1) % cfg.eval_every == 0 or task + 1 == self.limit
+        top1, per_task, skipped = None, [None] * len(self.records), []
+        if evaluated:
+            top1, per_task, skipped = evaluate_recorded(
+                self.model,
+                self.records,
+                self.preprocessing,
+                3 * cfg.batch_size,
+                self.device,
+                cfg.workers,
+                {_source_key(source.describe()): source},
+                partial(prediction_scores, self.model, mode=cfg.eval_mode, scale=cfg.scale),
+            )
         self.metrics.add(top1, per_task)
+        spent = time.perf_counter() - t0
         self.directory.mkdir(parents=True, exist_ok=True)
         save_statistics(own, self.directory / STATS_FILE.format(task))
         self._save()
         self.group.barrier()
         for line in skipped:
             log.warning(f"evaluation skipped {line}")
-        old = [a for a in per_task[:-1] if a is not None]
-        old = f", old tasks {sum(old) / len(old):.1f}%" if old else ""
-        seen = "n/a" if top1 is None else f"{top1:.2f}%"
+        head = (
+            f"task {task} ({task + 1}/{max(seq.num_tasks, self.limit)}): classes {classes.start}-{classes.stop - 1}, "
+        )
+        if evaluated:
+            old = [a for a in per_task[:-1] if a is not None]
+            old = f", old tasks {sum(old) / len(old):.1f}%" if old else ""
+            seen = "n/a" if top1 is None else f"{top1:.2f}%"
+            new = "n/a" if per_task[-1] is None else f"{per_task[-1]:.1f}%"
+            head += f"top-1 over {self.model.num_classes} seen classes {seen} (new task {new}{old})"
+        else:
+            head += f"not evaluated (--eval-every {cfg.eval_every})"
+        # Training, evaluation and saving apart: what grows with the task count shows.
         log.info(
-            f"task {task} ({task + 1}/{max(seq.num_tasks, self.limit)}): classes {classes.start}-"
-            f"{classes.stop - 1}, top-1 over {self.model.num_classes} seen classes {seen} (new task "
-            f"{per_task[-1]:.1f}%{old}) in {time.perf_counter() - t0:.1f} s"
+            f"{head} in {time.perf_counter() - t0:.1f} s (training {trained:.1f} s, evaluation "
+            f"{spent - trained:.1f} s, saving {time.perf_counter() - t0 - spent:.1f} s)"
         )
 
     def _save(self) -> None:

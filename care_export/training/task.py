@@ -65,6 +65,9 @@ class TrainConfig:
     aux_cos_loss: bool = True  # perceptors' loss: CosFace (True) or cross-entropy on raw logits (False)
     self_dist_loss: bool = True  # the perceptors' KL term towards the head
     eval_mode: str = "single"  # after-task evaluation: "single" pass or the reference's "iterative"
+    # Evaluate after every N-th task (and the last of a run): all seen classes' test images cost
+    # time linear in the class count, which dominates a task's time after a few hundred tasks.
+    eval_every: int = 1
     input_set: str = "common"  # the reference's per-dataset train transform (datasets.INPUT_SETS)
 
     def __post_init__(self):
@@ -72,6 +75,8 @@ class TrainConfig:
             raise CareError(
                 f"--epochs must be at least 2 (later tasks train two rounds of epochs // 2), got {self.epochs}"
             )
+        if self.eval_every < 1:
+            raise CareError(f"--eval-every must be at least 1, got {self.eval_every}")
         if self.batch_size < 1 or self.ca_epochs < 0 or self.lr <= 0 or self.ca_lr <= 0:
             raise CareError("--batch-size and the learning rates must be positive, --ca-epochs not negative")
         if self.ca_method not in CA_METHODS:
