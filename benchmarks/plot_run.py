@@ -12,7 +12,9 @@ import argparse
 import re
 import statistics
 
-LINE = re.compile(r"^task (\d+) \(.*?: classes [\d-]+, (.*) in ([\d.]+) s(?: \(training ([\d.]+) s, evaluation ([\d.]+) s)?")
+LINE = re.compile(
+    r"(?:^|: )task (\d+) \(.*?: classes [\d-]+, (.*) in ([\d.]+) s(?: \(training ([\d.]+) s, evaluation ([\d.]+) s)?"
+)
 TOP1 = re.compile(r"top-1 over \d+ seen classes ([\d.]+)%")
 
 
@@ -23,7 +25,7 @@ def parse(paths) -> dict[int, dict]:
     for path in paths:
         with open(path) as fh:
             for line in fh:
-                m = LINE.match(line.strip())
+                m = LINE.search(line.strip())
                 if m:
                     acc = TOP1.search(m[2])
                     tasks[int(m[1])] = {

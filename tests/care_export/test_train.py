@@ -282,6 +282,40 @@ def test_resume_learns_the_next_task_as_an_uninterrupted_run(tmp_path):
         resume_sequence(tmp_path / "resumed", progress=False)
 
 
+def test_eval_every_evaluates_every_nth_task_and_the_last(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from care_export.training import continual
+
+    calls = []
+    real = continual.evaluate_recorded
+    monkeypatch.setattr(
+        continual,
+        "evaluate_recorded",
+        lambda m, records, *a, **k: calls.append(len(records)) or real(m, records, *a, **k),
+    )
+    run = train_sequence(
+        tmp_path / "c",
+        builtin=SMALL_DATA,
+        init_cls=4,
+        increment=4,
+        tasks=2,
+        backbone=TINY,
+        weights=None,
+        cfg=replace(FAST, eval_every=2),
+        progress=False,
+    )
+    assert calls == [2]  # task 0 skipped; task 1 is the 2nd
+    metrics = Metrics.from_dict(read_checkpoint_manifest(run)["metrics"])
+    assert metrics.top1[0] is None and metrics.matrix[0] == [None]
+    assert metrics.top1[1] is not None and None not in metrics.matrix[1]
+    assert metrics.a_bar == metrics.top1[1]  # the mean of the evaluated tasks
+    resume_sequence(run, progress=False)  # the stored setting is kept; task 2 is the run's last
+    assert calls == [2, 3]
+    with pytest.raises(CareError, match="--eval-every"):
+        TrainConfig(eval_every=0)
+
+
 def test_interrupted_task_leaves_the_checkpoint_untouched(tmp_path, monkeypatch):
     ckpt = small_run(tmp_path / "c", 1)
     before = task_files(ckpt)
