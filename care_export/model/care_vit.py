@@ -39,7 +39,12 @@ class CosineHead(nn.Module):
         return torch.cat(list(self.blocks), 0)
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.normalize(f, dim=-1, eps=NORM_EPS), F.normalize(self.weight, dim=-1, eps=NORM_EPS))
+        return cosine_logits(f, self.weight)
+
+
+def cosine_logits(f: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``cos(f, w_c)`` for every row ``w_c`` of ``weight``."""
+    return F.linear(F.normalize(f, dim=-1, eps=NORM_EPS), F.normalize(weight, dim=-1, eps=NORM_EPS))
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

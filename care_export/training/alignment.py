@@ -8,6 +8,7 @@ images. Statistics of a class are computed once, when its task is learned, as th
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import torch
@@ -17,6 +18,8 @@ from tqdm import tqdm
 
 from runtime.atomic import replacing
 from runtime.errors import CareError, CheckpointError
+
+from ..model.care_vit import cosine_logits
 
 CA_METHODS = ("covariance", "variance")
 COV_JITTER = 1e-4  # added to the diagonal, as the reference does
@@ -86,8 +89,7 @@ class PseudoFeatures:
             # The reference scales in float64, then samples in float32.
             self.mean = (self.mean.double() * mean_scale.to(device, torch.float64)[:, None]).float()
         if "cov" in stats[0]:
-            cov = torch.cat([s["cov"] for s in stats]).to(device, torch.float64)
-            self.tril = torch.linalg.cholesky(cov).float()  # (C, d, d)
+            self.tril = torch.cat([_cholesky(s["cov"]) for s in stats]).to(device)  # (C, d, d)
         else:
             self.std = torch.cat([s["var"] for s in stats]).to(device).sqrt()
             self.tril = None
@@ -108,6 +110,22 @@ class PseudoFeatures:
         return x.reshape(c * per_class, d), labels
 
 
+# Cholesky factors of the covariances already factored, by tensor: a class's statistics never
+# change once its task is learned, and factoring every class again at every alignment grew a
+# task's time with the class count (1000 float64 192x192 factorizations per alignment).
+_FACTORS: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+
+
+def _cholesky(cov: torch.Tensor) -> torch.Tensor:
+    key = id(cov)
+    hit = _FACTORS.get(key)
+    if hit is not None and hit[0]() is cov and hit[1].device == cov.device:
+        return hit[1]
+    tril = torch.linalg.cholesky(cov.to(torch.float64)).float()
+    _FACTORS[key] = (weakref.ref(cov, lambda _, key=key: _FACTORS.pop(key, None)), tril)
+    return tril
+
+
 def align_classifier(
     head,
     sampler: PseudoFeatures,
@@ -119,15 +137,16 @@ def align_classifier(
     weight_decay: float,
     progress: bool = False,
 ) -> float:
-    """Retrain ``head`` alone with cross-entropy on ``scale * cos`` over pseudo-features.
+    """Retrain ``head`` (a ``CosineHead``) alone with cross-entropy on ``scale * cos`` over pseudo-features.
 
     Every epoch draws ``per_class`` features for each class and takes one step per class'
     worth of samples (the reference's schedule). Returns the last epoch's accuracy on them.
     """
-    params = list(head.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    # The head's per-task blocks train as one tensor, copied back at the end: the same SGD
+    # elementwise, without concatenating every block and updating each one apart at every step
+    # (which made a step grow with the task count).
+    weight = torch.nn.Parameter(head.weight.detach().clone())
+    opt = torch.optim.SGD([weight], lr=lr, momentum=0.9, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=CA_SCHEDULE_PERIOD)
     acc = 0.0
     for _ in tqdm(
@@ -139,7 +158,7 @@ def align_classifier(
         correct = 0
         for i in range(sampler.num_classes):
             xb, yb = x[i * per_class : (i + 1) * per_class], y[i * per_class : (i + 1) * per_class]
-            logits = scale * head(xb)
+            logits = scale * cosine_logits(xb, weight)
             loss = F.cross_entropy(logits, yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -147,4 +166,7 @@ def align_classifier(
             correct += int((logits.argmax(1) == yb).sum())
         sched.step()
         acc = 100.0 * correct / len(y)
+    with torch.no_grad():
+        for block, part in zip(head.blocks, weight.split([len(b) for b in head.blocks])):
+            block.copy_(part)
     return acc

@@ -240,6 +240,50 @@ def test_class_statistics_and_alignment():
             assert (head(centers).argmax(1) == torch.arange(n)).all() and acc > 90
 
 
+def test_alignment_trains_the_head_blocks_as_one_tensor_with_the_same_result():
+    """The head trained as one flat tensor and the cached Cholesky factors give what SGD over the
+    per-task blocks (the head's own parameters) and factoring the concatenated covariances give."""
+    from care_export.model.care_vit import CosineHead
+    from care_export.training.alignment import CA_SCHEDULE_PERIOD
+
+    torch.manual_seed(0)
+    d, sizes = 8, [3, 2, 2]
+    feats = torch.randn(sum(sizes) * 30, d) + torch.arange(sum(sizes)).repeat_interleave(30)[:, None] * 0.3
+    labels = torch.arange(sum(sizes)).repeat_interleave(30)
+    bounds = [0, 3, 5, 7]
+    stats = [class_statistics(feats, labels, range(a, b), "covariance") for a, b in zip(bounds, bounds[1:])]
+    sampler = PseudoFeatures(stats, "cpu")
+    cov = torch.cat([s["cov"] for s in stats]).double()
+    assert torch.equal(sampler.tril, torch.linalg.cholesky(cov).float())
+    assert PseudoFeatures(stats, "cpu").tril.data_ptr() != sampler.tril.data_ptr()  # factors cached, not the cat
+
+    def head_of(seed):
+        torch.manual_seed(seed)
+        h = CosineHead(d)
+        for n in sizes:
+            h.add_task(n)
+        return h
+
+    ours, ref = head_of(1), head_of(1)
+    torch.manual_seed(2)
+    align_classifier(ours, sampler, lr=0.05, epochs=3, per_class=6, scale=20.0, weight_decay=5e-4)
+    torch.manual_seed(2)  # the same draws, SGD over the blocks as separate parameters
+    opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=CA_SCHEDULE_PERIOD)
+    for _ in range(3):
+        x, y = sampler.sample(6)
+        order = torch.randperm(len(y))
+        x, y = x[order], y[order]
+        for i in range(sampler.num_classes):
+            loss = F.cross_entropy(20.0 * ref(x[i * 6 : (i + 1) * 6]), y[i * 6 : (i + 1) * 6])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sched.step()
+    for a, b in zip(ours.blocks, ref.blocks):
+        assert torch.equal(a, b), (a - b).abs().max()
+
+
 def test_divergence_is_reported(tmp_path):
     with pytest.raises(CareError, match="diverged"):
         train_sequence(
