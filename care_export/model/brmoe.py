@@ -243,7 +243,7 @@ class BRMoE(nn.Module):
             cls = torch.cat([cls, self._cls_with_grad(stacks, cls0, more, drop)])
         per_expert = (w * kept).sum(0)  # (B, E): total weight of each expert per sample
         head = torch.einsum("bu,ubd->bd", per_expert.index_select(1, rows), cls)
-        rest = self._mixed_tokens(x[:, 1:], per_expert, kept.any(0))
+        rest = self._mixed_tokens(stacks, x[:, 1:], per_expert, kept.any(0))
         forced_cls = None if forced is None else cls[int(local[forced])]
         return torch.cat([head[:, None], rest], 1), sel, kept, forced_cls
 
@@ -289,14 +289,7 @@ class BRMoE(nn.Module):
         """(len(rows), B, D) the experts ``rows`` (ascending) of ``stacks`` (see :meth:`_stacks`)
         on the tokens ``x`` with autograd, with the dropout masks ``drop`` of
         :meth:`_routing_cls` (``None``: no dropout)."""
-        picked, start = [], 0
-        for st in stacks:  # ascending rows: each stack's rows follow the previous stack's
-            n = len(st["scale"])
-            mine = rows[(rows >= start) & (rows < start + n)] - start
-            if len(mine):
-                picked.append({name: t.index_select(0, mine) for name, t in st.items()})
-            start += n
-        return self._experts_on_tokens(picked, x, None if drop is None else drop.index_select(0, rows))
+        return self._experts_on_tokens(_picked(stacks, rows), x, None if drop is None else drop.index_select(0, rows))
 
     def _experts_on_tokens(self, stacks, x: torch.Tensor, drop: torch.Tensor | None):
         """(E, B, D) each expert of ``stacks`` (see :meth:`_stacks`) on the tokens ``x`` (B, D),
@@ -402,8 +395,9 @@ class BRMoE(nn.Module):
             chosen[j, b, : r + 1] = self.routers[r](rows.index_select(0, j * bsz + b))
         return chosen
 
-    def _mixed_tokens(self, x: torch.Tensor, weight: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-        """``sum_e weight[b, e] * expert_e(x[b])`` over the experts ``kept[b]`` of each sample.
+    def _mixed_tokens(self, stacks, x: torch.Tensor, weight: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """``sum_e weight[b, e] * expert_e(x[b])`` over the experts ``kept[b]`` of each sample,
+        the experts' parameters taken from ``stacks`` (see :meth:`_stacks`).
 
         The experts of a sample become ``S`` slots (padded with weight 0); LayerNorm's affine
         and the output scale are folded into the two projections, so the mixture is two batched
@@ -411,7 +405,8 @@ class BRMoE(nn.Module):
         """
         bsz, num_e = kept.shape
         used = kept.any(0).nonzero()[:, 0]
-        st = _stacked([self.experts[e] for e in used.tolist()])
+        picked = _picked(stacks, used)  # gathered rows: stacking the modules anew cost more than the math
+        st = picked[0] if len(picked) == 1 else {k: torch.cat([p[k] for p in picked]) for k in picked[0]}
         local = torch.full((num_e,), 0, dtype=torch.long, device=x.device)
         local[used] = torch.arange(len(used), device=x.device)
         idx = torch.arange(num_e, device=x.device).expand(bsz, -1)
@@ -439,6 +434,19 @@ class BRMoE(nn.Module):
             torch.bmm(h, per_slot(up_w).reshape(bsz, s * r, -1))
             + torch.einsum("bs,bsd->bd", slot_w, per_slot(up_b))[:, None]
         )
+
+
+def _picked(stacks, rows: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    """The modules ``rows`` (ascending) of ``stacks`` (see ``BRMoE._stacks``): each stack's rows
+    among them, by name, one dict per stack that holds some."""
+    picked, start = [], 0
+    for st in stacks:  # ascending rows: each stack's rows follow the previous stack's
+        n = len(st["scale"])
+        mine = rows[(rows >= start) & (rows < start + n)] - start
+        if len(mine):
+            picked.append({name: t.index_select(0, mine) for name, t in st.items()})
+        start += n
+    return picked
 
 
 def _stacked(modules) -> dict[str, torch.Tensor]:
