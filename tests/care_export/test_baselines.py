@@ -64,6 +64,11 @@ def test_shared_adapter_fine_tunes_one_adapter_through_all_tasks(tmp_path, monke
         assert all(torch.equal(p, q) for p, q in zip(b.routers[0].parameters(), a.routers[0].parameters()))
         assert not all(torch.equal(p, q) for p, q in zip(b.shared.parameters(), a.shared.parameters()))
     assert read_checkpoint_manifest(tmp_path / "s")["metrics"]["top1"][0] > 100 / 4
+    # The trained adapter's output reaches the features: they are no longer the plain backbone's.
+    assert all(float(m.shared.scale.abs().sum()) > 0 for m in after.moe)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert not torch.allclose(after.forward_features(x), after.forward_backbone(x), atol=1e-6)
 
 
 def test_trainable_parts_per_method():
