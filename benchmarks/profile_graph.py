@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.artifact import INPUT
+from runtime.layout import INPUT
 
 PAUSE_S = 0.05  # lets the other session's thread pool stop spinning (runtime/timing.py)
 _STAGE = re.compile(r"block\d+/moe/([a-z_]+)/")
