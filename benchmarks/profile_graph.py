@@ -5,7 +5,10 @@ everything else is ``backbone``), medians over runs, for the artifact and the pl
     python benchmarks/profile_graph.py --ckpt ckpt/ --capacity 301 --tasks 10 --batch 1 8
 
 Prints, per batch size and graph, the node count (after ORT's graph optimisations), the total
-node time per run and the two tables. The two graphs' runs alternate in one process, so both see the same machine load.
+node time per run and the two tables. The graphs' runs alternate in one process, so all see the same machine load.
+``--compare old/model.onnx`` adds another artifact graph for the same data (e.g. an earlier
+exporter's ``model.onnx`` in a copy of the artifact directory) to the interleaving. Each row shows
+the median over runs and the minimum (on a loaded machine the minimum is the steadier figure).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.artifact import INPUT
+from runtime.layout import INPUT
 
 PAUSE_S = 0.05  # lets the other session's thread pool stop spinning (runtime/timing.py)
 _STAGE = re.compile(r"block\d+/moe/([a-z_]+)/")
@@ -42,9 +45,9 @@ def _session(model: Path, threads: int):
     return ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
 
 
-def summarize(events: list[dict], warmup: int) -> tuple[int, dict, dict, dict, float]:
+def summarize(events: list[dict], warmup: int) -> tuple[int, dict, dict, dict, tuple[float, float]]:
     """``(nodes per run, ms per op type, ms per stage, ms per BR-MoE stage and op type, ms per run)``
-    of a profile, per-run medians."""
+    of a profile, each ``(median, min)`` over runs."""
     run_starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e["name"] == "model_run")
     per_run = [defaultdict(list) for _ in run_starts]
     for e in events:
@@ -64,8 +67,11 @@ def summarize(events: list[dict], warmup: int) -> tuple[int, dict, dict, dict, f
             for k, v in new.items():
                 acc[k].append(v)
         totals.append(sum(ops.values()))
-    med = lambda d: {k: float(np.median(v)) for k, v in d.items()}  # noqa: E731
-    return len(per_run[0]), med(by_op), med(by_stage), med(by_both), float(np.median(totals))
+
+    def med(d):  # (median, min) over runs, 0 in the runs without the key
+        return {k: (float(np.median(v + [0.0] * (len(totals) - len(v)))), float(min(v))) for k, v in d.items()}
+
+    return len(per_run[0]), med(by_op), med(by_stage), med(by_both), (float(np.median(totals)), float(min(totals)))
 
 
 def profile(models: dict[str, Path], batch: int, runs: int, threads: int, img: int, warmup: int = 2) -> dict:
@@ -79,10 +85,10 @@ def profile(models: dict[str, Path], batch: int, runs: int, threads: int, img: i
     return {name: summarize(json.load(open(sess.end_profiling())), warmup) for name, sess in sessions.items()}
 
 
-def table(title: str, rows: dict[str, float], total: float, top: int) -> list[str]:
-    out = [f"  {title:32} {'ms':>8} {'share':>6}"]
-    for k, v in sorted(rows.items(), key=lambda kv: -kv[1])[:top]:
-        out.append(f"  {k:32} {v:8.2f} {v / total:6.1%}")
+def table(title: str, rows: dict[str, tuple[float, float]], total: tuple[float, float], top: int) -> list[str]:
+    out = [f"  {title:32} {'median ms':>10} {'share':>6} {'min ms':>8} {'share':>6}"]
+    for k, (v, lo) in sorted(rows.items(), key=lambda kv: -kv[1][0])[:top]:
+        out.append(f"  {k:32} {v:10.2f} {v / total[0]:6.1%} {lo:8.2f} {lo / total[1]:6.1%}")
     return out
 
 
@@ -96,6 +102,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--top", type=int, default=14, help="op types shown")
     ap.add_argument("--detail", type=int, default=0, help="also show this many BR-MoE (stage, op type) rows")
+    ap.add_argument("--compare", type=Path, help="another artifact model.onnx (same data) to profile alongside")
     args = ap.parse_args()
 
     from care_export.export.writer import export_artifact, export_backbone
@@ -109,15 +116,17 @@ def main() -> None:
 
     img = onnx.load(str(backbone), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[2].dim_value
     models = {"artifact": work / "art" / "model.onnx", "backbone": backbone}
+    if args.compare:
+        models = {"artifact": models["artifact"], f"artifact ({args.compare})": args.compare, "backbone": backbone}
     for batch in args.batch:
         results = profile(models, batch, args.runs, args.threads, img)
         for name, (n, ops, stages, both, total) in results.items():
             print(
                 f"\n{name}, T={tasks}, capacity {args.capacity or tasks}, batch {batch}: {n} nodes run, "
-                f"{total:.1f} ms of node time per run (median of {args.runs}, interleaved)"
+                f"{total[0]:.1f} ms of node time per run (median of {args.runs}, interleaved; min {total[1]:.1f})"
             )
             print("\n".join(table("op type", ops, total, args.top)))
-            if name == "artifact":
+            if name.startswith("artifact"):
                 print("\n".join(table("stage", stages, total, 20)))
                 if args.detail:
                     moe = {k: v for k, v in both.items() if not k.startswith("backbone/")}

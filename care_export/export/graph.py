@@ -12,8 +12,8 @@ masks unused slots to -inf, picks M routers (TopK), gathers their rows from the 
 table, keeps K experts each (TopK, softmax over the kept K), and runs only those experts over all
 tokens: two batched matmuls over gathered weights, the routing weights applied to the hidden
 units (ReLU commutes with a weight >= 0). The shared expert's weights are the same for every
-sample, so it runs as two plain GEMMs, the second accumulating into the residual stream, and
-every up bias joins the backbone MLP's output bias: no per-sample copy of a weight is made.
+sample, so it runs as two plain GEMMs, the second accumulating into the selected experts' output,
+and every up bias joins the backbone MLP's output bias: no per-sample copy of a weight is made.
 Invalid picks (T < M, T < K) are redirected to slot 0 and weighted 0, so unused slots never
 reach the routing decisions or the token path whatever they hold. Node names carry the routing
 stage (``block{i}/moe/<stage>/``) for profiles (benchmarks/profile_graph.py).
@@ -150,15 +150,12 @@ def _attention(g: Builder, dims: Dims, i: int, x: str) -> str:
     return g.op("Add", x, g.linear(o, b + "attn.proj", b + "attn.proj_bias"))
 
 
-def _mlp(g: Builder, dims: Dims, i: int, xa: str, opset: int, extra_bias: str | None = None) -> str:
-    """``MLP(LN2(xa))`` of block ``i``; ``extra_bias`` (broadcast to it) joins fc2's bias."""
+def _mlp(g: Builder, dims: Dims, i: int, xa: str, opset: int, bias: str | None = None) -> str:
+    """``MLP(LN2(xa))`` of block ``i``; ``bias`` (broadcast to it) replaces fc2's bias."""
     b = f"vit.blocks.{i}."
     h = g.layer_norm(xa, g.weight(b + "norm2.weight"), g.weight(b + "norm2.bias"), BACKBONE_LN_EPS)
     h = _gelu(g, g.linear(h, b + "mlp.fc1", b + "mlp.fc1_bias"), opset)
-    bias = g.weight(b + "mlp.fc2_bias")
-    if extra_bias is not None:
-        bias = g.op("Add", bias, extra_bias)
-    return g.op("Add", g.op("MatMul", h, g.weight(b + "mlp.fc2")), bias)
+    return g.op("Add", g.op("MatMul", h, g.weight(b + "mlp.fc2")), bias or g.weight(b + "mlp.fc2_bias"))
 
 
 def _perceptor_neg_entropy(g: Builder, h: str, proj: str, shift: str, bias: str, classes: int, r: int) -> str:
@@ -176,7 +173,7 @@ class MoEOut:
 
     def __init__(self, selected: str, bias: str, shared_hidden: str, shared_up: str, tasks: str, experts: str):
         self.selected = selected  # (B, N, d) the selected experts' weighted output, biases excluded
-        self.bias = bias  # (B, 1, d) every expert's up bias, routing weights applied
+        self.bias = bias  # (B, 1, d) fc2's bias and every expert's up bias, routing weights applied
         self.shared_hidden = shared_hidden  # (B*N, rs) the shared expert's hidden activations
         self.shared_up = shared_up  # (rs, d)
         self.tasks, self.experts = tasks, experts  # (B, M), (B, M, K), -1 where nothing was selected
@@ -247,7 +244,7 @@ def _brmoe(g: Builder, dims: Dims, i: int, xa: str, s: _Shared) -> MoEOut:
     g.scope = f"{scope}/experts"
     # 6. The M*K selected experts over all tokens as two batched matmuls over gathered weights,
     # the routing weights applied to their hidden units; the shared expert (constant weights)
-    # as a GEMM whose up projection network() accumulates into the residual stream.
+    # as a GEMM whose up projection network() accumulates into the selected experts' output.
     rows = g.op("Reshape", g.op("Gather", s.slot_rows, idx), g.i64([0, m * k * r]))  # (B, M*K*r) of experts.down
     down = g.op("Transpose", g.op("Gather", w("experts.down"), rows), perm=[0, 2, 1])  # (B, d, M*K*r)
     down_b = g.op("Unsqueeze", g.op("Gather", w("experts.down_bias"), rows), g.i64([1]))  # (B, 1, M*K*r)
@@ -256,7 +253,9 @@ def _brmoe(g: Builder, dims: Dims, i: int, xa: str, s: _Shared) -> MoEOut:
     up = g.op("Reshape", g.op("Gather", w("experts.up"), idx), g.i64([0, m * k * r, d]))
     selected = g.op("MatMul", hsel, up)
     up_b = g.op("Reshape", g.op("Gather", w("experts.up_bias"), idx), g.i64([0, m * k, d]))
-    bias = g.op("Add", g.op("MatMul", weights, up_b), w("shared.up_bias"))  # (B, 1, d)
+    # (B, 1, d): fc2's bias and the shared expert's up bias are constants, folded into one at load.
+    fixed = g.op("Add", g.weight(f"vit.blocks.{i}.mlp.fc2_bias"), w("shared.up_bias"))
+    bias = g.op("Add", g.op("MatMul", weights, up_b), fixed)
     sh_down = g.op("Reshape", w("shared.down"), g.i64([rs, d]))
     sh_down_b = g.op("Reshape", w("shared.down_bias"), g.i64([rs]))
     shared_hidden = g.op("Relu", g.op("Gemm", g.op("Reshape", xh, g.i64([-1, d])), sh_down, sh_down_b, transB=1))
@@ -284,9 +283,9 @@ def build_model(
     image = helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, [bdim, dims.in_chans, dims.img_size, dims.img_size])
     if moe:
         cosine_logits(g, dims, feat, s, LOGITS)
-        g.nodes.append(helper.make_node("Concat", tasks, [ROUTING_TASKS], name="head/routing_tasks", axis=1))
-        g.nodes.append(helper.make_node("Concat", experts, [ROUTING_EXPERTS], name="head/routing_experts", axis=1))
         m, k = routing_widths(dims)
+        for name, routing, shape in zip((ROUTING_TASKS, ROUTING_EXPERTS), (tasks, experts), routing_shapes(dims)):
+            g.nodes.append(helper.make_node("Reshape", [routing, g.i64(shape)], [name], name=f"head/{name}"))
         outputs = [
             helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, [bdim, dims.class_capacity]),
             helper.make_tensor_value_info(ROUTING_TASKS, TensorProto.INT64, [bdim, dims.depth, m]),
@@ -298,6 +297,13 @@ def build_model(
     return finish(g, "care" if moe else "backbone", [image], outputs, opset)
 
 
+def routing_shapes(dims: Dims) -> tuple[list[int], list[int]]:
+    """The shapes of the routing outputs, ``(B, depth, M)`` and ``(B, depth, M, K)``, for the
+    ``(B, depth * M)`` and ``(B, depth * M, K)`` that :func:`network` returns."""
+    m, k = routing_widths(dims)
+    return [-1, dims.depth, m], [-1, dims.depth, m, k]
+
+
 def finish(g: Builder, name: str, inputs, outputs, opset: int) -> onnx.ModelProto:
     graph = helper.make_graph(g.nodes, name, inputs, outputs, initializer=g.initializers)
     opsets = [helper.make_opsetid("", opset)]
@@ -307,7 +313,8 @@ def finish(g: Builder, name: str, inputs, outputs, opset: int) -> onnx.ModelProt
 
 
 def network(g: Builder, dims: Dims, s: _Shared, image: str, opset: int, moe: bool = True):
-    """``(features (B, d), per-block routing tasks, per-block routing experts)`` of ``image``."""
+    """``(features (B, d), routing tasks (B, depth * M), routing experts (B, depth * M, K))`` of
+    ``image`` (see :func:`routing_shapes`)."""
     d, p = dims.embed_dim, dims.patch_size
     g.scope = "embed"
     x = g.op(
@@ -331,16 +338,20 @@ def network(g: Builder, dims: Dims, s: _Shared, image: str, opset: int, moe: boo
             continue
         g.scope = f"block{i}/moe"
         e = _brmoe(g, dims, i, xa, s)
-        g.scope = f"block{i}"
-        x = g.op("Add", g.op("Add", xa, _mlp(g, dims, i, xa, opset, e.bias)), e.selected)
         g.scope = f"block{i}/moe/experts"
-        x = g.op("Gemm", e.shared_hidden, e.shared_up, g.op("Reshape", x, g.i64([-1, d])))  # + the shared expert
-        x = g.op("Reshape", x, g.op("Shape", xa))
-        g.scope = f"block{i}/moe/outputs"
-        tasks.append(g.op("Unsqueeze", e.tasks, g.i64([1])))
-        experts.append(g.op("Unsqueeze", e.experts, g.i64([1])))
+        # The shared expert's up projection accumulates into the selected experts' output (Gemm's
+        # C input), the residual stream takes their sum: as many full-size passes as before
+        # the fusion, and no copy of the residual stream to and from 2-D.
+        moe = g.op("Gemm", e.shared_hidden, e.shared_up, g.op("Reshape", e.selected, g.i64([-1, d])))
+        moe = g.op("Reshape", moe, g.i64([-1, dims.num_tokens, d]))
+        g.scope = f"block{i}"
+        x = g.op("Add", g.op("Add", xa, _mlp(g, dims, i, xa, opset, e.bias)), moe)
+        tasks.append(e.tasks)
+        experts.append(e.experts)
 
     g.scope = "head"
+    if moe:  # one Concat per output rather than an Unsqueeze per block and output
+        tasks, experts = g.op("Concat", *tasks, axis=1), g.op("Concat", *experts, axis=1)
     feat = g.layer_norm(
         g.op("Gather", x, g.i64(0), axis=1), g.weight("vit.norm.weight"), g.weight("vit.norm.bias"), BACKBONE_LN_EPS
     )

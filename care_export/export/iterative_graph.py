@@ -19,7 +19,7 @@ from runtime.errors import CareError
 from runtime.layout import INPUT, ROUTING_EXPERTS, ROUTING_TASKS, SCORES, Dims, TensorSpec
 from runtime.numerics import COS_SCALE, ENTROPY_EPS
 
-from .graph import MIN_OPSET, Builder, _Shared, cosine_logits, finish, network, routing_widths
+from .graph import MIN_OPSET, Builder, _Shared, cosine_logits, finish, network, routing_shapes, routing_widths
 
 MAX_ITERATIVE_CAPACITY = 61  # tasks 0..60 (care_export.model.iterative.MAX_ITERATIVE_TASK; no torch import here)
 
@@ -72,12 +72,9 @@ def build_iterative_model(
 
     start = g.op("Mul", g.op("Unsqueeze", b, g.i64([0])), g.i64([cap]))  # the single pass's rows
     end = g.i64([np.iinfo(np.int64).max])
-    for name, parts in ((ROUTING_TASKS, tasks), (ROUTING_EXPERTS, experts)):
-        g.nodes.append(
-            helper.make_node(
-                "Slice", [g.op("Concat", *parts, axis=1), start, end, g.i64([0])], [name], name=f"iterative/{name}"
-            )
-        )
+    for name, routing, shape in zip((ROUTING_TASKS, ROUTING_EXPERTS), (tasks, experts), routing_shapes(dims)):
+        routing = g.op("Reshape", routing, g.i64(shape))
+        g.nodes.append(helper.make_node("Slice", [routing, start, end, g.i64([0])], [name], name=f"iterative/{name}"))
     bdim = batch if batch is not None else "batch"
     m, k = routing_widths(dims)
     image = helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, [bdim, dims.in_chans, dims.img_size, dims.img_size])
