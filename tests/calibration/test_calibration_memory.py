@@ -179,3 +179,36 @@ def test_only_the_targets_activation_inputs_are_calibrated(synthetic, monkeypatc
     assert all(ranges[0][t].range_value == ranges[1][t].range_value for t in inputs)
     assert nodes == full_nodes and inits.keys() == full_inits.keys()
     assert all(np.array_equal(inits[k], full_inits[k]) for k in inits)
+
+
+def test_model_session_runs_the_model_with_its_weights_apart_and_leaves_it_unchanged(synthetic, tmp_path):
+    """model_session writes the weights beside a small graph (ONNX Runtime reads them straight into
+    its tensors) and adds the extra outputs only to what it writes: same outputs as a session of
+    the serialized model, and the in-memory model is byte for byte what it was."""
+    import onnx
+    from onnx import numpy_helper
+
+    from calibration.graph import model_session, save_weights_apart
+    from runtime.layout import INPUT, LOGITS
+
+    model = onnx.load(str(synthetic / "model.onnx"))
+    before = model.SerializeToString()
+    extra = next(n.input[0] for n in model.graph.node if n.op_type == "TopK")
+    x = np.random.default_rng(0).normal(0, 1, (3, 3, 32, 32)).astype(np.float32)
+    with model_session(model, outputs=(extra,)) as sess:
+        names = [o.name for o in sess.get_outputs()]
+        logits, scores = sess.run([LOGITS, extra], {INPUT: x})
+    assert model.SerializeToString() == before and extra in names
+    plain = ort.InferenceSession(before, providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(logits, plain.run([LOGITS], {INPUT: x})[0])
+    assert scores.shape[0] == len(x)
+
+    save_weights_apart(model, tmp_path / "m.onnx")
+    apart = {
+        t.name
+        for t in onnx.load(str(tmp_path / "m.onnx"), load_external_data=False).graph.initializer
+        if t.external_data
+    }
+    assert apart and (tmp_path / "m.bin").stat().st_size > (tmp_path / "m.onnx").stat().st_size
+    written = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "m.onnx")).graph.initializer}
+    assert all(np.array_equal(numpy_helper.to_array(t), written[t.name]) for t in model.graph.initializer)
