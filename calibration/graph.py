@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
-from onnx import helper
+from onnx import TensorProto, helper
 
 # Protobuf refuses messages of 2 GiB; larger models keep their weights in a file beside them.
 PROTO_LIMIT = (1 << 31) - (1 << 24)
@@ -90,20 +90,65 @@ def save_model(model: onnx.ModelProto, path) -> bool:
     return large
 
 
+def save_weights_apart(model: onnx.ModelProto, path) -> None:
+    """Write ``model`` to ``path`` with the raw data of its initializers of 1 KiB or more in
+    ``<stem>.bin`` beside it, one tensor at a time: ``model`` is not changed (``onnx.save_model``
+    with external data moves the weights out of it) and not copied."""
+    path = Path(path)
+    graph = model.graph
+    light = onnx.ModelProto(
+        ir_version=model.ir_version,
+        opset_import=model.opset_import,
+        producer_name=model.producer_name,
+        producer_version=model.producer_version,
+        functions=model.functions,
+        metadata_props=model.metadata_props,
+    )
+    g = light.graph
+    g.name = graph.name
+    g.node.extend(graph.node)
+    g.input.extend(graph.input)
+    g.output.extend(graph.output)
+    g.value_info.extend(graph.value_info)
+    location = f"{path.stem}.bin"
+    with open(path.parent / location, "wb") as f:
+        for t in graph.initializer:
+            raw = t.raw_data if t.HasField("raw_data") else b""
+            if len(raw) < 1024:
+                g.initializer.add().CopyFrom(t)
+                continue
+            apart = g.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
+            apart.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", location), ("offset", str(f.tell())), ("length", str(len(raw)))):
+                apart.external_data.add(key=key, value=value)
+            f.write(raw)
+    onnx.save_model(light, str(path))
+
+
 @contextmanager
-def model_session(model: onnx.ModelProto, threads: int | None = None):
-    """A CPU ``InferenceSession`` of the in-memory ``model`` with the artifacts' session options;
-    a model too large for one protobuf goes through a temporary file."""
+def model_session(model: onnx.ModelProto, threads: int | None = None, outputs: tuple[str, ...] = ()):
+    """A CPU ``InferenceSession`` of the in-memory ``model`` with the artifacts' session options,
+    also outputting the float tensors named in ``outputs`` (added to ``model`` only while it is
+    written). The model goes through a temporary file with its weights apart, which ONNX Runtime
+    reads straight into its tensors: from serialized bytes it would hold the bytes, its own parsed
+    copy and its tensors at once, 3 x 737 MiB beside ``model`` on ViT-B/16 at 301 tasks."""
     import tempfile
 
     import onnxruntime as ort
 
     from runtime.backends.onnxrt import session_options
 
+    known = {o.name for o in model.graph.output}
+    added = [
+        helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in dict.fromkeys(outputs) if t not in known
+    ]
     with tempfile.TemporaryDirectory(prefix="care-session-") as tmp:
-        if model.ByteSize() > PROTO_LIMIT:
-            source = str(Path(tmp) / "m.onnx")
-            save_model(model, source)
-        else:
-            source = model.SerializeToString()
-        yield ort.InferenceSession(source, session_options(threads, quiet=True), providers=["CPUExecutionProvider"])
+        model.graph.output.extend(added)
+        try:
+            save_weights_apart(model, Path(tmp) / "m.onnx")
+        finally:
+            for _ in added:
+                model.graph.output.pop()
+        yield ort.InferenceSession(
+            str(Path(tmp) / "m.onnx"), session_options(threads, quiet=True), providers=["CPUExecutionProvider"]
+        )

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
 
 from runtime.layout import INPUT, LOGITS, ROUTING_EXPERTS, ROUTING_TASKS
 from runtime.routing import canonical_routing, same_routing
@@ -36,18 +35,6 @@ def _topks(model: onnx.ModelProto) -> list[tuple[str, str, bool]]:
                 raise ValueError(f"TopK {n.name} is not over the last axis")
             out.append((n.input[0], n.output[0], bool(node_attr(n, "largest", 1))))
     return out
-
-
-def with_gap_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` that also outputs every TopK's input and kept values."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    known = {o.name for o in m.graph.output}
-    for names in _topks(model):
-        m.graph.output.extend(
-            helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in names[:2] if t not in known
-        )
-    return m
 
 
 def topk_gap(values: np.ndarray, kept: np.ndarray, largest: bool) -> np.ndarray:
@@ -70,7 +57,7 @@ class Reference:
         specs = _topks(model)
         fetch = [LOGITS, ROUTING_TASKS, ROUTING_EXPERTS] + [t for s in specs for t in s[:2]]
         parts = []
-        with model_session(with_gap_outputs(model), threads) as sess:
+        with model_session(model, threads, outputs=tuple(fetch[3:])) as sess:
             for x in images:
                 v = dict(zip(fetch, sess.run(fetch, {INPUT: x})))
                 gaps = [topk_gap(v[i], v[o], largest) for i, o, largest in specs]

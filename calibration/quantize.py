@@ -110,7 +110,7 @@ def quantize_artifact(
     force: bool = False,
     fallback_target: float | None = FALLBACK_TARGET,
     rounding: str = "gptq",
-    fallback_eps: float | None = None,
+    fallback_eps: float | None = EPSILON,
     flip_eps: float = EPSILON,
     chunk: int = calib_data.CHUNK,
     tradeoff: bool = False,
@@ -125,7 +125,9 @@ def quantize_artifact(
     ``fallback_target``: INT8 layers fall back to weight-only until the calibration images' routing
     flips per block are at most this, or no more than the int8 weights alone flip (``None``: no
     fallback). ``fallback_eps``: the fallback counts flips margin-aware beyond this deciding gap
-    (``calibration.margins``; ``None``: every flip). ``flip_eps``: the report's margin-aware flips.
+    (``calibration.margins``; ``None``: every flip; by default flips between near ties, which
+    change little, do not count, so fewer layers lose their int8 speed: docs/CALIBRATION.md).
+    ``flip_eps``: the report's margin-aware flips.
     ``tradeoff``: the fallback record (and the report) also hold its trade-off curve.
     ``chunk``: images held at once (calibration memory does not grow with their number).
     ``rounding``: ``gptq`` (error-compensated, ``calibration.gptq``) or ``nearest``.

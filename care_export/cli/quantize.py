@@ -68,10 +68,10 @@ def _pool(data: str, art, split: str):
 @click.option(
     "--fallback-flips",
     type=click.Choice(["raw", "margin"]),
-    default="raw",
+    default="margin",
     show_default=True,
-    help="INT8: which flips the fallback target counts: every one, or only those where FP32's deciding "
-    "gap exceeds --flip-margin (flips between near ties do not count).",
+    help="INT8: which flips the fallback target counts: only those where FP32's deciding gap exceeds "
+    "--flip-margin (flips between near ties do not count), or every one.",
 )
 @click.option(
     "--flip-margin",

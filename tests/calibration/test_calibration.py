@@ -217,6 +217,7 @@ def test_cli_quantize_with_an_image_folder(trained, tmp_path):
     assert "routing flips" in res.output and (out / REPORT_FILE).is_file()
     m = json.loads((out / "manifest.json").read_text())["quantization"]
     assert m["calibration"]["samples"] == 18 and m["evaluation"]["samples"] == 60 - 18
+    assert m["fallback"]["flips"] == "margin-aware, eps 0.001"  # the default: near-tie flips do not count
     assert not list(tmp_path.glob(".q.tmp-*"))
 
 
