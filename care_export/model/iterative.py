@@ -25,20 +25,28 @@ def iterative_applies(task: int) -> bool:
 def iterative_scores(model, x: torch.Tensor, scale: float = COS_SCALE) -> torch.Tensor:
     """(B, classes) scores ``p_single + p_iter`` of the iterative prediction (``model`` in eval
     mode; it is put there)."""
-    model.eval()
+    _eval(model)
     logits = torch.stack([scale * model.forward_train(x, i)["logits"] for i in range(model.num_tasks)])
     probs = torch.softmax(logits, -1)  # (T+1, B, C)
     ent = -(probs * torch.log(probs + ENTROPY_EPS)).sum(-1)  # (T+1, B)
     best = ent.argmin(0)
     p_iter = probs[best, torch.arange(x.shape[0], device=x.device)]
-    return torch.softmax(scale * model(x), -1) + p_iter
+    return torch.softmax(scale * model(x, mode="sparse"), -1) + p_iter
 
 
 @torch.no_grad()
 def prediction_scores(model, x: torch.Tensor, mode: str = "single", scale: float = COS_SCALE) -> torch.Tensor:
     """Scores to rank classes by: ``mode`` ``"single"`` (cosine logits of the single pass) or
-    ``"iterative"`` (:func:`iterative_scores` where the reference uses it, else single)."""
+    ``"iterative"`` (:func:`iterative_scores` where the reference uses it, else single). The
+    single pass runs in its sparse form: the reference form's decisions, only the kept experts
+    over all tokens (the reference form, every expert over every token, made evaluating after
+    a few hundred tasks cost minutes)."""
     if mode == "iterative" and iterative_applies(model.num_tasks - 1):
         return iterative_scores(model, x, scale)
-    model.eval()
-    return model(x)
+    _eval(model)
+    return model(x, mode="sparse")
+
+
+def _eval(model) -> None:
+    if model.training:  # eval() walks every module: a cost per batch at hundreds of tasks
+        model.eval()

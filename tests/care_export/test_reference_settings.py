@@ -387,15 +387,23 @@ def _per_sample_iterative(model, x, scale):
     return torch.stack(out)
 
 
-def test_iterative_scores_follow_the_reference_evaluation():
+def test_iterative_scores_follow_the_reference_evaluation(monkeypatch):
     model = synth_model(TINY, MoEConfig(2, 2), [4, 3, 3, 2], seed=3).eval()
+    reference = model(torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
     x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         got = iterative_scores(model, x, 20.0)
         torch.testing.assert_close(got, _per_sample_iterative(model, x, 20.0), atol=1e-5, rtol=1e-5)
         assert got.shape == (6, 12) and torch.allclose(got.sum(1), torch.full((6,), 2.0))
+        from care_export.model.brmoe import BRMoE
+
+        def dense(*a, **k):
+            raise AssertionError("evaluation ran the reference form, every expert over every token")
+
+        monkeypatch.setattr(BRMoE, "forward_reference", dense)  # the sparse single pass
         single = prediction_scores(model, x, "single")
-        torch.testing.assert_close(single, model(x))
+        torch.testing.assert_close(single, reference)
+        monkeypatch.undo()
         one = synth_model(TINY, MoEConfig(2, 2), [4], seed=3).eval()
         torch.testing.assert_close(prediction_scores(one, x, "iterative"), one(x))  # task 0: single pass
 
