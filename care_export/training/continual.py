@@ -246,9 +246,10 @@ class ContinualRun:
         else:
             head += f"not evaluated (--eval-every {cfg.eval_every})"
         # Training, evaluation and saving apart: what grows with the task count shows.
+        done = time.perf_counter() - t0
         log.info(
-            f"{head} in {time.perf_counter() - t0:.1f} s (training {trained:.1f} s, evaluation "
-            f"{spent - trained:.1f} s, saving {time.perf_counter() - t0 - spent:.1f} s)"
+            f"{head} in {done:.1f} s (training {trained:.1f} s, evaluation {spent - trained:.1f} s, "
+            f"saving {done - spent:.1f} s)"
         )
 
     def _save(self) -> None:

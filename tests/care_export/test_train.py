@@ -286,23 +286,13 @@ def test_alignment_trains_the_head_blocks_as_one_tensor_with_the_same_result():
 
 def test_divergence_is_reported(tmp_path):
     with pytest.raises(CareError, match="diverged"):
-        train_sequence(
-            tmp_path / "c",
-            builtin=SMALL_DATA,
-            init_cls=4,
-            increment=4,
-            tasks=1,
-            backbone=TINY,
-            weights=None,
-            cfg=TrainConfig(epochs=2, lr=1e6),
-            progress=False,
-        )
+        small_run(tmp_path / "c", 1, TrainConfig(epochs=2, lr=1e6))
     with pytest.raises(CareError, match="epochs"):
         TrainConfig(epochs=1)
 
 
 # ---------------------------------------------------------------------- resume
-def small_run(directory, tasks):
+def small_run(directory, tasks, cfg=FAST):
     return train_sequence(
         directory,
         builtin=SMALL_DATA,
@@ -311,7 +301,7 @@ def small_run(directory, tasks):
         tasks=tasks,
         backbone=TINY,
         weights=None,
-        cfg=FAST,
+        cfg=cfg,
         progress=False,
     )
 
@@ -338,17 +328,7 @@ def test_eval_every_evaluates_every_nth_task_and_the_last(tmp_path, monkeypatch)
         "evaluate_recorded",
         lambda m, records, *a, **k: calls.append(len(records)) or real(m, records, *a, **k),
     )
-    run = train_sequence(
-        tmp_path / "c",
-        builtin=SMALL_DATA,
-        init_cls=4,
-        increment=4,
-        tasks=2,
-        backbone=TINY,
-        weights=None,
-        cfg=replace(FAST, eval_every=2),
-        progress=False,
-    )
+    run = small_run(tmp_path / "c", 2, replace(FAST, eval_every=2))
     assert calls == [2]  # task 0 skipped; task 1 is the 2nd
     metrics = Metrics.from_dict(read_checkpoint_manifest(run)["metrics"])
     assert metrics.top1[0] is None and metrics.matrix[0] == [None]
