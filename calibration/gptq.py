@@ -80,7 +80,7 @@ def patch_conv(node: onnx.NodeProto) -> tuple[int, int] | None:
 
 
 def input_moments(
-    model: onnx.ModelProto, nodes: dict[str, onnx.NodeProto], images, input_name: str
+    model: onnx.ModelProto, nodes: dict[str, onnx.NodeProto], images, input_name: str, threads: int | None = None
 ) -> dict[str, np.ndarray]:
     """``E[a a^T]`` of the activation each of ``nodes`` (weight name -> MatMul / Gemm / patch
     Conv) reads, on ``images`` (an iterable of image arrays: ``calib_data.Chunks``)
@@ -95,7 +95,7 @@ def input_moments(
     kernels = {n.input[0]: patch_conv(n) for n in nodes.values() if n.op_type == "Conv"}
     sums = {a: 0.0 for a in acts}
     count = {a: 0 for a in acts}
-    with model_session(m) as sess:
+    with model_session(m, threads) as sess:
         for chunk, i in ((c, i) for c in images for i in range(0, len(c), BATCH)):
             feed = {input_name: np.ascontiguousarray(chunk[i : i + BATCH], np.float32)}
             values = dict(zip(fetch, sess.run(fetch, feed)), **feed)

@@ -233,9 +233,9 @@ def activation_inputs(model: onnx.ModelProto, targets: set[str]) -> set[str]:
     return {i for n in model.graph.node if n.name in targets for i in n.input if i and i not in inits}
 
 
-def calibrator(src: Path, tensors: set[str], method: str, augmented: Path, large: bool):
+def calibrator(src: Path, tensors: set[str], method: str, augmented: Path, large: bool, threads: int | None = None):
     """ONNX Runtime's calibrator for ``method`` (with ``create_calibrator``'s defaults) that
-    calibrates only ``tensors``. ``create_calibrator`` would calibrate the inputs and outputs of
+    calibrates only ``tensors``, its session on ``threads`` intra-op threads (``None``: ORT's default). ``create_calibrator`` would calibrate the inputs and outputs of
     every MatMul/Gemm/Conv (391 tensors, 212 MB per image on ViT-B/16) and builds its augmented
     graph at once, so the narrowed class is built here."""
     from onnxruntime.quantization.calibrate import EntropyCalibrater, MinMaxCalibrater, PercentileCalibrater
@@ -251,6 +251,18 @@ def calibrator(src: Path, tensors: set[str], method: str, augmented: Path, large
             found, value_infos = super().select_tensors_to_calibrate(model)
             return found & tensors, value_infos
 
+        def create_inference_session(self):
+            import onnxruntime as ort
+
+            opts = ort.SessionOptions()
+            # As ORT's own calibrator: the augmented graph unoptimised, so fusions cannot hide a tensor.
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            if threads:
+                opts.intra_op_num_threads = int(threads)
+            self.infer_session = ort.InferenceSession(
+                self.augmented_model_path, sess_options=opts, providers=self.execution_providers
+            )
+
     c = Narrowed(
         src, list(QUANTIZED_OPS), augmented_model_path=str(augmented), use_external_data_format=large, **options
     )
@@ -260,7 +272,13 @@ def calibrator(src: Path, tensors: set[str], method: str, augmented: Path, large
 
 
 def quantize_qdq(
-    model: onnx.ModelProto, images, targets: set[str], method: str, input_name: str, progress=None
+    model: onnx.ModelProto,
+    images,
+    targets: set[str],
+    method: str,
+    input_name: str,
+    progress=None,
+    threads: int | None = None,
 ) -> onnx.ModelProto:
     """Static QDQ quantization of the nodes named in ``targets`` of ``model`` (weights in memory),
     activation ranges from ``images`` (an iterable of image arrays, ``calib_data.Chunks``).
@@ -284,7 +302,7 @@ def quantize_qdq(
     with tempfile.TemporaryDirectory(prefix="care-quantize-") as tmp, quiet_ort_quantization():
         src, dst, cache = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx", Path(tmp) / "ranges.json"
         large = save_model(model, src)
-        calib = calibrator(src, activation_inputs(model, targets), method, Path(tmp) / "aug.onnx", large)
+        calib = calibrator(src, activation_inputs(model, targets), method, Path(tmp) / "aug.onnx", large, threads)
         for chunk in images:
             for group in batches(chunk, CALIB_GROUP):
                 calib.collect_data(ListReader(input_name, batches(group, CALIB_BATCH), progress))

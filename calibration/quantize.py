@@ -116,6 +116,7 @@ def quantize_artifact(
     tradeoff: bool = False,
     progress: Callable[[int], None] | None = None,
     latency_runs: int = 7,
+    threads: int | None = None,
 ) -> tuple[dict, dict]:
     """Write the ``precision`` rewrite of the FP32 artifact ``src_dir`` (a directory, or an artifact that
     :func:`open_source_artifact` opened) to ``out``.
@@ -131,6 +132,7 @@ def quantize_artifact(
     ``tradeoff``: the fallback record (and the report) also hold its trade-off curve.
     ``chunk``: images held at once (calibration memory does not grow with their number).
     ``rounding``: ``gptq`` (error-compensated, ``calibration.gptq``) or ``nearest``.
+    ``threads``: intra-op threads of every ONNX Runtime session it opens (``None``: ORT's default).
     Returns ``(manifest, report)``.
     """
     from .routing_nodes import routing_nodes
@@ -151,7 +153,7 @@ def quantize_artifact(
     eval_images = calib_data.Chunks(held_out.items, pre, chunk)
 
     model = onnx.load(str(src.model_path))  # with its weights
-    reference = Reference(model, eval_images)  # the FP32 graph on the held-out images, before any rewrite
+    reference = Reference(model, eval_images, threads)  # the FP32 graph on the held-out images, before any rewrite
     keep = routing_nodes(model) if routing == "fp32" else set()
     info = {
         "routing": routing,
@@ -193,7 +195,7 @@ def quantize_artifact(
             readers = {
                 w: n for w, n in weight_readers(model, weights).items() if w not in growth or output_axis(n) == 0
             }
-            moments = input_moments(model, readers, calib_images, INPUT)
+            moments = input_moments(model, readers, calib_images, INPUT, threads)
         floats = {
             t.name: onnx.numpy_helper.to_array(t)
             for t in model.graph.initializer
@@ -201,10 +203,12 @@ def quantize_artifact(
         }
         # The fallback compares with the FP32 graph: measure it before the rewrite changes it in place.
         evaluator = (
-            Evaluator(calib_images, model, eps=fallback_eps, timed=tradeoff) if fallback_target is not None else None
+            Evaluator(calib_images, model, threads, eps=fallback_eps, timed=tradeoff)
+            if fallback_target is not None
+            else None
         )
         store_growth_int8(model, growth, fp16, moments)
-        model = quantize_qdq(model, calib_images, targets, method, INPUT, progress)
+        model = quantize_qdq(model, calib_images, targets, method, INPUT, progress, threads)
         gptq_qdq_weights(model, floats, moments)
         model = only_targets_read_qdq(model, targets)
         if evaluator is not None:
@@ -226,7 +230,16 @@ def quantize_artifact(
 
     def measure(tmp: Path) -> None:
         report.update(
-            compare(src.dir, tmp, reference, eval_images, held_out.labels, latency_runs=latency_runs, eps=flip_eps)
+            compare(
+                src.dir,
+                tmp,
+                reference,
+                eval_images,
+                held_out.labels,
+                latency_runs=latency_runs,
+                eps=flip_eps,
+                threads=threads,
+            )
         )
         report.update(precision=precision, routing=routing, method=info["method"], source=str(src.dir))
         if info.get("fallback") is not None:  # layers kept at weight-only int8 (float activations)

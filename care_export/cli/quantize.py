@@ -108,6 +108,13 @@ def _pool(data: str, art, split: str):
     show_default=True,
     help="Held-out images in the report, spread over the tasks.",
 )
+@click.option(
+    "--threads",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Intra-op threads of every ONNX Runtime session it runs (0: all cores).",
+)
 @click.option("--force", is_flag=True, help="Replace an existing OUTPUT artifact.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object (schema in docs/CLI.md) instead of the table.")
 def quantize_command(
@@ -126,6 +133,7 @@ def quantize_command(
     rounding,
     eval_data,
     eval_samples,
+    threads,
     force,
     as_json,
 ):
@@ -181,6 +189,7 @@ def quantize_command(
             rounding=rounding,
             flip_eps=flip_margin,
             tradeoff=tradeoff,
+            threads=threads or None,
             fallback_eps=flip_margin if fallback_flips == "margin" else None,
             **({} if fallback_target is None else {"fallback_target": fallback_target}),
         )
@@ -212,9 +221,10 @@ def quantize_command(
     )
     if q.get("fallback") is not None:
         fb = q["fallback"]
+        alone = "" if fb["floor"] is None else f", int8 weights alone {100 * fb['floor']:.2f}%"
         how += (
             f"; {len(fb['weight_only'])} layer(s) weight-only int8 (calibration flips "
-            f"{100 * fb['calibration_flips']:.2f}%, int8 weights alone {100 * fb['floor']:.2f}%)"
+            f"{100 * fb['calibration_flips']:.2f}%{alone})"
         )
     say(f"wrote {out}: {precision.upper()} ({how}); report in {out / REPORT_FILE}")
     say(table(report, precision))
