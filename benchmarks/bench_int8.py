@@ -34,7 +34,7 @@ import onnx
 import onnxruntime as ort
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-from calibration.graph import save_model
+from calibration.graph import load_artifact_model, save_model
 from calibration.int8 import QUANTIZED_OPS, ListReader, routing_fp16, store_growth_int8, weight_nodes
 from calibration.routing_nodes import routing_nodes
 from runtime.artifact import Artifact
@@ -85,7 +85,7 @@ def main() -> None:
     batch = rng.normal(size=(8, 3, s, s)).astype(np.float32)
     with tempfile.TemporaryDirectory(prefix="bench-int8-") as tmp:
         tmp = Path(tmp)
-        model = onnx.load(str(art.model_path))
+        model = load_artifact_model(art)
         growth = {n for n, t in art.tensors.items() if t.role != "backbone"}
         targets = weight_nodes(model, growth) - routing_nodes(model)
         save_model(model, tmp / "fp32.onnx")

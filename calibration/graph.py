@@ -8,8 +8,11 @@ from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import TensorProto, helper
+
+from runtime.errors import ArtifactError
 
 # Protobuf refuses messages of 2 GiB; larger models keep their weights in a file beside them.
 PROTO_LIMIT = (1 << 31) - (1 << 24)
@@ -83,10 +86,13 @@ def sort_nodes(graph: onnx.GraphProto) -> None:
 
 
 def save_model(model: onnx.ModelProto, path) -> bool:
-    """Write ``model`` to ``path``, its weights as external data beside it when one protobuf
-    cannot hold them; returns whether it did that."""
+    """Write ``model`` to ``path``, its weights apart beside it (:func:`save_weights_apart`, which
+    leaves ``model`` whole) when one protobuf cannot hold them; returns whether it did that."""
     large = model.ByteSize() > PROTO_LIMIT
-    onnx.save_model(model, str(path), save_as_external_data=large, location=f"{Path(path).stem}.bin" if large else None)
+    if large:
+        save_weights_apart(model, path)
+    else:
+        onnx.save_model(model, str(path))
     return large
 
 
@@ -123,6 +129,24 @@ def save_weights_apart(model: onnx.ModelProto, path) -> None:
                 apart.external_data.add(key=key, value=value)
             f.write(raw)
     onnx.save_model(light, str(path))
+
+
+def load_artifact_model(art) -> onnx.ModelProto:
+    """The graph of artifact ``art`` (a ``runtime.artifact.Artifact``) with its weights, each read
+    through the artifact's own tensor map rather than the locations written in the graph:
+    ``onnx.load`` follows those and refuses tensor files with several hard links, which copies
+    made with ``cp -al`` or ``rsync --link-dest`` have."""
+    from onnx import numpy_helper
+
+    model = onnx.load(str(art.model_path), load_external_data=False)
+    for t in model.graph.initializer:
+        if t.data_location != TensorProto.EXTERNAL:
+            continue
+        if t.name not in art.tensors:
+            raise ArtifactError(f"{art.dir}: the graph's tensor {t.name} is not in manifest.json")
+        t.CopyFrom(numpy_helper.from_array(np.array(art.read(t.name)), t.name))  # a copy, 0-d kept
+        t.data_location = TensorProto.DEFAULT  # as onnx.load leaves it
+    return model
 
 
 @contextmanager

@@ -24,6 +24,7 @@ from runtime.preprocess import Preprocessing
 
 from . import calib_data
 from .artifact_out import write_artifact
+from .graph import load_artifact_model
 from .int8 import METHODS
 from .margins import EPSILON, Reference
 from .report import REPORT_FILE, compare
@@ -152,7 +153,7 @@ def quantize_artifact(
     pre = Preprocessing.from_dict(src.manifest["preprocessing"])
     eval_images = calib_data.Chunks(held_out.items, pre, chunk)
 
-    model = onnx.load(str(src.model_path))  # with its weights
+    model = load_artifact_model(src)
     reference = Reference(model, eval_images, threads)  # the FP32 graph on the held-out images, before any rewrite
     keep = routing_nodes(model) if routing == "fp32" else set()
     info = {

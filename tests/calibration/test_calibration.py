@@ -186,6 +186,28 @@ def test_bad_input_gives_one_line_errors(trained, quantized, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_hard_linked_copy_quantizes_as_its_source(trained, quantized, tmp_path):
+    """Copies made with ``cp -al`` (tensor files with several links, which ``onnx.load`` refuses)
+    are read through the artifact's tensor map: the same graph, and the same FP16 artifact."""
+    import os
+
+    from calibration.graph import load_artifact_model
+
+    src = onnx.load(str(trained["fp32"] / "model.onnx"))  # before the links: it refuses both copies after
+    copy = tmp_path / "linked"
+    copy.mkdir()
+    for f in trained["fp32"].iterdir():
+        os.link(f, copy / f.name)
+    try:
+        assert load_artifact_model(Artifact(copy)).SerializeToString() == src.SerializeToString()
+        calib, held_out = images_for(trained["fp32"])
+        quantize_artifact(copy, tmp_path / "fp16", "fp16", calib, held_out, latency_runs=1)
+    finally:  # the other tests' source has one link again
+        shutil.rmtree(copy)
+    for f in ("model.onnx", "backbone.bin", "slots.bin", "state.bin"):
+        assert (tmp_path / "fp16" / f).read_bytes() == (quantized["fp16"][0] / f).read_bytes(), f
+
+
 def test_cli_quantize_with_an_image_folder(trained, tmp_path):
     """Calibration from a folder of images named by class; the output is a complete artifact."""
     art = Artifact(trained["fp32"])

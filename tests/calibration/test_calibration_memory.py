@@ -212,3 +212,21 @@ def test_model_session_runs_the_model_with_its_weights_apart_and_leaves_it_uncha
     assert apart and (tmp_path / "m.bin").stat().st_size > (tmp_path / "m.onnx").stat().st_size
     written = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "m.onnx")).graph.initializer}
     assert all(np.array_equal(numpy_helper.to_array(t), written[t.name]) for t in model.graph.initializer)
+
+
+def test_save_model_of_a_model_beyond_one_protobuf_leaves_it_whole(synthetic, tmp_path, monkeypatch):
+    """Past the protobuf limit the weights go beside the graph, and the caller's model keeps them
+    (``onnx.save_model`` with external data would move them out of it)."""
+    import onnx
+
+    from calibration import graph
+
+    model = onnx.load(str(synthetic / "model.onnx"))
+    before = model.SerializeToString()
+    monkeypatch.setattr(graph, "PROTO_LIMIT", 1 << 10)
+    assert graph.save_model(model, tmp_path / "in.onnx")
+    assert model.SerializeToString() == before and (tmp_path / "in.bin").exists()
+    assert onnx.load(str(tmp_path / "in.onnx")).graph.initializer[0] == model.graph.initializer[0]
+    monkeypatch.setattr(graph, "PROTO_LIMIT", 1 << 40)
+    assert not graph.save_model(model, tmp_path / "small.onnx")
+    assert not (tmp_path / "small.bin").exists()
