@@ -472,6 +472,14 @@ def _start(
             raise click.BadParameter(str(exc), param_hint="--backbone") from None
     else:
         cfg = replace(default_backbone(weights), **{k: v for k, v in sizes.items() if v is not None})
+    if weights == BUILTIN_WEIGHTS and cfg != default_backbone(weights):
+        import logging
+
+        # A reference preset sets ViT-B/16 at 224 px: pre-training that from scratch takes hours.
+        logging.getLogger(__name__).warning(
+            f"pre-training {cfg.name} ({cfg.img_size} px, depth {cfg.depth}) on the built-in dataset "
+            "(cached afterwards); for real weights pass --backbone-weights FILE|hub"
+        )
     preprocessing = None
     if mean is not None or std is not None:
         preprocessing = Preprocessing.for_input(cfg.img_size, mean or (0.0, 0.0, 0.0), std or (1.0, 1.0, 1.0))

@@ -37,7 +37,6 @@ RECIPE_VERSION = 1
 
 # The demo's backbone: ViT-Tiny width on 32 px images with 8 px patches (17 tokens), 6 blocks.
 BUILTIN_BACKBONE = backbone_config("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=6)
-BUILTIN_PREPROCESSING = Preprocessing.for_input(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
 @dataclass(frozen=True)
@@ -98,7 +97,9 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> nn.Module:
         seed=cfg.data_seed,
     )
     labels = list(range(cfg.classes))
-    data = LabelledImages(source, "train", labels, labels, train_transform(BUILTIN_PREPROCESSING, cfg.crop_scale))
+    # The images at the backbone's size, normalised as build_care_vit's built-in preprocessing.
+    pre = Preprocessing.for_input(cfg.backbone.img_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    data = LabelledImages(source, "train", labels, labels, train_transform(pre, cfg.crop_scale))
     loader = DataLoader(
         data, batch_size=cfg.batch_size, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(cfg.seed)
     )

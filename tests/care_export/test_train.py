@@ -454,3 +454,16 @@ def test_cli_train_and_resume(tmp_path):
     assert len(manifest["tasks"]) == 3 and manifest["training"]["ca_epochs"] == 1
     res = CliRunner().invoke(main, ["train", "--resume", str(ckpt)])
     assert res.exit_code == 1 and "all 3 tasks" in res.output
+
+
+def test_builtin_pretraining_feeds_the_backbone_its_own_image_size(tmp_path):
+    """Pre-training a backbone whose input is not 32 px on the built-in dataset (``--backbone X
+    --data builtin``) renders and crops its images at that size."""
+    from care_export.model.config import backbone_config
+    from care_export.training.pretrain import PretrainConfig, pretrained_backbone
+
+    backbone = backbone_config("vit_tiny_patch16_224", img_size=48, patch_size=16, depth=1)
+    cfg = PretrainConfig(backbone=backbone, classes=4, images_per_class=4, epochs=1, batch_size=4)
+    path = pretrained_backbone(cfg, cache_dir=tmp_path, progress=False)
+    vit = CareViT(backbone, MoEConfig(), path).vit  # the weights load into a 48-px model
+    assert vit.forward_features(torch.zeros(2, 3, 48, 48)).shape == (2, 10, backbone.embed_dim)
