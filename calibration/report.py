@@ -136,3 +136,18 @@ def table(report: dict, precision: str) -> str:
         )
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def slower_note(report: dict) -> str | None:
+    """A warning when the rewrite runs slower than FP32 at both batch sizes measured, else None.
+
+    Small models (the built-in ViT: 17 tokens of width 192) have GEMMs too small to pay for the
+    quantize / dequantize of their activations."""
+    lat = report["latency_ms"]
+    if min(lat["ratio"], lat["batch1_ratio"]) <= 1:
+        return None
+    q = report["precision"].upper()
+    return (
+        f"the {q} artifact runs slower than FP32 on this CPU (latency ratio {lat['ratio']:.2f} at batch "
+        f"{lat['batch']}, {lat['batch1_ratio']:.2f} at batch 1): it is smaller, but FP32 serves faster here"
+    )

@@ -153,7 +153,7 @@ def quantize_command(
     from tqdm import tqdm
 
     from calibration.quantize import check_quantize_output, draw_images, open_source_artifact, quantize_artifact
-    from calibration.report import REPORT_FILE, table
+    from calibration.report import REPORT_FILE, slower_note, table
 
     if precision == "int8" and calib_data is None:
         raise click.UsageError("--precision int8 needs --calib-data DIR|builtin")
@@ -228,4 +228,9 @@ def quantize_command(
         )
     say(f"wrote {out}: {precision.upper()} ({how}); report in {out / REPORT_FILE}")
     say(table(report, precision))
+    note = slower_note(report)
+    if note:
+        import logging
+
+        logging.getLogger(__name__).warning(note)
     hint(f"care-export eval {out} DATA   (accuracy on your labelled images; care-export info {out})")

@@ -322,3 +322,16 @@ def test_duplicate_casts_of_older_converters_are_merged():
         None, {"x": np.array([1.0, 1.0], np.float32)}
     )[0]
     np.testing.assert_allclose(y, [3.75, 2.0])
+
+
+def test_a_rewrite_slower_than_fp32_is_said(quantized):
+    from calibration.report import slower_note
+
+    report = dict(quantized["int8"][1])
+    for ratios, said in (((1.4, 2.5), True), ((0.45, 0.6), False), ((1.1, 0.9), False)):
+        report["latency_ms"] = dict(report["latency_ms"], ratio=ratios[0], batch1_ratio=ratios[1])
+        note = slower_note(report)
+        assert (note is not None) == said, ratios
+    assert "INT8 artifact runs slower than FP32" in slower_note(
+        dict(report, latency_ms=dict(report["latency_ms"], ratio=1.4, batch1_ratio=2.5))
+    )
