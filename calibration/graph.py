@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from runtime.errors import ArtifactError
 
@@ -136,8 +136,6 @@ def load_artifact_model(art) -> onnx.ModelProto:
     through the artifact's own tensor map rather than the locations written in the graph:
     ``onnx.load`` follows those and refuses tensor files with several hard links, which copies
     made with ``cp -al`` or ``rsync --link-dest`` have."""
-    from onnx import numpy_helper
-
     model = onnx.load(str(art.model_path), load_external_data=False)
     for t in model.graph.initializer:
         if t.data_location != TensorProto.EXTERNAL:

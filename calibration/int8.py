@@ -235,9 +235,10 @@ def activation_inputs(model: onnx.ModelProto, targets: set[str]) -> set[str]:
 
 def calibrator(src: Path, tensors: set[str], method: str, augmented: Path, large: bool, threads: int | None = None):
     """ONNX Runtime's calibrator for ``method`` (with ``create_calibrator``'s defaults) that
-    calibrates only ``tensors``, its session on ``threads`` intra-op threads (``None``: ORT's default). ``create_calibrator`` would calibrate the inputs and outputs of
-    every MatMul/Gemm/Conv (391 tensors, 212 MB per image on ViT-B/16) and builds its augmented
-    graph at once, so the narrowed class is built here."""
+    calibrates only ``tensors``, its session on ``threads`` intra-op threads (``None``: ORT's
+    default). ``create_calibrator`` would calibrate the inputs and outputs of every
+    MatMul/Gemm/Conv (391 tensors, 212 MB per image on ViT-B/16) and builds its augmented graph at
+    once, so the narrowed class is built here."""
     from onnxruntime.quantization.calibrate import EntropyCalibrater, MinMaxCalibrater, PercentileCalibrater
 
     base, options = {

@@ -5,11 +5,14 @@ Imports no PyTorch: the built-in dataset is drawn with numpy and PIL.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import click
 
 from .log import hint, say
+
+log = logging.getLogger(__name__)
 
 BUILTIN = "builtin"
 
@@ -230,7 +233,5 @@ def quantize_command(
     say(table(report, precision))
     note = slower_note(report)
     if note:
-        import logging
-
-        logging.getLogger(__name__).warning(note)
+        log.warning(note)
     hint(f"care-export eval {out} DATA   (accuracy on your labelled images; care-export info {out})")

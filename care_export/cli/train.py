@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from runtime.numerics import COS_SCALE
 from ..data import DEFAULT_SEED, INPUT_SETS
 from .checkpoint import moe_options, reference_options
 from .log import hint, say
+
+log = logging.getLogger(__name__)
 
 # Options that define the model or the sequence: a resumed run takes them from the checkpoint.
 _FIXED_ON_RESUME = (
@@ -473,10 +476,8 @@ def _start(
     else:
         cfg = replace(default_backbone(weights), **{k: v for k, v in sizes.items() if v is not None})
     if weights == BUILTIN_WEIGHTS and cfg != default_backbone(weights):
-        import logging
-
         # A reference preset sets ViT-B/16 at 224 px: pre-training that from scratch takes hours.
-        logging.getLogger(__name__).warning(
+        log.warning(
             f"pre-training {cfg.name} ({cfg.img_size} px, depth {cfg.depth}) on the built-in dataset "
             "(cached afterwards); for real weights pass --backbone-weights FILE|hub"
         )

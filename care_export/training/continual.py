@@ -302,13 +302,16 @@ def build_care_vit(
     model's random initialisation (shared experts) depends on ``seed`` only.
     """
     if weights == BUILTIN_WEIGHTS:
-        from .pretrain import PretrainConfig, pretrained_backbone
+        from .pretrain import PretrainConfig, builtin_preprocessing, pretrained_backbone
 
         pre_cfg = PretrainConfig(backbone=backbone)
         path = pretrained_backbone(pre_cfg, cache_dir, progress=progress)
         torch.manual_seed(seed)
-        pre = Preprocessing.for_input(backbone.img_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # as pre-training
-        return CareViT(backbone, moe, path), f"{BUILTIN_WEIGHTS}:{pre_cfg.key()}", pre
+        return (
+            CareViT(backbone, moe, path),
+            f"{BUILTIN_WEIGHTS}:{pre_cfg.key()}",
+            builtin_preprocessing(backbone.img_size),
+        )
     torch.manual_seed(seed)
     # The reference feeds unnormalised [0, 1] pixels to its ViTs.
     return CareViT(backbone, moe, weights), str(weights or "random"), Preprocessing.for_input(backbone.img_size)

@@ -39,6 +39,11 @@ RECIPE_VERSION = 1
 BUILTIN_BACKBONE = backbone_config("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=6)
 
 
+def builtin_preprocessing(img_size: int) -> Preprocessing:
+    """The input of a backbone pre-trained here: the built-in images at its size, scaled to [-1, 1]."""
+    return Preprocessing.for_input(img_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
 @dataclass(frozen=True)
 class PretrainConfig:
     backbone: BackboneConfig = field(default_factory=lambda: BUILTIN_BACKBONE)
@@ -97,8 +102,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> nn.Module:
         seed=cfg.data_seed,
     )
     labels = list(range(cfg.classes))
-    # The images at the backbone's size, normalised as build_care_vit's built-in preprocessing.
-    pre = Preprocessing.for_input(cfg.backbone.img_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    pre = builtin_preprocessing(cfg.backbone.img_size)
     data = LabelledImages(source, "train", labels, labels, train_transform(pre, cfg.crop_scale))
     loader = DataLoader(
         data, batch_size=cfg.batch_size, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(cfg.seed)
