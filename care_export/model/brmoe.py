@@ -55,6 +55,7 @@ class BRMoE(nn.Module):
         self.shared = Expert(dim, cfg.shared_dim, cfg.dropout)
         self._anchor: list[torch.Tensor] | None = None  # shared-expert snapshot for the EMA pull
         self._stack_cache: dict[str, dict] = {}  # frozen task parts stacked, see _stacks
+        self._pairs: dict[int, tuple] = {}  # by task: (expert, perceptor, RoutingPair), see _routing_pairs
         self.ema_decay = 0.999
 
     @property
@@ -229,8 +230,8 @@ class BRMoE(nn.Module):
         cls0 = x[:, 0]
         stacks = self._stacks(experts, "experts")
         with torch.no_grad():
-            every, drop = self._routing_cls(stacks, cls0, cand)
-            sel = self._select(self._perceptor_entropies(every), forced)
+            hidden, drop = self._routing_hidden(stacks, cls0, cand)
+            sel = self._select(self._perceptor_entropies(hidden), forced)
         rows = sel.unique()  # the selected routers read their own expert's CLS output
         local = torch.full((num_experts,), -1, dtype=torch.long, device=x.device)
         local[rows] = torch.arange(len(rows), device=x.device)
@@ -247,34 +248,29 @@ class BRMoE(nn.Module):
         forced_cls = None if forced is None else cls[int(local[forced])]
         return torch.cat([head[:, None], rest], 1), sel, kept, forced_cls
 
-    def _routing_cls(self, stacks, x: torch.Tensor, count: int):
-        """(count, B, D) the first ``count`` experts of ``stacks`` on the tokens ``x`` (B, D), for
-        the entropies only (no autograd; LayerNorm's affine and the scale folded into the
-        projections, the frozen experts' from a cache), and the dropout masks of all of them as
-        :meth:`_experts_on_tokens` applies them (scaled keep-masks, (E, B, r); ``None``: no dropout)."""
+    def _routing_hidden(self, stacks, x: torch.Tensor, count: int):
+        """(count, B, r) the hidden activations (after ReLU and dropout) of the first ``count``
+        experts of ``stacks`` on the tokens ``x`` (B, D), for the entropies only (no autograd;
+        LayerNorm's affine folded into the projection, the frozen experts' from a cache), and the
+        dropout masks of all of them as :meth:`_experts_on_tokens` applies them (scaled
+        keep-masks, (E, B, r); ``None``: no dropout)."""
         xn = F.layer_norm(x, x.shape[-1:], eps=PART_LN_EPS)
         total = sum(len(st["scale"]) for st in stacks)
-        outs, start = [], 0
+        hidden, start = [], 0
         for st in stacks:
             if start >= count:
                 break
             f = self._folded(st, "experts", _fold_expert)
             h = torch.relu(torch.addmm(f["down_b"], xn, f["down_w"]))  # (B, E*r)
-            outs.append(h.reshape(len(x), -1, f["rank"]).transpose(0, 1))  # (E, B, r)
+            hidden.append(h.reshape(len(x), -1, f["rank"]).transpose(0, 1))  # (E, B, r)
             start += len(st["scale"])
+        h = (hidden[0] if len(hidden) == 1 else torch.cat(hidden))[:count]
         drop = None
         if self.training and self.cfg.dropout > 0:  # F.dropout multiplies by exactly this mask
             r = stacks[0]["down.weight"].shape[1]
             drop = F.dropout(x.new_ones((total, len(x), r)), self.cfg.dropout, True)
-        out = []
-        start = 0
-        for st, h in zip(stacks, outs):
-            f = self._folded(st, "experts", _fold_expert)
-            if drop is not None:
-                h = h * drop[start : start + len(h)]
-            out.append(torch.baddbmm(f["up_b"][:, None], h, f["up_w"]))
-            start += len(h)
-        return (out[0] if len(out) == 1 else torch.cat(out))[:count], drop
+            h = h * drop[:count]
+        return h, drop
 
     def _folded(self, st: dict, kind: str, fold) -> dict:
         """``fold(st)`` without autograd; for the cached frozen stack of ``kind``, cached too."""
@@ -288,12 +284,12 @@ class BRMoE(nn.Module):
     def _cls_with_grad(self, stacks, x: torch.Tensor, rows: torch.Tensor, drop: torch.Tensor | None):
         """(len(rows), B, D) the experts ``rows`` (ascending) of ``stacks`` (see :meth:`_stacks`)
         on the tokens ``x`` with autograd, with the dropout masks ``drop`` of
-        :meth:`_routing_cls` (``None``: no dropout)."""
+        :meth:`_routing_hidden` (``None``: no dropout)."""
         return self._experts_on_tokens(_picked(stacks, rows), x, None if drop is None else drop.index_select(0, rows))
 
     def _experts_on_tokens(self, stacks, x: torch.Tensor, drop: torch.Tensor | None):
         """(E, B, D) each expert of ``stacks`` (see :meth:`_stacks`) on the tokens ``x`` (B, D),
-        batched, with the dropout masks ``drop`` (E, B, r) of :meth:`_routing_cls` (``None``: no
+        batched, with the dropout masks ``drop`` (E, B, r) of :meth:`_routing_hidden` (``None``: no
         dropout)."""
         xn = F.layer_norm(x, x.shape[-1:], eps=PART_LN_EPS)
         h = torch.cat(
@@ -356,28 +352,43 @@ class BRMoE(nn.Module):
             stacks.append(_stacked(modules[frozen:]))
         return stacks
 
-    def _perceptor_entropies(self, cls: torch.Tensor) -> torch.Tensor:
-        """(T', B) entropy of perceptor t on ``cls[t]``, batched over tasks of equal class count
-        (no autograd: LayerNorm's affine folded into the projection)."""
-        ent = cls.new_empty(cls.shape[:2])
+    def _perceptor_entropies(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(T', B) entropy of perceptor t on expert t's CLS output, from the expert's hidden
+        activations ``hidden[t]`` (T', B, r) alone (no autograd).
+
+        An expert's output is affine in its r hidden activations, so the perceptor's LayerNorm
+        statistics and projection are too (see :func:`_fold_routing`): the T' outputs of width D
+        are never formed, which was most of a step's cost at hundreds of tasks. Batched over tasks
+        of equal class count.
+        """
+        ent = hidden.new_empty(hidden.shape[:2])
         perceptors = list(self.perceptors)
         groups: dict[int, list[int]] = {}
-        for t in range(cls.shape[0]):
+        for t in range(hidden.shape[0]):
             groups.setdefault(perceptors[t].fc.out_features, []).append(t)
         for classes, tasks in groups.items():
             contiguous = tasks == list(range(tasks[0], tasks[0] + len(tasks)))
-            idx = slice(tasks[0], tasks[0] + len(tasks)) if contiguous else torch.tensor(tasks, device=cls.device)
-            n = F.layer_norm(cls[idx], cls.shape[-1:], eps=PART_LN_EPS)  # a slice, not a copy, if it can
-            kind = f"perceptors-{classes}"
-            stacks = [
-                self._folded(st, kind, _fold_perceptor) for st in self._stacks([perceptors[t] for t in tasks], kind)
+            idx = slice(tasks[0], tasks[0] + len(tasks)) if contiguous else torch.tensor(tasks, device=hidden.device)
+            kind = f"routing-{classes}"
+            folds = [
+                self._folded(st, kind, _fold_routing)
+                for st in self._stacks(self._routing_pairs(tasks, perceptors), kind)
             ]
-            logits = [
-                torch.baddbmm(f["fc_b"][:, None], part, f["fc_w"])
-                for f, part in zip(stacks, n.split([len(f["fc_b"]) for f in stacks]))
-            ]
-            ent[idx] = entropy(torch.cat(logits))
+            h = hidden[idx].split([len(f["const"]) for f in folds])
+            ent[idx] = entropy(torch.cat([_perceptor_logits(f, part) for f, part in zip(folds, h)]))
         return ent
+
+    def _routing_pairs(self, tasks: list[int], perceptors: list[Perceptor]) -> list[RoutingPair]:
+        """The :class:`RoutingPair` of each task in ``tasks``, kept from step to step (the stack
+        cache of :meth:`_stacks` is keyed on the modules; as there, a module's parameters are
+        looked up once)."""
+        experts, pairs = list(self.experts), []
+        for t in tasks:
+            hit = self._pairs.get(t)
+            if hit is None or hit[0] is not experts[t] or hit[1] is not perceptors[t]:
+                hit = self._pairs[t] = (experts[t], perceptors[t], RoutingPair(experts[t], perceptors[t]))
+            pairs.append(hit[2])
+        return pairs
 
     def _selected_logits(self, sel: torch.Tensor, cls: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         """(m, B, E) logits of the selected routers, each computed only for the samples that
@@ -468,10 +479,50 @@ def _fold_expert(st: dict) -> dict:
     }
 
 
-def _fold_perceptor(st: dict) -> dict:
-    """A perceptor stack's projection (E, D, C) with LayerNorm's affine folded in."""
-    w = st["fc.weight"]  # (E, C, D)
+class RoutingPair(nn.Module):
+    """Expert t's output projection and perceptor t as one module's parameters (the same tensors),
+    so that the tasks' pairs stack like any task part (``BRMoE._stacks``)."""
+
+    def __init__(self, expert: Expert, perceptor: Perceptor):
+        super().__init__()
+        for name, p in (
+            ("up_w", expert.up.weight),
+            ("up_b", expert.up.bias),
+            ("scale", expert.scale),
+            ("norm_w", perceptor.norm.weight),
+            ("norm_b", perceptor.norm.bias),
+            ("fc_w", perceptor.fc.weight),
+            ("fc_b", perceptor.fc.bias),
+        ):
+            self.register_parameter(name, p)
+
+
+def _fold_routing(st: dict) -> dict:
+    """Perceptor t's logits on expert t's output ``y = U h + b`` (scale folded in) as functions of
+    the expert's hidden activations ``h`` (r values): with ``Uc``, ``bc`` centred over the D
+    outputs, LayerNorm's mean is removed by ``y - mean(y) = Uc h + bc``, its variance is
+    ``(h' G h + 2 g' h + c) / D`` with ``G = Uc' Uc``, ``g = Uc' bc``, ``c = |bc|^2``, and the
+    logits are ``(P h + p) / sigma + q`` with LayerNorm's affine folded into ``P``, ``p``, ``q``
+    (the exported graph's perceptors use the same fold, runtime/packing.py)."""
+    up_w = st["up_w"] * st["scale"][:, :, None]  # (E, D, r)
+    up_b = st["up_b"] * st["scale"]  # (E, D)
+    uc = up_w - up_w.mean(1, keepdim=True)
+    bc = up_b - up_b.mean(1, keepdim=True)
+    fc = (st["fc_w"] * st["norm_w"][:, None]).transpose(1, 2)  # (E, D, C)
+    d = up_w.shape[1]
     return {
-        "fc_w": (w * st["norm.weight"][:, None]).transpose(1, 2),
-        "fc_b": st["fc.bias"] + torch.einsum("ecd,ed->ec", w, st["norm.bias"]),
+        "proj": torch.einsum("edr,edc->erc", uc, fc),
+        "proj_b": torch.einsum("ed,edc->ec", bc, fc),
+        "gram": torch.einsum("edr,eds->ers", uc, uc) / d,
+        "cross": 2 * torch.einsum("edr,ed->er", uc, bc) / d,
+        "const": (bc * bc).sum(1) / d,
+        "fc_b": st["fc_b"] + torch.einsum("ecd,ed->ec", st["fc_w"], st["norm_b"]),
     }
+
+
+def _perceptor_logits(f: dict, h: torch.Tensor) -> torch.Tensor:
+    """(E, B, C) the perceptors' logits of :func:`_fold_routing` ``f`` on hidden activations ``h``
+    (E, B, r)."""
+    var = (torch.baddbmm(f["cross"][:, None], h, f["gram"]) * h).sum(-1) + f["const"][:, None]
+    inv = torch.rsqrt(var.clamp_min(0) + PART_LN_EPS)  # clamp: rounding may dip below a zero variance
+    return torch.baddbmm(f["proj_b"][:, None], h, f["proj"]) * inv[..., None] + f["fc_b"][:, None]

@@ -138,3 +138,25 @@ def test_cached_frozen_parts_follow_their_weights():
         dense = model.forward_train(x, 3, mode="reference")
         sparse = model.forward_train(x, 3, mode="sparse")
     torch.testing.assert_close(sparse["features"], dense["features"], rtol=1e-5, atol=1e-6)
+
+
+def test_entropies_from_hidden_units_equal_the_perceptors_on_expert_outputs():
+    """The routing pass takes each perceptor's entropy from its expert's r hidden units alone
+    (LayerNorm's statistics folded through the up projection); it equals the perceptor on the
+    expert's output, also where that output is constant over its width (variance 0, as a fresh
+    zero scale gives)."""
+    from care_export.model.experts import entropy
+
+    model = learner(6, 2, 3)
+    moe = model.moe[0].eval()
+    with torch.no_grad():
+        moe.experts[2].scale.zero_()
+        moe.experts[3].up.weight.zero_()
+        moe.experts[3].up.bias.fill_(0.7)
+        x = torch.randn(5, TINY.embed_dim, generator=torch.Generator().manual_seed(6))
+        hidden, drop = moe._routing_hidden(moe._stacks(moe.experts, "experts"), x, 6)
+        folded = moe._perceptor_entropies(hidden)
+        direct = torch.stack([entropy(p(e(x))) for e, p in zip(moe.experts, moe.perceptors)])
+    assert drop is None and hidden.shape == (6, 5, moe.cfg.expert_dim)
+    torch.testing.assert_close(folded, direct, rtol=1e-5, atol=1e-6)
+    assert folded[0].std() > 1e-3, "entropies that do not depend on the input: nothing compared"
