@@ -47,6 +47,7 @@ _TRAINING = (
     "weight_decay",
     "ca_lr",
     "ca_epochs",
+    "ca_steps",
     "ca_method",
     "min_crop",
     "workers",
@@ -158,6 +159,12 @@ _TRAINING = (
     show_default=True,
     type=click.IntRange(min=0),
     help="Classifier-alignment epochs after each round of a task > 0.",
+)
+@click.option(
+    "--ca-steps",
+    type=click.IntRange(min=1),
+    help="Cap on the steps per alignment epoch (default: one per learned class, the reference's; "
+    "its cost grows with the square of the class count).",
 )
 @click.option(
     "--ca-method",
@@ -281,6 +288,7 @@ def train_command(
     weight_decay,
     ca_lr,
     ca_epochs,
+    ca_steps,
     ca_method,
     min_crop,
     method,
@@ -341,6 +349,7 @@ def train_command(
         weight_decay=weight_decay,
         ca_lr=ca_lr,
         ca_epochs=ca_epochs,
+        ca_steps=ca_steps,
         ca_method=ca_method,
         crop_scale=(min_crop, 1.0),
         workers=workers,

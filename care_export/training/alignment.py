@@ -135,12 +135,16 @@ def align_classifier(
     per_class: int,
     scale: float,
     weight_decay: float,
+    steps: int | None = None,
     progress: bool = False,
 ) -> float:
     """Retrain ``head`` (a ``CosineHead``) alone with cross-entropy on ``scale * cos`` over pseudo-features.
 
     Every epoch draws ``per_class`` features for each class and takes one step per class'
-    worth of samples (the reference's schedule). Returns the last epoch's accuracy on them.
+    worth of samples, ``per_class`` features a step (the reference's schedule). ``steps`` caps
+    the steps per epoch: each class then draws only what those steps use (at least one
+    feature), so an epoch costs the same at any class count but a step's head. Returns the last
+    epoch's accuracy on the features used.
     """
     # The head's per-task blocks train as one tensor, copied back at the end: the same SGD
     # elementwise, without concatenating every block and updating each one apart at every step
@@ -148,15 +152,18 @@ def align_classifier(
     weight = torch.nn.Parameter(head.weight.detach().clone())
     opt = torch.optim.SGD([weight], lr=lr, momentum=0.9, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=CA_SCHEDULE_PERIOD)
+    classes = sampler.num_classes
+    steps = classes if steps is None else min(steps, classes)
+    draws = -(-steps * per_class // classes)  # per class, enough for ``steps`` batches
     acc = 0.0
     for _ in tqdm(
         range(epochs), desc="aligning classifier", unit="epoch", leave=False, disable=None if progress else True
     ):
-        x, y = sampler.sample(per_class)
+        x, y = sampler.sample(draws)
         order = torch.randperm(len(y), device=x.device)
         x, y = x[order], y[order]
         correct = 0
-        for i in range(sampler.num_classes):
+        for i in range(steps):
             xb, yb = x[i * per_class : (i + 1) * per_class], y[i * per_class : (i + 1) * per_class]
             logits = scale * cosine_logits(xb, weight)
             loss = F.cross_entropy(logits, yb)
@@ -165,7 +172,7 @@ def align_classifier(
             opt.step()
             correct += int((logits.argmax(1) == yb).sum())
         sched.step()
-        acc = 100.0 * correct / len(y)
+        acc = 100.0 * correct / (steps * per_class)
     with torch.no_grad():
         for block, part in zip(head.blocks, weight.split([len(b) for b in head.blocks])):
             block.copy_(part)

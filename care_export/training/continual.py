@@ -181,11 +181,12 @@ class ContinualRun:
         self.metrics = metrics or Metrics()
 
     # ------------------------------------------------------------------ one task
-    def learn_next(self, progress: bool = True) -> None:
+    def train_next(self, progress: bool = True) -> tuple[int, dict]:
+        """Learn the next task of the plan into the model and the run's records, without
+        evaluating or saving; returns the task and its classes' statistics."""
         task = self.model.num_tasks
         seq, cfg = self.sequence, self.cfg
         source, given, labels = self.plan[task]
-        t0 = time.perf_counter()
         torch.manual_seed(_task_seed(seq.seed, task))
         self.model.add_task(len(labels))
         classes = range(self.model.num_classes - len(labels), self.model.num_classes)
@@ -208,11 +209,19 @@ class ContinualRun:
         self.records.append(task_record(source, given, labels))
         self.class_names += [source.class_names[c] for c in labels]
         self.stats.append({k: v.to(self.device) for k, v in own.items()})
+        return task, own
+
+    def learn_next(self, progress: bool = True) -> None:
+        """Learn the next task of the plan, evaluate it (every ``eval_every``-th task and the
+        last) and save the checkpoint."""
+        t0 = time.perf_counter()
+        task, own = self.train_next(progress)
         if not self.group.main:  # rank 0 evaluates and writes the checkpoint
             self.group.barrier()
             return
-
         trained = time.perf_counter() - t0
+        seq, cfg, source = self.sequence, self.cfg, self.plan[task][0]
+        classes = range(self.model.num_classes - self.model.task_classes[task], self.model.num_classes)
         evaluated = (task + 1) % cfg.eval_every == 0 or task + 1 == self.limit
         top1, per_task, skipped = None, [None] * len(self.records), []
         if evaluated:

@@ -57,6 +57,9 @@ class TrainConfig:
     ca_epochs: int = 3
     ca_method: str = "covariance"
     ca_per_class: int | None = None  # pseudo-features per class and epoch; None: 5 * batch_size
+    # Steps per alignment epoch; None: one per learned class, the reference's, whose cost grows
+    # with the square of the class count (steps times head size). See align_classifier.
+    ca_steps: int | None = None
     crop_scale: tuple[float, float] = (0.05, 1.0)
     workers: int = 0
     method: str = "care"  # or a baseline (baselines.py)
@@ -79,6 +82,8 @@ class TrainConfig:
             raise CareError(f"--eval-every must be at least 1, got {self.eval_every}")
         if self.batch_size < 1 or self.ca_epochs < 0 or self.lr <= 0 or self.ca_lr <= 0:
             raise CareError("--batch-size and the learning rates must be positive, --ca-epochs not negative")
+        if self.ca_steps is not None and self.ca_steps < 1:
+            raise CareError(f"--ca-steps must be at least 1, got {self.ca_steps}")
         if self.ca_method not in CA_METHODS:
             raise CareError(f"--ca-method must be one of {', '.join(CA_METHODS)}, got {self.ca_method!r}")
         if self.align_decay not in ALIGN_DECAYS:
@@ -315,6 +320,7 @@ def learn_task(
             lr=cfg.ca_lr,
             epochs=cfg.ca_epochs,
             per_class=cfg.pseudo_per_class,
+            steps=cfg.ca_steps,
             scale=cfg.scale,
             weight_decay=cfg.weight_decay,
             progress=progress,

@@ -284,6 +284,47 @@ def test_alignment_trains_the_head_blocks_as_one_tensor_with_the_same_result():
         assert torch.equal(a, b), (a - b).abs().max()
 
 
+def test_alignment_steps_cap_the_steps_of_an_epoch(monkeypatch):
+    """``steps`` (--ca-steps) at or above the class count is the reference's schedule, bit for
+    bit; below it, an epoch takes that many steps, every class drawing only the features they
+    use, and the head still aligns."""
+    from care_export.model.care_vit import CosineHead
+    from care_export.training import alignment
+
+    torch.manual_seed(0)
+    d, n = 16, 8
+    centers = torch.eye(d)[:n] * 4
+    feats = torch.cat([c + 0.3 * torch.randn(50, d) for c in centers])
+    labels = torch.arange(n).repeat_interleave(50)
+    sampler = PseudoFeatures([class_statistics(feats, labels, range(n), "covariance")], "cpu")
+
+    def aligned(steps, epochs=3):
+        torch.manual_seed(1)
+        head = CosineHead(d)
+        head.add_task(n)
+        torch.manual_seed(2)
+        acc = align_classifier(
+            head, sampler, lr=0.05, epochs=epochs, per_class=20, scale=20.0, weight_decay=5e-4, steps=steps
+        )
+        return head, acc
+
+    reference, _ = aligned(None)
+    for steps in (n, 50):
+        assert torch.equal(aligned(steps)[0].weight, reference.weight)
+
+    calls, draws = [], []
+    cross_entropy, sample = F.cross_entropy, sampler.sample
+    monkeypatch.setattr(alignment.F, "cross_entropy", lambda *a, **k: calls.append(1) or cross_entropy(*a, **k))
+    monkeypatch.setattr(sampler, "sample", lambda k: draws.append(k) or sample(k))
+    capped, acc = aligned(3, epochs=6)
+    assert len(calls) == 3 * 6 and draws == [-(-3 * 20 // n)] * 6  # 8 per class for 3 steps of 20
+    assert not torch.equal(capped.weight, reference.weight)
+    with torch.no_grad():
+        assert (capped(centers).argmax(1) == torch.arange(n)).all() and acc > 90
+    with pytest.raises(CareError, match="--ca-steps"):
+        TrainConfig(ca_steps=0)
+
+
 def test_divergence_is_reported(tmp_path):
     with pytest.raises(CareError, match="diverged"):
         small_run(tmp_path / "c", 1, TrainConfig(epochs=2, lr=1e6))
