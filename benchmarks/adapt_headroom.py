@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from care_export.data import DEFAULT_SEED
-from care_export.data.shift import ShiftedSource
 from care_export.data.builtin import BuiltinSource
+from care_export.data.shift import ShiftedSource
 from care_export.data.sources import LabelledImages, TaskSequence, eval_transform, train_transform
 from care_export.model.config import MoEConfig
 from care_export.training.continual import build_care_vit
