@@ -467,15 +467,13 @@ def _stacked(modules) -> dict[str, torch.Tensor]:
 
 
 def _fold_expert(st: dict) -> dict:
-    """An expert stack's projections with LayerNorm's affine and the output scale folded in:
-    ``down`` as one (D, E*r) matrix over all experts, ``up`` as (E, r, D)."""
+    """An expert stack's down projection with LayerNorm's affine folded in, as one (D, E*r) matrix
+    over all experts (the routing pass reads nothing else: the up side is in :func:`_fold_routing`)."""
     w = st["down.weight"]  # (E, r, D)
     return {
         "rank": w.shape[1],
         "down_w": (w * st["norm.weight"][:, None]).reshape(-1, w.shape[-1]).T,
         "down_b": (st["down.bias"] + torch.einsum("erd,ed->er", w, st["norm.bias"])).reshape(-1),
-        "up_w": (st["up.weight"] * st["scale"][:, :, None]).transpose(1, 2),
-        "up_b": st["up.bias"] * st["scale"],
     }
 
 
