@@ -55,8 +55,18 @@ class BRMoE(nn.Module):
         self.shared = Expert(dim, cfg.shared_dim, cfg.dropout)
         self._anchor: list[torch.Tensor] | None = None  # shared-expert snapshot for the EMA pull
         self._stack_cache: dict[str, dict] = {}  # frozen task parts stacked, see _stacks
-        self._pairs: dict[int, tuple] = {}  # by task: (expert, perceptor, RoutingPair), see _routing_pairs
         self.ema_decay = 0.999
+        # A load may replace parameters (assign=True): the stacks would no longer hold them.
+        self.register_load_state_dict_post_hook(_drop_stacks)
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .half() and the like give every parameter new storage: the stacks are left behind.
+        self._stack_cache.clear()
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        # A copy builds its own stacks from its own parameters (a copied cache would be dead weight).
+        return {**super().__getstate__(), "_stack_cache": {}}
 
     @property
     def num_tasks(self) -> int:
@@ -231,7 +241,7 @@ class BRMoE(nn.Module):
         stacks = self._stacks(experts, "experts")
         with torch.no_grad():
             hidden, drop = self._routing_hidden(stacks, cls0, cand)
-            sel = self._select(self._perceptor_entropies(hidden), forced)
+            sel = self._select(self._perceptor_entropies(stacks, hidden), forced)
         rows = sel.unique()  # the selected routers read their own expert's CLS output
         local = torch.full((num_experts,), -1, dtype=torch.long, device=x.device)
         local[rows] = torch.arange(len(rows), device=x.device)
@@ -260,7 +270,7 @@ class BRMoE(nn.Module):
         for st in stacks:
             if start >= count:
                 break
-            f = self._folded(st, "experts", _fold_expert)
+            f = self._folded("experts", "fold", (st,), lambda st=st: _fold_expert(st))
             h = torch.relu(torch.addmm(f["down_b"], xn, f["down_w"]))  # (B, E*r)
             hidden.append(h.reshape(len(x), -1, f["rank"]).transpose(0, 1))  # (E, B, r)
             start += len(st["scale"])
@@ -272,14 +282,19 @@ class BRMoE(nn.Module):
             h = h * drop[:count]
         return h, drop
 
-    def _folded(self, st: dict, kind: str, fold) -> dict:
-        """``fold(st)`` without autograd; for the cached frozen stack of ``kind``, cached too."""
+    def _folded(self, kind: str, name: str, sources: tuple[dict, ...], fold):
+        """``fold()`` (no autograd), cached under ``name`` in the stack cache of ``kind`` while
+        ``sources`` are that cache's frozen stacks, unchanged (the same objects, every tensor at
+        the same version: a frozen parameter changed in place changes its stack, see
+        :meth:`_stacks`). ``sources`` that are not cached stacks are folded anew."""
         entry = self._stack_cache[kind]
-        if st is not entry.get("stack"):
-            return fold(st)
-        if entry.get("folded_of") is not st:
-            entry["folded"], entry["folded_of"] = fold(st), st
-        return entry["folded"]
+        if not all(any(src is e.get("stack") for e in self._stack_cache.values()) for src in sources):
+            return fold()
+        versions = tuple(tuple(map(_VERSION, src.values())) for src in sources)
+        hit = entry.get(name)
+        if hit is None or hit[1] != versions or any(a is not b for a, b in zip(hit[0], sources)):
+            hit = entry[name] = (sources, versions, fold())
+        return hit[2]
 
     def _cls_with_grad(self, stacks, x: torch.Tensor, rows: torch.Tensor, drop: torch.Tensor | None):
         """(len(rows), B, D) the experts ``rows`` (ascending) of ``stacks`` (see :meth:`_stacks`)
@@ -318,77 +333,82 @@ class BRMoE(nn.Module):
         leading modules that train nothing, from a cache, and the others, stacked now.
 
         Re-stacking every frozen expert at every step, and the gradient of the whole stack that
-        autograd forms when one of its members trains, made a step grow with the task count. The
-        cache is keyed on the tensors' storage and version counters, so any change to a frozen
-        module (an optimizer step, a load) rebuilds it.
+        autograd forms when one of its members trains, made a step grow with the task count. Once
+        stacked, the frozen modules' parameters are views of the stack (:func:`_stack_in_place`):
+        a change to one in place (a load, a user's edit) is a change to the stack, seen by the
+        next forward without a scan of every parameter's storage and version at every step (what
+        made a step at hundreds of tasks spend a sixth of its time checking the cache). Only
+        which parameters train is read per call.
         """
         modules = list(modules)
         ids = tuple(map(id, modules))
         entry = self._stack_cache.get(kind)
-        if entry is None or entry["ids"] != ids:  # other modules (a task added): look their parameters up once
-            params = [list(m.parameters()) for m in modules]
-            entry = self._stack_cache[kind] = {
-                "ids": ids,
-                "flat": [p for ps in params for p in ps],
-                "ends": list(itertools.accumulate(map(len, params))),  # each module's end in flat
-                "key": None,
-            }
-        flat, ends = entry["flat"], entry["ends"]
-        # A module is frozen when none of its parameters train; map/attrgetter keep these per-step
-        # scans over every parameter cheap at hundreds of tasks.
-        trains = list(map(_REQUIRES_GRAD, flat))
-        first = trains.index(True) if True in trains else len(flat)
-        frozen = bisect.bisect_right(ends, first)
-        stacks = []
-        if frozen:
-            n = ends[frozen - 1]
-            key = (frozen, tuple(map(torch.Tensor.data_ptr, flat[:n])), tuple(map(_VERSION, flat[:n])))
-            if entry["key"] != key:
-                with torch.no_grad():
-                    entry["stack"] = _stacked(modules[:frozen])
-                entry["key"] = key
-            stacks.append(entry["stack"])
+        if entry is None or entry["ids"] != ids:  # other modules (a task added)
+            entry = self._stack_cache[kind] = {"ids": ids, "frozen": 0}
+            _index_parameters(entry, modules)
+        # A module is frozen when none of its parameters train; map/attrgetter keep this per-call
+        # scan cheap at hundreds of tasks.
+        trains = list(map(_REQUIRES_GRAD, entry["flat"]))
+        first = trains.index(True) if True in trains else len(trains)
+        frozen = bisect.bisect_right(entry["ends"], first)
+        if frozen != entry["frozen"]:
+            entry.clear()
+            entry.update(ids=ids, frozen=frozen)
+            if frozen:
+                entry["stack"] = _stack_in_place(modules[:frozen])
+            _index_parameters(entry, modules)  # the frozen modules' parameters are new objects
+        stacks = [entry["stack"]] if frozen else []
         if frozen < len(modules):
             stacks.append(_stacked(modules[frozen:]))
         return stacks
 
-    def _perceptor_entropies(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _perceptor_entropies(self, expert_stacks, hidden: torch.Tensor) -> torch.Tensor:
         """(T', B) entropy of perceptor t on expert t's CLS output, from the expert's hidden
-        activations ``hidden[t]`` (T', B, r) alone (no autograd).
+        activations ``hidden[t]`` (T', B, r) alone (no autograd); ``expert_stacks`` (see
+        :meth:`_stacks`) hold the experts.
 
         An expert's output is affine in its r hidden activations, so the perceptor's LayerNorm
         statistics and projection are too (see :func:`_fold_routing`): the T' outputs of width D
         are never formed, which was most of a step's cost at hundreds of tasks. Batched over tasks
-        of equal class count.
+        of equal class count; the folds of frozen tasks are cached.
         """
         ent = hidden.new_empty(hidden.shape[:2])
-        perceptors = list(self.perceptors)
+        perceptors = list(self.perceptors)[: hidden.shape[0]]
         groups: dict[int, list[int]] = {}
-        for t in range(hidden.shape[0]):
-            groups.setdefault(perceptors[t].fc.out_features, []).append(t)
+        for t, classes in enumerate(self._class_counts(perceptors)):
+            groups.setdefault(classes, []).append(t)
         for classes, tasks in groups.items():
             contiguous = tasks == list(range(tasks[0], tasks[0] + len(tasks)))
-            idx = slice(tasks[0], tasks[0] + len(tasks)) if contiguous else torch.tensor(tasks, device=hidden.device)
-            kind = f"routing-{classes}"
-            folds = [
-                self._folded(st, kind, _fold_routing)
-                for st in self._stacks(self._routing_pairs(tasks, perceptors), kind)
-            ]
-            h = hidden[idx].split([len(f["const"]) for f in folds])
-            ent[idx] = entropy(torch.cat([_perceptor_logits(f, part) for f, part in zip(folds, h)]))
+            rows = torch.tensor(tasks, device=hidden.device)
+            idx = slice(tasks[0], tasks[0] + len(tasks)) if contiguous else rows
+            kind = f"perceptors-{classes}"
+            parts = self._stacks([perceptors[t] for t in tasks], kind)
+            h = hidden[idx].split([len(pst["fc.bias"]) for pst in parts])
+            logits, start = [], 0
+            for pst, part in zip(parts, h):
+                mine = rows[start : start + len(part)]
+
+                def fold(pst=pst, mine=mine):
+                    return _fold_routing(_gathered(expert_stacks, mine), pst)
+
+                # Cached where this part's experts lie in the frozen experts' stack too.
+                frozen = expert_stacks[0] is self._stack_cache["experts"].get("stack")
+                if frozen and tasks[start + len(part) - 1] < len(expert_stacks[0]["scale"]):
+                    f = self._folded(kind, "fold", (expert_stacks[0], pst), fold)
+                else:
+                    f = fold()
+                logits.append(_perceptor_logits(f, part))
+                start += len(part)
+            ent[idx] = entropy(torch.cat(logits))
         return ent
 
-    def _routing_pairs(self, tasks: list[int], perceptors: list[Perceptor]) -> list[RoutingPair]:
-        """The :class:`RoutingPair` of each task in ``tasks``, kept from step to step (the stack
-        cache of :meth:`_stacks` is keyed on the modules; as there, a module's parameters are
-        looked up once)."""
-        experts, pairs = list(self.experts), []
-        for t in tasks:
-            hit = self._pairs.get(t)
-            if hit is None or hit[0] is not experts[t] or hit[1] is not perceptors[t]:
-                hit = self._pairs[t] = (experts[t], perceptors[t], RoutingPair(experts[t], perceptors[t]))
-            pairs.append(hit[2])
-        return pairs
+    def _class_counts(self, perceptors: list[Perceptor]) -> list[int]:
+        """Each perceptor's class count, looked up once per set of perceptors."""
+        ids = tuple(map(id, perceptors))
+        hit = self._stack_cache.get("class-counts")
+        if hit is None or hit["ids"] != ids:
+            hit = self._stack_cache["class-counts"] = {"ids": ids, "counts": [p.fc.out_features for p in perceptors]}
+        return hit["counts"]
 
     def _selected_logits(self, sel: torch.Tensor, cls: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         """(m, B, E) logits of the selected routers, each computed only for the samples that
@@ -416,8 +436,7 @@ class BRMoE(nn.Module):
         """
         bsz, num_e = kept.shape
         used = kept.any(0).nonzero()[:, 0]
-        picked = _picked(stacks, used)  # gathered rows: stacking the modules anew cost more than the math
-        st = picked[0] if len(picked) == 1 else {k: torch.cat([p[k] for p in picked]) for k in picked[0]}
+        st = _gathered(stacks, used)  # gathered rows: stacking the modules anew cost more than the math
         local = torch.full((num_e,), 0, dtype=torch.long, device=x.device)
         local[used] = torch.arange(len(used), device=x.device)
         idx = torch.arange(num_e, device=x.device).expand(bsz, -1)
@@ -460,10 +479,43 @@ def _picked(stacks, rows: torch.Tensor) -> list[dict[str, torch.Tensor]]:
     return picked
 
 
+def _drop_stacks(module: BRMoE, incompatible_keys) -> None:
+    module._stack_cache.clear()
+
+
+def _gathered(stacks, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The modules ``rows`` (ascending) of ``stacks`` as one stack, by name."""
+    picked = _picked(stacks, rows)
+    return picked[0] if len(picked) == 1 else {k: torch.cat([p[k] for p in picked]) for k in picked[0]}
+
+
 def _stacked(modules) -> dict[str, torch.Tensor]:
     """The parameters of identical modules stacked along a new first axis, by name."""
     params = [dict(m.named_parameters()) for m in modules]
+    if len(params) == 1:  # a view: no copy, and a backward that adds nothing
+        return {name: p[None] for name, p in params[0].items()}
     return {name: torch.stack([p[name] for p in params]) for name in params[0]}
+
+
+def _stack_in_place(modules) -> dict[str, torch.Tensor]:
+    """The parameters of ``modules`` (that train nothing) stacked, each parameter then replaced by
+    a view of its row: same values, one storage, and the stack's version counter (what
+    ``BRMoE._folded`` reads to see a change)."""
+    with torch.no_grad():  # one module's "stack" is a view of its parameters: copied, as a stack of several is
+        stack = {k: v.clone() if len(modules) == 1 else v for k, v in _stacked(modules).items()}
+    for i, m in enumerate(modules):
+        for name, t in stack.items():
+            owner, _, leaf = name.rpartition(".")
+            setattr(m.get_submodule(owner), leaf, nn.Parameter(t[i], requires_grad=False))
+    return stack
+
+
+def _index_parameters(entry: dict, modules) -> None:
+    """Record the parameters of ``modules`` (in ``entry``: ``flat``, and ``ends``, each module's
+    end in ``flat``), looked up once per set of modules rather than at every call."""
+    params = [list(m.parameters()) for m in modules]
+    entry["flat"] = [p for ps in params for p in ps]
+    entry["ends"] = list(itertools.accumulate(map(len, params)))
 
 
 def _fold_expert(st: dict) -> dict:
@@ -477,36 +529,20 @@ def _fold_expert(st: dict) -> dict:
     }
 
 
-class RoutingPair(nn.Module):
-    """Expert t's output projection and perceptor t as one module's parameters (the same tensors),
-    so that the tasks' pairs stack like any task part (``BRMoE._stacks``)."""
-
-    def __init__(self, expert: Expert, perceptor: Perceptor):
-        super().__init__()
-        for name, p in (
-            ("up_w", expert.up.weight),
-            ("up_b", expert.up.bias),
-            ("scale", expert.scale),
-            ("norm_w", perceptor.norm.weight),
-            ("norm_b", perceptor.norm.bias),
-            ("fc_w", perceptor.fc.weight),
-            ("fc_b", perceptor.fc.bias),
-        ):
-            self.register_parameter(name, p)
-
-
-def _fold_routing(st: dict) -> dict:
+def _fold_routing(experts: dict, perceptors: dict) -> dict:
     """Perceptor t's logits on expert t's output ``y = U h + b`` (scale folded in) as functions of
-    the expert's hidden activations ``h`` (r values): with ``Uc``, ``bc`` centred over the D
-    outputs, LayerNorm's mean is removed by ``y - mean(y) = Uc h + bc``, its variance is
-    ``(h' G h + 2 g' h + c) / D`` with ``G = Uc' Uc``, ``g = Uc' bc``, ``c = |bc|^2``, and the
-    logits are ``(P h + p) / sigma + q`` with LayerNorm's affine folded into ``P``, ``p``, ``q``
-    (the exported graph's perceptors use the same fold, runtime/packing.py)."""
-    up_w = st["up_w"] * st["scale"][:, :, None]  # (E, D, r)
-    up_b = st["up_b"] * st["scale"]  # (E, D)
+    the expert's hidden activations ``h`` (r values), for stacks of experts and their perceptors:
+    with ``Uc``, ``bc`` centred over the D outputs, LayerNorm's mean is removed by
+    ``y - mean(y) = Uc h + bc``, its variance is ``(h' G h + 2 g' h + c) / D`` with
+    ``G = Uc' Uc``, ``g = Uc' bc``, ``c = |bc|^2``, and the logits are ``(P h + p) / sigma + q``
+    with LayerNorm's affine folded into ``P``, ``p``, ``q`` (the exported graph's perceptors use
+    the same fold, runtime/packing.py)."""
+    up_w = experts["up.weight"] * experts["scale"][:, :, None]  # (E, D, r)
+    up_b = experts["up.bias"] * experts["scale"]  # (E, D)
     uc = up_w - up_w.mean(1, keepdim=True)
     bc = up_b - up_b.mean(1, keepdim=True)
-    fc = (st["fc_w"] * st["norm_w"][:, None]).transpose(1, 2)  # (E, D, C)
+    fc_w = perceptors["fc.weight"]  # (E, C, D)
+    fc = (fc_w * perceptors["norm.weight"][:, None]).transpose(1, 2)  # (E, D, C)
     d = up_w.shape[1]
     return {
         "proj": torch.einsum("edr,edc->erc", uc, fc),
@@ -514,7 +550,7 @@ def _fold_routing(st: dict) -> dict:
         "gram": torch.einsum("edr,eds->ers", uc, uc) / d,
         "cross": 2 * torch.einsum("edr,ed->er", uc, bc) / d,
         "const": (bc * bc).sum(1) / d,
-        "fc_b": st["fc_b"] + torch.einsum("ecd,ed->ec", st["fc_w"], st["norm_b"]),
+        "fc_b": perceptors["fc.bias"] + torch.einsum("ecd,ed->ec", fc_w, perceptors["norm.bias"]),
     }
 
 

@@ -140,6 +140,54 @@ def test_cached_frozen_parts_follow_their_weights():
     torch.testing.assert_close(sparse["features"], dense["features"], rtol=1e-5, atol=1e-6)
 
 
+def _forwards_agree(model, x, task=3):
+    with torch.no_grad():
+        dense = model.forward_train(x, task, mode="reference")
+        sparse = model.forward_train(x, task, mode="sparse")
+    torch.testing.assert_close(sparse["features"], dense["features"], rtol=1e-5, atol=1e-6)
+    return sparse["features"]
+
+
+def test_frozen_parts_are_stacked_without_a_second_copy():
+    """The cached stack of the frozen parts holds their parameters: the parameters are views of
+    it, so the cache adds no copy of the weights."""
+    model = learner(4, 2, 8)
+    set_trainable(model, 3)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    params = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
+    before = sum(params.values())
+    _forwards_agree(model.eval(), x)
+    stacks = [t for m in model.moe for e in m._stack_cache.values() if "stack" in e for t in e["stack"].values()]
+    assert len(stacks) >= 2 * len(model.moe) * 7 / 2, "no frozen part was stacked: nothing compared"
+    held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in stacks}
+    held.update({p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()})
+    assert sum(held.values()) <= before, "the stacks copy the frozen parameters"
+
+
+def test_sparse_forward_follows_a_move_a_load_and_a_copy():
+    """After the frozen parts are cached: a dtype move, a load that replaces the parameters and a
+    copy changed in place each give what the dense form gives, and the copy leaves the original
+    alone."""
+    model = learner(4, 2, 8).eval()
+    set_trainable(model, 3)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    first = _forwards_agree(model, x)
+    model.double()
+    _forwards_agree(model, x.double())
+    model.float()
+    torch.testing.assert_close(_forwards_agree(model, x), first)
+    state = {k: v * 1.5 if ".experts.0." in k or ".perceptors.1." in k else v for k, v in model.state_dict().items()}
+    model.load_state_dict(state, assign=True)
+    loaded = _forwards_agree(model, x)
+    assert not torch.allclose(loaded, first), "the load changed nothing: nothing compared"
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in twin.moe:
+            m.experts[1].down.weight.mul_(-1.0)
+    assert not torch.allclose(_forwards_agree(twin, x), loaded), "the edit changed nothing: nothing compared"
+    torch.testing.assert_close(_forwards_agree(model, x), loaded, rtol=0, atol=0)
+
+
 def test_entropies_from_hidden_units_equal_the_perceptors_on_expert_outputs():
     """The routing pass takes each perceptor's entropy from its expert's r hidden units alone
     (LayerNorm's statistics folded through the up projection); it equals the perceptor on the
@@ -155,7 +203,7 @@ def test_entropies_from_hidden_units_equal_the_perceptors_on_expert_outputs():
         moe.experts[3].up.bias.fill_(0.7)
         x = torch.randn(5, TINY.embed_dim, generator=torch.Generator().manual_seed(6))
         hidden, drop = moe._routing_hidden(moe._stacks(moe.experts, "experts"), x, 6)
-        folded = moe._perceptor_entropies(hidden)
+        folded = moe._perceptor_entropies(moe._stacks(moe.experts, "experts"), hidden)
         direct = torch.stack([entropy(p(e(x))) for e, p in zip(moe.experts, moe.perceptors)])
     assert drop is None and hidden.shape == (6, 5, moe.cfg.expert_dim)
     torch.testing.assert_close(folded, direct, rtol=1e-5, atol=1e-6)
