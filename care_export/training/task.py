@@ -182,6 +182,13 @@ class TaskData:
     statistics (this rank's share, in order)."""
 
     def __init__(self, train, stats, cfg: TrainConfig, generator: torch.Generator, group: Group = SINGLE):
+        # Every rank needs a part of every batch it steps on (else it would wait forever for the
+        # others' gradients, or divide by nothing).
+        if min(len(train), cfg.batch_size) < group.world:
+            raise CareError(
+                f"{group.world} processes need batches of at least {group.world} images: this task has "
+                f"{len(train)} training images and --batch-size is {cfg.batch_size}; use fewer processes"
+            )
         self.group = group
         self.batches = GlobalBatches(len(train), cfg.batch_size, generator, group)
         self.train = DataLoader(

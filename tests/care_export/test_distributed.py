@@ -5,11 +5,16 @@ import os
 import subprocess
 import sys
 
+import pytest
+import torch
 from ddp_worker import run
 from helpers import ROOT
 
 from care_export.checkpoint.format import load_checkpoint
+from care_export.training.distributed import Group
+from care_export.training.task import TaskData, TrainConfig
 from runtime.checkpoint_files import read_checkpoint_manifest
+from runtime.errors import CareError
 
 # Two processes sum the gradients of a batch in another order than one: the runs agree to float
 # rounding, grown over a few dozen SGD steps.
@@ -48,3 +53,13 @@ def test_two_gloo_processes_learn_what_one_learns_and_resume(tmp_path):
     )
     assert len(read_checkpoint_manifest(tmp_path / "ddp")["tasks"]) == len(md["top1"]) == 2
     assert all(abs(x - y) <= 100 / 12 for x, y in zip(ms["top1"], md["top1"])), (ms["top1"], md["top1"])
+
+
+def test_more_processes_than_a_batch_holds_is_a_clear_error():
+    """A rank with no part of a batch would wait for the others' gradients forever: refused
+    before training, naming the counts."""
+    images = list(range(3))
+    for world, batch in ((4, 16), (2, 1)):
+        with pytest.raises(CareError, match=f"{world} processes need batches of at least {world} images"):
+            TaskData(images, images, TrainConfig(batch_size=batch), torch.Generator(), Group(0, world))
+    TaskData(images, images, TrainConfig(batch_size=2), torch.Generator(), Group(0, 2))  # enough: no error
