@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .log import hint, say
+from .log import disk_bytes, hint, mib, say
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +28,6 @@ class BatchParam(click.ParamType):
         if n < 1:
             self.fail(f"batch must be positive, got {n}", param, ctx)
         return n
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
-
-
-def _disk_bytes(directory: Path) -> int:
-    return sum(p.stat().st_blocks * 512 for p in directory.iterdir() if p.is_file())
 
 
 @click.command("onnx")
@@ -111,8 +103,8 @@ def onnx_command(ckpt, capacity, out, opset, batch, task_classes, predict, force
     dims = m["dims"]
     say(
         f"wrote {out}: {len(m['tasks'])} of {dims['capacity']} tasks, "
-        f"{sum(t['classes'] for t in m['tasks'])} classes, {nodes} nodes, {_mib(size)} "
-        f"({_mib(_disk_bytes(out))} on disk), {dt:.1f} s"
+        f"{sum(t['classes'] for t in m['tasks'])} classes, {nodes} nodes, {mib(size)} "
+        f"({mib(disk_bytes(out))} on disk), {dt:.1f} s"
     )
     hint(f"care-export parity {ckpt} {out}")
 
@@ -178,7 +170,7 @@ def add_task_command(artifact, ckpt, out, triton, keep):
         say(
             f"wrote {out}: {artifact} + {which}, {len(m['tasks'])} of {m['dims']['capacity']} tasks, "
             f"{sum(t['classes'] for t in m['tasks'])} classes; hard-linked {', '.join(how['linked']) or '-'}; "
-            f"written {', '.join(how['written'])} ({_mib(how['written_bytes'])}) "
+            f"written {', '.join(how['written'])} ({mib(how['written_bytes'])}) "
             f"({time.perf_counter() - t0:.1f} s)"
         )
         hint(f"care-export parity {ckpt} {out}")

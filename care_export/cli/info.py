@@ -10,8 +10,7 @@ import click
 
 from runtime.outdir import ARTIFACT, directory_kind
 
-from .export import _disk_bytes, _mib
-from .log import say
+from .log import disk_bytes, mib, say
 
 
 def checkpoint_info(path: Path) -> dict:
@@ -84,7 +83,7 @@ def artifact_info(path: Path, verify: bool = False) -> dict:
         "preprocessing": m["preprocessing"],
         "files": {name: {"bytes": e["bytes"], "sha256": "sha256" in e} for name, e in m["files"].items()},
         "bytes": sum(e["bytes"] for e in m["files"].values()),
-        "disk_bytes": _disk_bytes(path),
+        "disk_bytes": disk_bytes(path),
         "graph": {"nodes": nodes, "opset": opset},
         "check": {"ok": error is None, "every_digest": verify, "error": error},
         "quantization": m.get("quantization"),
@@ -92,7 +91,7 @@ def artifact_info(path: Path, verify: bool = False) -> dict:
 
 
 def _size(n: int) -> str:
-    return _mib(n) if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+    return mib(n) if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
 def _print_checkpoint(d: dict) -> None:
@@ -131,7 +130,7 @@ def _print_artifact(d: dict) -> None:
         f"std {pre['std']}"
     )
     say(
-        f"size         {_mib(d['bytes'])} ({_mib(d['disk_bytes'])} on disk): "
+        f"size         {mib(d['bytes'])} ({mib(d['disk_bytes'])} on disk): "
         + ", ".join(f"{n} {_size(f['bytes'])}" for n, f in d["files"].items())
     )
     check = d["check"]

@@ -98,3 +98,13 @@ def error(text: str) -> None:
 def hint(text: str) -> None:
     """``next: <command>``, the usual next step, on stderr (hidden by ``-q``; not given with --json)."""
     log.info(f"next: {text}")
+
+
+def mib(n: int) -> str:
+    """``n`` bytes in MiB, as every command prints sizes."""
+    return f"{n / 2**20:.1f} MiB"
+
+
+def disk_bytes(directory: Path) -> int:
+    """What the files of ``directory`` take on disk (sparse and preallocated files as they are)."""
+    return sum(p.stat().st_blocks * 512 for p in directory.iterdir() if p.is_file())
