@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import click
 from click.core import ParameterSource
@@ -395,33 +396,7 @@ def train_command(
                 group=group,
             )
         else:
-            directory = _start(
-                out,
-                data,
-                builtin_classes,
-                builtin_train,
-                builtin_test,
-                init_cls,
-                increment,
-                tasks,
-                seed,
-                backbone,
-                img_size,
-                patch_size,
-                depth,
-                backbone_weights,
-                topk_routers,
-                topk_experts,
-                expert_dim,
-                shared_dim,
-                training,
-                mean,
-                std,
-                device,
-                cache_dir,
-                progress,
-                group,
-            )
+            directory = _start(ctx.params, training, progress, group)
     except KeyboardInterrupt:
         where = resume or out
         click.echo(
@@ -439,33 +414,8 @@ def train_command(
     hint(f"care-export onnx {directory} --tasks CAPACITY   (or care-export plot {directory})")
 
 
-def _start(
-    out,
-    data,
-    builtin_classes,
-    builtin_train,
-    builtin_test,
-    init_cls,
-    increment,
-    tasks,
-    seed,
-    backbone,
-    img_size,
-    patch_size,
-    depth,
-    backbone_weights,
-    topk_routers,
-    topk_experts,
-    expert_dim,
-    shared_dim,
-    training,
-    mean,
-    std,
-    device,
-    cache_dir,
-    progress,
-    group,
-) -> Path:
+def _start(options: dict, training: dict, progress: bool, group) -> Path:
+    """A new run from the command's options (click's values, by name) and its training settings."""
     from dataclasses import replace
 
     from runtime.preprocess import Preprocessing
@@ -475,11 +425,12 @@ def _start(
     from ..training.continual import BUILTIN_WEIGHTS, default_backbone, train_sequence
     from ..training.task import TrainConfig
 
-    weights = backbone_weights or (BUILTIN_WEIGHTS if data in BUILTIN_KINDS else "hub")
-    sizes = dict(img_size=img_size, patch_size=patch_size, depth=depth)
-    if backbone is not None:
+    o = SimpleNamespace(**options)
+    weights = o.backbone_weights or (BUILTIN_WEIGHTS if o.data in BUILTIN_KINDS else "hub")
+    sizes = dict(img_size=o.img_size, patch_size=o.patch_size, depth=o.depth)
+    if o.backbone is not None:
         try:
-            cfg = backbone_config(backbone, **sizes)
+            cfg = backbone_config(o.backbone, **sizes)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--backbone") from None
     else:
@@ -491,24 +442,24 @@ def _start(
             "(cached afterwards); for real weights pass --backbone-weights FILE|hub"
         )
     preprocessing = None
-    if mean is not None or std is not None:
-        preprocessing = Preprocessing.for_input(cfg.img_size, mean or (0.0, 0.0, 0.0), std or (1.0, 1.0, 1.0))
-    builtin = dict(num_classes=builtin_classes, train_per_class=builtin_train, test_per_class=builtin_test)
+    if o.mean is not None or o.std is not None:
+        preprocessing = Preprocessing.for_input(cfg.img_size, o.mean or (0.0, 0.0, 0.0), o.std or (1.0, 1.0, 1.0))
+    builtin = dict(num_classes=o.builtin_classes, train_per_class=o.builtin_train, test_per_class=o.builtin_test)
     return train_sequence(
-        out,
-        data=data,
+        o.out,
+        data=o.data,
         builtin=builtin,
-        init_cls=init_cls,
-        increment=increment,
-        tasks=tasks,
-        seed=seed,
+        init_cls=o.init_cls,
+        increment=o.increment,
+        tasks=o.tasks,
+        seed=o.seed,
         backbone=cfg,
         weights=weights,
-        moe=MoEConfig(topk_routers, topk_experts, expert_dim, shared_dim),
+        moe=MoEConfig(o.topk_routers, o.topk_experts, o.expert_dim, o.shared_dim),
         cfg=TrainConfig(**training),
         preprocessing=preprocessing,
-        cache_dir=cache_dir,
-        device=device,
+        cache_dir=o.cache_dir,
+        device=o.device,
         progress=progress,
         group=group,
     )
