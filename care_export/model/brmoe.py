@@ -293,7 +293,8 @@ class BRMoE(nn.Module):
         versions = tuple(tuple(map(_VERSION, src.values())) for src in sources)
         hit = entry.get(name)
         if hit is None or hit[1] != versions or any(a is not b for a, b in zip(hit[0], sources)):
-            hit = entry[name] = (sources, versions, fold())
+            with torch.inference_mode(False):  # cached: usable outside inference mode too
+                hit = entry[name] = (sources, versions, fold())
         return hit[2]
 
     def _cls_with_grad(self, stacks, x: torch.Tensor, rows: torch.Tensor, drop: torch.Tensor | None):
@@ -501,7 +502,10 @@ def _stack_in_place(modules) -> dict[str, torch.Tensor]:
     """The parameters of ``modules`` (that train nothing) stacked, each parameter then replaced by
     a view of its row: same values, one storage, and the stack's version counter (what
     ``BRMoE._folded`` reads to see a change)."""
-    with torch.no_grad():  # one module's "stack" is a view of its parameters: copied, as a stack of several is
+    # Never an inference tensor (a first forward under torch.inference_mode would make the
+    # parameters ones: no training or in-place load afterwards). One module's "stack" is a view
+    # of its parameters: copied, as a stack of several is.
+    with torch.inference_mode(False), torch.no_grad():
         stack = {k: v.clone() if len(modules) == 1 else v for k, v in _stacked(modules).items()}
     for i, m in enumerate(modules):
         for name, t in stack.items():

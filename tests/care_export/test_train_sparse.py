@@ -188,6 +188,22 @@ def test_sparse_forward_follows_a_move_a_load_and_a_copy():
     torch.testing.assert_close(_forwards_agree(model, x), loaded, rtol=0, atol=0)
 
 
+def test_a_first_forward_in_inference_mode_leaves_a_trainable_model():
+    """Stacking the frozen parts during a forward under torch.inference_mode must not turn their
+    parameters into inference tensors: training and an in-place load still work afterwards."""
+    model = learner(4, 2, 8)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    model.requires_grad_(False).eval()
+    with torch.inference_mode():
+        served = model(x, mode="sparse")
+    assert served.shape == (3, model.num_classes)
+    assert not any(p.is_inference() for p in model.parameters())
+    model.load_state_dict(model.state_dict())
+    y = sum(model.task_classes[:3]) + torch.arange(3) % model.task_classes[3]
+    _, grads, _ = loss_and_grads(model, 3, x, y, "sparse")
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
 def test_entropies_from_hidden_units_equal_the_perceptors_on_expert_outputs():
     """The routing pass takes each perceptor's entropy from its expert's r hidden units alone
     (LayerNorm's statistics folded through the up projection); it equals the perceptor on the
