@@ -392,12 +392,9 @@ class BRMoE(nn.Module):
                 def fold(pst=pst, mine=mine):
                     return _fold_routing(_gathered(expert_stacks, mine), pst)
 
-                # Cached where this part's experts lie in the frozen experts' stack too.
-                frozen = expert_stacks[0] is self._stack_cache["experts"].get("stack")
-                if frozen and tasks[start + len(part) - 1] < len(expert_stacks[0]["scale"]):
-                    f = self._folded(kind, "fold", (expert_stacks[0], pst), fold)
-                else:
-                    f = fold()
+                # Cached where this part's experts all lie in the first (the frozen) experts' stack.
+                inside = tasks[start + len(part) - 1] < len(expert_stacks[0]["scale"])
+                f = self._folded(kind, "fold", (expert_stacks[0], pst), fold) if inside else fold()
                 logits.append(_perceptor_logits(f, part))
                 start += len(part)
             ent[idx] = entropy(torch.cat(logits))
