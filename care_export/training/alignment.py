@@ -156,9 +156,10 @@ def align_classifier(
     steps = classes if steps is None else min(steps, classes)
     draws = -(-steps * per_class // classes)  # per class, enough for ``steps`` batches
     acc = 0.0
-    for _ in tqdm(
+    for epoch in tqdm(
         range(epochs), desc="aligning classifier", unit="epoch", leave=False, disable=None if progress else True
     ):
+        last = epoch == epochs - 1  # only the last epoch's accuracy is returned: argmax over the head costs
         x, y = sampler.sample(draws)
         order = torch.randperm(len(y), device=x.device)
         x, y = x[order], y[order]
@@ -170,9 +171,11 @@ def align_classifier(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            correct += int((logits.argmax(1) == yb).sum())
+            if last:
+                correct += int((logits.argmax(1) == yb).sum())
         sched.step()
-        acc = 100.0 * correct / (steps * per_class)
+        if last:
+            acc = 100.0 * correct / (steps * per_class)
     with torch.no_grad():
         for block, part in zip(head.blocks, weight.split([len(b) for b in head.blocks])):
             block.copy_(part)
