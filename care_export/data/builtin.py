@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from .drawn import DrawnImages
+
 MAX_CLASSES = 1000
 PRETRAIN_FIRST_CLASS = MAX_CLASSES
 
@@ -161,6 +163,7 @@ class BuiltinSource:
         self.seed = seed
         self.styles = [ClassStyle(seed, first_class + k) for k in range(num_classes)]
         self.class_names = [f"{s.name}-{first_class + k}" for k, s in enumerate(self.styles)]
+        self._drawn = DrawnImages(image_size)
 
     @property
     def num_classes(self) -> int:
@@ -183,8 +186,12 @@ class BuiltinSource:
 
     def load(self, split: str, item: tuple[int, int]) -> Image.Image:
         label, index = item
-        rng = np.random.default_rng([self.seed, self.first_class + label, _SPLITS[split], index])
-        return Image.fromarray(render(self.styles[label], rng, self.image_size))
+
+        def draw():
+            rng = np.random.default_rng([self.seed, self.first_class + label, _SPLITS[split], index])
+            return render(self.styles[label], rng, self.image_size)
+
+        return Image.fromarray(self._drawn.get((split, label, index), draw))
 
 
 # The built-in dataset as ``care-export train`` uses it: train images calibrate, test images evaluate.

@@ -18,6 +18,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from .drawn import DrawnImages
+
 SHIFT_SHAPES = ("hexagon", "crescent", "heart", "arrow", "ellipse", "hourglass")
 SHIFT_TEXTURES = ("waves", "grid", "blobs", "spiral", "bricks", "zigzag")
 _SPLITS = {"train": 0, "test": 1}
@@ -26,7 +28,6 @@ _SPLITS = {"train": 0, "test": 1}
 RANDOM_ROLES = 0.5
 # Offsets that keep this source's random streams apart from builtin.py's.
 _STYLE_STREAM, _DOMAIN_STREAM, _IMAGE_STREAM = 7001, 7002, 7003
-_CACHE_BYTES = 256 << 20
 
 
 class ShiftStyle:
@@ -171,9 +172,7 @@ class ShiftedSource:
         self.image_size, self.seed = image_size, seed
         self.styles = [ShiftStyle(seed, c) for c in range(num_classes)]
         self.class_names = [f"{s.name}-d{self.domain_of[c]}-{c}" for c, s in enumerate(self.styles)]
-        # Every epoch reloads the same images: keep them drawn, up to _CACHE_BYTES.
-        self._drawn: dict[tuple[str, int, int], np.ndarray] = {}
-        self._cache_room = _CACHE_BYTES // (3 * image_size**2)
+        self._drawn = DrawnImages(image_size)
 
     @property
     def num_classes(self) -> int:
@@ -210,12 +209,9 @@ class ShiftedSource:
 
     def load(self, split: str, item: tuple[int, int]) -> Image.Image:
         label, index = item
-        key = (split, label, index)
-        pixels = self._drawn.get(key)
-        if pixels is None:
+
+        def draw():
             rng = np.random.default_rng([_IMAGE_STREAM, self.seed, label, _SPLITS[split], index])
-            style, domain = self.styles[label], self.domains[self.domain_of[label]]
-            pixels = render_shifted(style, domain, rng, self.image_size)
-            if len(self._drawn) < self._cache_room:
-                self._drawn[key] = pixels
-        return Image.fromarray(pixels)
+            return render_shifted(self.styles[label], self.domains[self.domain_of[label]], rng, self.image_size)
+
+        return Image.fromarray(self._drawn.get((split, label, index), draw))

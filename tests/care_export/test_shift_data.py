@@ -63,11 +63,14 @@ def test_shifted_source_limits():
         ShiftedSource(5, init_cls=10)
 
 
-def test_cache_of_drawn_images_stops_at_its_room(monkeypatch):
-    import care_export.data.shift as shift
+@pytest.mark.parametrize("kind", ["builtin-shift", "builtin"])
+def test_cache_of_drawn_images_stops_at_its_room(monkeypatch, kind):
+    """Both procedural sources keep drawn images up to a byte budget; past it they draw anew, the
+    same pixels either way."""
+    import care_export.data.drawn as drawn
 
-    monkeypatch.setattr(shift, "_CACHE_BYTES", 3 * 32 * 32 * 2)  # room for two 32 px images
-    src = ShiftedSource(4, init_cls=2, increment=2)
+    monkeypatch.setattr(drawn, "CACHE_BYTES", 3 * 32 * 32 * 2)  # room for two 32 px images
+    src = ShiftedSource(4, init_cls=2, increment=2) if kind == "builtin-shift" else BuiltinSource(4)
     first = [pixels(src, "train", c, 0) for c in range(4)]
-    assert len(src._drawn) == 2
+    assert len(src._drawn) == 2 and ("train", 0, 0) in src._drawn and ("train", 3, 0) not in src._drawn
     assert all(np.array_equal(f, pixels(src, "train", c, 0)) for c, f in enumerate(first))
