@@ -71,7 +71,7 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=16)
     args = ap.parse_args(argv)
 
-    model, _, prep = build_care_vit(BUILTIN_BACKBONE, "builtin-pretrained", MoEConfig(), progress=False)
+    model, _, prep = build_care_vit(BUILTIN_BACKBONE, "builtin-pretrained", MoEConfig(), progress=False, data=args.data)
     n, k = args.classes, args.task_classes
     if args.data == "builtin":
         source = BuiltinSource(n, train_per_class=args.train_per_class)

@@ -73,9 +73,9 @@ _TRAINING = (
     default="builtin",
     show_default=True,
     help="'builtin' (procedural images), 'builtin-shift' (procedural images the built-in backbone "
-    "never saw, one domain per task) or an image folder: one sub-folder per class, or train/ and "
-    "test/ each holding them. With --resume: a folder of classes the checkpoint does not know is "
-    "learned as its next task.",
+    "never saw, one domain per task, classes told apart by hue; its own hue-invariant backbone) or "
+    "an image folder: one sub-folder per class, or train/ and test/ each holding them. With "
+    "--resume: a folder of classes the checkpoint does not know is learned as its next task.",
 )
 @click.option(
     "--skip-known",

@@ -5,8 +5,11 @@ discs and squares on stripes, checkers or dots, in a fixed palette. Its frozen f
 separate every class of the ``builtin`` sequence. This source draws from other families instead
 (shapes and textures the pre-training never shows, colours off its palette), and every task
 renders its classes in its own *domain*: a palette of four colours and a geometric warp of the whole
-image, drawn once per task. Classes of different tasks share shape and texture kinds, so they are told
-apart by what the domain does to them; the backbone never saw any of it.
+image, drawn once per task. Within a task every class is the same template (shape, texture, layout)
+turned by its own hue: class ``k`` of a task of ``n`` classes rotates every colour of the image by
+``k / n`` of a turn about the grey axis. The backbone that ``builtin-shift`` trains on is pre-trained
+to ignore hue (``pretrain.SHIFT_PRETRAIN``), so its final features tell the task (the template) but
+hardly the class; its early tokens, which the BR-MoE's adapters read, still carry the colours.
 
 Domains follow the task layout (``init_cls``, ``increment``, class-order ``order_seed``) of the
 sequence the source is made for, so each task of that sequence is one domain. Images are drawn on
@@ -23,18 +26,23 @@ from .drawn import DrawnImages
 SHIFT_SHAPES = ("hexagon", "crescent", "heart", "arrow", "ellipse", "hourglass")
 SHIFT_TEXTURES = ("waves", "grid", "blobs", "spiral", "bricks", "zigzag")
 _SPLITS = {"train": 0, "test": 1}
-# How often an image paints its class with random colour roles: at 0 the frozen backbone separates
-# the classes by colour (nearest class mean 90 %), at 1 by nothing much (14 %); 0.5 gives 47 %.
-RANDOM_ROLES = 0.5
 # Offsets that keep this source's random streams apart from builtin.py's.
 _STYLE_STREAM, _DOMAIN_STREAM, _IMAGE_STREAM = 7001, 7002, 7003
 
 
-class ShiftStyle:
-    """The means of one class: drawn once from ``(seed, class id)``."""
+def hue_rotation(angle: float) -> np.ndarray:
+    """The 3x3 rotation of RGB colours by ``angle`` (radians) about the grey axis: a hue turn."""
+    c, s = np.cos(angle), np.sin(angle)
+    grey = np.full((3, 3), 1 / 3)
+    cross = np.array([[0.0, -1, 1], [1, 0, -1], [-1, 1, 0]]) / np.sqrt(3)
+    return c * (np.eye(3) - grey) + grey + s * cross
 
-    def __init__(self, seed: int, class_id: int):
-        rng = np.random.default_rng([_STYLE_STREAM, seed, class_id])
+
+class ShiftStyle:
+    """The template of one task's classes: drawn once from ``(seed, task)``."""
+
+    def __init__(self, seed: int, task: int):
+        rng = np.random.default_rng([_STYLE_STREAM, seed, task])
         self.shape = int(rng.integers(len(SHIFT_SHAPES)))
         self.texture = int(rng.integers(len(SHIFT_TEXTURES)))
         self.freq = rng.uniform(2.5, 5.5)
@@ -51,13 +59,16 @@ class ShiftStyle:
 class Domain:
     """What one task does to all its images: its colours and an affine warp of the image.
 
-    Every image of the domain paints shape and background with three of the domain's four colours,
-    in random roles: colour tells the domain (the task), never the class within it.
+    The palette's colours are saturated (hue, saturation 0.6-0.95, value 0.55-0.95), so that a hue
+    turn changes every pixel of the image.
     """
 
     def __init__(self, seed: int, domain: int):
+        from colorsys import hsv_to_rgb
+
         rng = np.random.default_rng([_DOMAIN_STREAM, seed, domain])
-        self.palette = rng.uniform(0.05, 0.95, (4, 3))
+        hsv = np.stack([rng.uniform(0, 1, 4), rng.uniform(0.6, 0.95, 4), rng.uniform(0.55, 0.95, 4)], 1)
+        self.palette = np.array([hsv_to_rgb(*c) for c in hsv])
         self.contrast = rng.uniform(0.6, 1.2)
         # Warp of the image coordinates: rotation, anisotropic scale and shear about the centre.
         a = rng.uniform(0, 2 * np.pi)
@@ -65,10 +76,7 @@ class Domain:
         self.warp = rot @ np.array([[rng.uniform(0.7, 1.4), rng.uniform(-0.4, 0.4)], [0.0, rng.uniform(0.7, 1.4)]])
 
     def colours(self, roles, rng: np.random.Generator) -> np.ndarray:
-        """Shape, background and texture colours of one image of a class with ``roles``: the
-        class's own roles half of the time, random ones otherwise."""
-        if rng.uniform() < RANDOM_ROLES:
-            roles = rng.permutation(4)[:3]
+        """Shape, background and texture colours of one image painted with ``roles``."""
         return self.palette[roles] + rng.normal(0, 0.05, (3, 3))
 
 
@@ -114,8 +122,11 @@ def _shape_mask(kind: int, x, y, radius: float):
     return np.clip(0.5 - d * 32, 0.0, 1.0)
 
 
-def render_shifted(style: ShiftStyle, domain: Domain, rng: np.random.Generator, size: int) -> np.ndarray:
-    """One image of ``style`` in ``domain`` as ``size x size x 3`` uint8, deviations from ``rng``."""
+def render_shifted(
+    style: ShiftStyle, domain: Domain, rng: np.random.Generator, size: int, hue: float = 0.0
+) -> np.ndarray:
+    """One image of ``style`` in ``domain``, its colours turned by ``hue`` (radians), as ``size x
+    size x 3`` uint8, deviations from ``rng``."""
     coords = (np.arange(size, dtype=np.float32) + 0.5) / size
     v, u = np.meshgrid(coords, coords, indexing="ij")
     uw, vw = np.einsum("ij,jhw->ihw", domain.warp, np.stack([u - 0.5, v - 0.5])) + 0.5
@@ -130,12 +141,14 @@ def render_shifted(style: ShiftStyle, domain: Domain, rng: np.random.Generator, 
     mask = _shape_mask(style.shape, xr, yr, style.radius * rng.uniform(0.8, 1.2))[..., None]
     img = img * (1 - mask) + fg * mask
     img = ((img - 0.5) * domain.contrast + 0.5) * rng.uniform(0.85, 1.15) + rng.normal(0, 0.05, img.shape)
+    img = (img - 0.5) @ hue_rotation(hue).T + 0.5
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
 class ShiftedSource:
     """``num_classes`` classes of the shifted families; class ``c`` lives in the domain of the task
-    that learns it in the sequence ``(init_cls, increment, order_seed)``."""
+    that learns it in the sequence ``(init_cls, increment, order_seed)``, and is that task's
+    template turned by its own hue."""
 
     kind = "builtin-shift"
 
@@ -164,14 +177,20 @@ class ShiftedSource:
         seq = TaskSequence.build(num_classes, init_cls, increment, self.order_seed)
         self.init_cls, self.increment = init_cls, increment
         self.domain_of = [0] * num_classes
+        self.hue_of = [0.0] * num_classes  # the class's hue turn within its task, in radians
+        hue_index = [0] * num_classes
         for t in range(seq.num_tasks):
-            for g in seq.classes(t):
-                self.domain_of[seq.order[g]] = t
+            members = seq.classes(t)
+            for k, g in enumerate(members):
+                c = seq.order[g]
+                self.domain_of[c], hue_index[c] = t, k
+                self.hue_of[c] = 2 * np.pi * k / len(members)
         self.domains = [Domain(seed, t) for t in range(seq.num_tasks)]
+        self.templates = [ShiftStyle(seed, t) for t in range(seq.num_tasks)]
         self.per_class = {"train": train_per_class, "test": test_per_class}
         self.image_size, self.seed = image_size, seed
-        self.styles = [ShiftStyle(seed, c) for c in range(num_classes)]
-        self.class_names = [f"{s.name}-d{self.domain_of[c]}-{c}" for c, s in enumerate(self.styles)]
+        self.styles = [self.templates[t] for t in self.domain_of]
+        self.class_names = [f"{s.name}-h{hue_index[c]}-d{self.domain_of[c]}-{c}" for c, s in enumerate(self.styles)]
         self._drawn = DrawnImages(image_size)
 
     @property
@@ -212,6 +231,7 @@ class ShiftedSource:
 
         def draw():
             rng = np.random.default_rng([_IMAGE_STREAM, self.seed, label, _SPLITS[split], index])
-            return render_shifted(self.styles[label], self.domains[self.domain_of[label]], rng, self.image_size)
+            style, domain = self.styles[label], self.domains[self.domain_of[label]]
+            return render_shifted(style, domain, rng, self.image_size, self.hue_of[label])
 
         return Image.fromarray(self._drawn.get((split, label, index), draw))

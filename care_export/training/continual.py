@@ -303,17 +303,19 @@ def build_care_vit(
     seed: int = DEFAULT_SEED,
     cache_dir=None,
     progress: bool = True,
+    data: str | Path = "builtin",
 ) -> tuple[CareViT, str, Preprocessing]:
     """The untrained model, a description of its backbone weights, and the default preprocessing.
 
     ``weights``: ``"builtin-pretrained"`` (a small ViT pre-trained on built-in classes, cached),
     ``"hub"`` (timm's pretrained weights), a local file, or None (random, for tests). The
-    model's random initialisation (shared experts) depends on ``seed`` only.
+    model's random initialisation (shared experts) depends on ``seed`` only. ``data`` picks the
+    built-in pre-training (``pretrain.pretrain_config``: ``builtin-shift`` has its own).
     """
     if weights == BUILTIN_WEIGHTS:
-        from .pretrain import PretrainConfig, builtin_preprocessing, pretrained_backbone
+        from .pretrain import builtin_preprocessing, pretrain_config, pretrained_backbone
 
-        pre_cfg = PretrainConfig(backbone=backbone)
+        pre_cfg = pretrain_config(data, backbone)
         path = pretrained_backbone(pre_cfg, cache_dir, progress=progress)
         torch.manual_seed(seed)
         return (
@@ -371,12 +373,12 @@ def train_sequence(
     dev = group.device(resolve_device(device))
     if group.distributed and weights == BUILTIN_WEIGHTS:  # pre-trained once, by rank 0, into the cache
         if group.main:
-            from .pretrain import PretrainConfig, pretrained_backbone
+            from .pretrain import pretrain_config, pretrained_backbone
 
-            pretrained_backbone(PretrainConfig(backbone=backbone), cache_dir, progress=progress)
+            pretrained_backbone(pretrain_config(data, backbone), cache_dir, progress=progress)
         group.barrier()
     model, weights_desc, default_pre = build_care_vit(
-        backbone, weights, moe, seed=seed, cache_dir=cache_dir, progress=progress and group.main
+        backbone, weights, moe, seed=seed, cache_dir=cache_dir, progress=progress and group.main, data=data
     )
     run = ContinualRun(
         out,

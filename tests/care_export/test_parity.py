@@ -66,3 +66,23 @@ def test_parity_reports_failures():
         compare(ref, (logits, tasks, flipped), 1e-4).check()
     with pytest.raises(ShapeError):
         compare(ref, (logits[:, :4], tasks, experts), 1e-4)
+
+
+def test_parity_below_full_agreement_holds_only_the_agreeing_samples_to_atol():
+    """``check(min_agree)`` lets some samples route differently; their logits follow other experts,
+    so atol binds the others only, and only then."""
+    logits = np.zeros((4, 5))
+    tasks = np.tile(np.array([[[0, 1]]]), (4, 2, 1))
+    experts = np.tile(np.array([[[[0, -1, -1], [0, 1, -1]]]]), (4, 2, 1, 1))
+    flipped = experts.copy()
+    flipped[2, 0, 1, 1] = 2
+    moved = logits.copy()
+    moved[2] += 0.5  # the flipped sample
+    report = compare((logits, tasks, experts), (moved, tasks, flipped), 1e-4)
+    assert report.mismatched == [2] and report.max_abs == 0.5 and report.max_abs_agreeing == 0.0
+    report.check(min_agree=0.7)
+    with pytest.raises(RoutingError):
+        report.check()
+    moved[0, 1] = 1e-3  # an agreeing sample outside atol
+    with pytest.raises(AtolError):
+        compare((logits, tasks, experts), (moved, tasks, flipped), 1e-4).check(min_agree=0.7)
