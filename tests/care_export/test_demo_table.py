@@ -2,6 +2,8 @@
 
 import importlib.util
 
+import numpy as np
+import pytest
 from helpers import ROOT
 
 from care_export.training.evaluate import Metrics
@@ -23,3 +25,34 @@ def test_comparison_table_rows():
     assert lines[0].split() == ["method", "A-bar", "A_B", "forgetting"]
     assert lines[1].split()[-3:] == ["75.00", "70.00", f"{care.forgetting:.2f}"] and care.forgetting == 20.0
     assert lines[2].split()[-3:] == ["47.50", "45.00", "5.00"]
+
+
+def test_shifted_demo_parity_accepts_a_flip_only_at_a_near_tie(monkeypatch, capsys):
+    """The demo's parity on builtin-shift (min_agree 0) passes a routing flip only where the FP32
+    graph's own deciding gap on that input is within NEAR_TIE; a flip at a clear margin fails."""
+    demo = load_demo()
+    tiny = ROOT / "tests" / "data" / "tiny"
+    gaps = demo.near_tie_gaps(tiny / "artifact", 8)
+    assert gaps.shape == (8,) and (gaps > demo.NEAR_TIE).all(), "random inputs of the tiny model: clear margins"
+
+    from care_export.export.parity import compare
+
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((8, 5)).astype(np.float32)
+    tasks = np.tile(np.array([[0, 1], [1, 2]]), (8, 1, 1))  # (N, L=2, M=2)
+    experts = tasks[..., None]  # K = 1
+    other = tasks.copy()
+    other[3, 0] = [0, 2]  # sample 3 routed otherwise in block 0, its logits with it
+    moved = logits.copy()
+    moved[3] += 0.5
+    flipped = compare((logits, tasks, experts), (moved, other, other[..., None]), atol=1e-4)
+    assert flipped.mismatched == [3] and not flipped.ok
+    monkeypatch.setattr(demo, "run_parity", lambda *a, **k: flipped)
+    monkeypatch.setattr(demo, "near_tie_gaps", lambda art, n: np.where(np.arange(n) == 3, 1e-7, 1.0))
+    demo.parity(tiny / "ckpt", tiny / "artifact", demo.MIN_AGREE["builtin-shift"])
+    assert "near-tie" in capsys.readouterr().out
+    monkeypatch.setattr(demo, "near_tie_gaps", lambda art, n: np.ones(n))
+    with pytest.raises(SystemExit, match="from a tie"):
+        demo.parity(tiny / "ckpt", tiny / "artifact", demo.MIN_AGREE["builtin-shift"])
+    with pytest.raises(Exception, match="routing differs"):
+        demo.parity(tiny / "ckpt", tiny / "artifact", demo.MIN_AGREE["builtin"])
