@@ -231,10 +231,9 @@ class BRMoE(nn.Module):
         the CLS token (``None`` without ``forced``).
 
         Every expert runs on the CLS token without autograd, for the entropies (selection only: no
-        gradient flows through them). The CLS outputs on the gradient path are computed again with
-        autograd, with the same dropout masks, per sample and only for the experts that sample
-        reads (its selected routers' own, then the ones they keep), so a step's backward does not
-        grow with the number of experts nor with how many a batch selects in all.
+        gradient flows through them). Only the CLS outputs that feed a selected router or the
+        mixture are on the gradient path; they are computed again with autograd, with the same
+        dropout masks, so a step's backward does not grow with the number of experts.
         """
         experts = list(self.experts)[:num_experts]
         cand = num_experts - (forced is not None)
@@ -243,22 +242,27 @@ class BRMoE(nn.Module):
         with torch.no_grad():
             hidden, drop = self._routing_hidden(stacks, cls0, cand)
             sel = self._select(self._perceptor_entropies(stacks, hidden), forced)
-        routed = self._pairs_on_tokens(stacks, cls0, sel.T, drop)  # (B, m, D): router j reads its expert
-        w, kept = self._weights(self._selected_logits(sel, routed, num_experts))
+        rows = sel.unique()  # the selected routers read their own expert's CLS output
+        local = torch.full((num_experts,), -1, dtype=torch.long, device=x.device)
+        local[rows] = torch.arange(len(rows), device=x.device)
+        cls = self._cls_with_grad(stacks, cls0, rows, drop)
+        w, kept = self._weights(self._selected_logits(sel, cls, local))
+        more = (kept.any(0).any(0) & (local < 0)).nonzero()[:, 0]  # kept experts not read yet
+        if len(more):
+            local[more] = torch.arange(len(rows), len(rows) + len(more), device=x.device)
+            rows = torch.cat([rows, more])
+            cls = torch.cat([cls, self._cls_with_grad(stacks, cls0, more, drop)])
         per_expert = (w * kept).sum(0)  # (B, E): total weight of each expert per sample
-        expert, valid = _slots(kept.any(0))
-        head = torch.einsum(
-            "bs,bsd->bd", per_expert.gather(1, expert) * valid, self._pairs_on_tokens(stacks, cls0, expert, drop)
-        )
+        head = torch.einsum("bu,ubd->bd", per_expert.index_select(1, rows), cls)
         rest = self._mixed_tokens(stacks, x[:, 1:], per_expert, kept.any(0))
-        forced_cls = None if forced is None else routed[:, -1]  # the forced router is selected last
+        forced_cls = None if forced is None else cls[int(local[forced])]
         return torch.cat([head[:, None], rest], 1), sel, kept, forced_cls
 
     def _routing_hidden(self, stacks, x: torch.Tensor, count: int):
         """(count, B, r) the hidden activations (after ReLU and dropout) of the first ``count``
         experts of ``stacks`` on the tokens ``x`` (B, D), for the entropies only (no autograd;
         LayerNorm's affine folded into the projection, the frozen experts' from a cache), and the
-        dropout masks of all of them as :meth:`_pairs_on_tokens` applies them (scaled
+        dropout masks of all of them as :meth:`_experts_on_tokens` applies them (scaled
         keep-masks, (E, B, r); ``None``: no dropout)."""
         xn = F.layer_norm(x, x.shape[-1:], eps=PART_LN_EPS)
         total = sum(len(st["scale"]) for st in stacks)
@@ -293,25 +297,36 @@ class BRMoE(nn.Module):
                 hit = entry[name] = (sources, versions, fold())
         return hit[2]
 
-    def _pairs_on_tokens(self, stacks, x: torch.Tensor, experts: torch.Tensor, drop: torch.Tensor | None):
-        """(B, P, D) expert ``experts[b, p]`` of ``stacks`` (see :meth:`_stacks`) on the token
-        ``x[b]`` (B, D), with autograd and the dropout masks ``drop`` (E, B, r) of
+    def _cls_with_grad(self, stacks, x: torch.Tensor, rows: torch.Tensor, drop: torch.Tensor | None):
+        """(len(rows), B, D) the experts ``rows`` (ascending) of ``stacks`` (see :meth:`_stacks`)
+        on the tokens ``x`` with autograd, with the dropout masks ``drop`` of
         :meth:`_routing_hidden` (``None``: no dropout)."""
-        bsz, pairs = experts.shape
-        used, slot = experts.flatten().unique(return_inverse=True)
-        st = _gathered(stacks, used)
+        return self._experts_on_tokens(_picked(stacks, rows), x, None if drop is None else drop.index_select(0, rows))
 
-        def per_pair(t):  # t[slot]; index_select's backward sums in a fixed order, indexing's does not on CPU
-            return t.index_select(0, slot).reshape(bsz, pairs, *t.shape[1:])
-
-        xn = F.layer_norm(x, x.shape[-1:], eps=PART_LN_EPS)[:, None] * per_pair(st["norm.weight"]) + per_pair(
-            st["norm.bias"]
+    def _experts_on_tokens(self, stacks, x: torch.Tensor, drop: torch.Tensor | None):
+        """(E, B, D) each expert of ``stacks`` (see :meth:`_stacks`) on the tokens ``x`` (B, D),
+        batched, with the dropout masks ``drop`` (E, B, r) of :meth:`_routing_hidden` (``None``: no
+        dropout)."""
+        xn = F.layer_norm(x, x.shape[-1:], eps=PART_LN_EPS)
+        h = torch.cat(
+            [
+                torch.relu(
+                    torch.baddbmm(
+                        st["down.bias"][:, None],
+                        xn * st["norm.weight"][:, None] + st["norm.bias"][:, None],
+                        st["down.weight"].transpose(1, 2),
+                    )
+                )
+                for st in stacks
+            ]
         )
-        h = torch.relu(torch.einsum("bpd,bprd->bpr", xn, per_pair(st["down.weight"])) + per_pair(st["down.bias"]))
         if drop is not None:
-            h = h * drop[experts, torch.arange(bsz, device=x.device)[:, None]]
-        return (torch.einsum("bpr,bpdr->bpd", h, per_pair(st["up.weight"])) + per_pair(st["up.bias"])) * per_pair(
-            st["scale"]
+            h = h * drop
+        return torch.cat(
+            [
+                torch.baddbmm(st["up.bias"][:, None], part, st["up.weight"].transpose(1, 2)) * st["scale"][:, None]
+                for st, part in zip(stacks, h.split([len(st["scale"]) for st in stacks]))
+            ]
         )
 
     def _stacks(self, modules, kind: str) -> list[dict[str, torch.Tensor]]:
@@ -393,12 +408,17 @@ class BRMoE(nn.Module):
             hit = self._stack_cache["class-counts"] = {"ids": ids, "counts": [p.fc.out_features for p in perceptors]}
         return hit["counts"]
 
-    def _selected_logits(self, sel: torch.Tensor, routed: torch.Tensor, num_e: int) -> torch.Tensor:
+    def _selected_logits(self, sel: torch.Tensor, cls: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         """(m, B, E) logits of the selected routers, each computed only for the samples that
-        select it; ``-inf`` beyond a router's experts. Router ``sel[j, b]`` reads ``routed[b, j]``."""
+        select it; ``-inf`` beyond a router's experts. Router ``r`` reads ``cls[local[r]]``."""
         m, bsz = sel.shape
-        rows = routed.transpose(0, 1).reshape(m * bsz, -1)  # row j * B + b
-        chosen = routed.new_full((m, bsz, num_e), float("-inf"))
+        num_e = len(local)
+        # The routers' inputs in one gather: indexing cls per router would make its backward
+        # write a gradient the size of cls for every router.
+        rows = cls.reshape(-1, cls.shape[-1]).index_select(
+            0, (local[sel] * bsz + torch.arange(bsz, device=sel.device)).flatten()
+        )
+        chosen = cls.new_full((m, bsz, num_e), float("-inf"))
         for r in sel.unique().tolist():
             j, b = (sel == r).nonzero(as_tuple=True)
             chosen[j, b, : r + 1] = self.routers[r](rows.index_select(0, j * bsz + b))
@@ -417,7 +437,10 @@ class BRMoE(nn.Module):
         st = _gathered(stacks, used)  # gathered rows: stacking the modules anew cost more than the math
         local = torch.full((num_e,), 0, dtype=torch.long, device=x.device)
         local[used] = torch.arange(len(used), device=x.device)
-        expert, valid = _slots(kept)
+        idx = torch.arange(num_e, device=x.device).expand(bsz, -1)
+        key = torch.where(kept, idx, idx + num_e).sort(-1).values[:, : int(kept.sum(-1).max())]  # kept experts first
+        valid = key < num_e
+        expert = torch.where(valid, key, 0)
         slot_w = weight.gather(1, expert) * valid  # (B, S)
         slot = local[expert]  # (B, S) index into ``used``
         s, r = slot.shape[1], st["down.weight"].shape[1]
@@ -439,16 +462,6 @@ class BRMoE(nn.Module):
             torch.bmm(h, per_slot(up_w).reshape(bsz, s * r, -1))
             + torch.einsum("bs,bsd->bd", slot_w, per_slot(up_b))[:, None]
         )
-
-
-def _slots(kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The experts ``kept[b]`` (B, E) of each sample as ``S`` slots, ascending: ``(expert, valid)``
-    (B, S), slots past a sample's experts point at expert 0, invalid."""
-    num_e = kept.shape[1]
-    idx = torch.arange(num_e, device=kept.device).expand_as(kept)
-    key = torch.where(kept, idx, idx + num_e).sort(-1).values[:, : int(kept.sum(-1).max())]  # kept experts first
-    valid = key < num_e
-    return torch.where(valid, key, 0), valid
 
 
 def _picked(stacks, rows: torch.Tensor) -> list[dict[str, torch.Tensor]]:
