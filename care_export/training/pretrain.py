@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -72,14 +72,14 @@ class PretrainConfig:
         """A digest of every setting that changes the weights (settings added later count only
         when they differ from their default, so that earlier backbones keep their key)."""
         d = asdict(self)
-        for name, default in _LATER_DEFAULTS.items():
-            if d[name] == default:
-                del d[name]
+        for f in fields(self):
+            if f.name in _LATER_SETTINGS and d[f.name] == f.default:
+                del d[f.name]
         blob = json.dumps(dict(d, recipe=RECIPE_VERSION), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-_LATER_DEFAULTS = {"hue_invariance": 0.0, "residual_scale": 1.0}
+_LATER_SETTINGS = ("hue_invariance", "residual_scale")
 
 # The backbone of the shifted sequence (``--data builtin-shift``, ``data/shift.py``), whose classes
 # differ only in hue within a task. Hue-invariant, its frozen features hardly tell those classes
@@ -92,8 +92,6 @@ SHIFT_PRETRAIN = PretrainConfig(hue_invariance=1.0, residual_scale=0.05)
 
 def pretrain_config(data: str, backbone: BackboneConfig) -> PretrainConfig:
     """The pre-training of the built-in backbone that a built-in sequence ``data`` uses."""
-    from dataclasses import replace
-
     return replace(SHIFT_PRETRAIN if str(data) == "builtin-shift" else PretrainConfig(), backbone=backbone)
 
 
@@ -157,15 +155,14 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> nn.Module:
     for epoch in bar:
         correct = seen = 0
         for x, y in loader:
-            if cfg.hue_invariance:
-                f = vit(torch.cat([turn_hue(x, hue_gen), turn_hue(x, hue_gen)]))
-                f, other = f.chunk(2)
-                logits = head(f)
-                loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-                loss = loss + cfg.hue_invariance * (_unit(f) - _unit(other)).pow(2).mean()
+            if cfg.hue_invariance:  # the batch under two random hue turns
+                f, other = vit(torch.cat([turn_hue(x, hue_gen), turn_hue(x, hue_gen)])).chunk(2)
             else:
-                logits = head(vit(x))
-                loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+                f = vit(x)
+            logits = head(f)
+            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+            if cfg.hue_invariance:
+                loss = loss + cfg.hue_invariance * (_unit(f) - _unit(other)).pow(2).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(params, 1.0)
