@@ -3,7 +3,9 @@ tasks of a sequence checkpoint made by ``care-export train`` (e.g. a B100-Inc3 r
 tasks), then task T learned again from its recorded data, with the checkpoint's settings and
 each classifier-alignment schedule given (``ref``: one step per learned class, the reference's;
 a number: ``--ca-steps``). What ``care-export train`` logs as a task's training time: no
-evaluation, no saving. Every (T, schedule) runs once per round, interleaved; medians.
+evaluation, no saving. Before each timing the model is left as a run leaves it after learning
+task T-1 (its frozen parts cached by one training forward of T-1), not as a fresh load. Every
+(T, schedule) runs once per round, interleaved; medians.
 
     python benchmarks/bench_task.py CKPT --tasks 10 298 --ca-steps ref 128
 """
@@ -24,7 +26,7 @@ from care_export.checkpoint.format import load_checkpoint
 from care_export.data.sources import TaskSequence, source_from_dict
 from care_export.training.alignment import load_statistics
 from care_export.training.continual import ContinualRun
-from care_export.training.task import TrainConfig
+from care_export.training.task import TrainConfig, set_trainable
 from runtime.checkpoint_files import read_checkpoint_manifest
 from runtime.preprocess import Preprocessing
 
@@ -67,6 +69,7 @@ def main(argv=None):
                         weights=manifest["training"]["backbone_weights"],
                         stats=stats[t],
                     )
+                    settle(run.model, t)
                     start = time.perf_counter()
                     run.train_next(progress=False)
                     times[t, name].append(time.perf_counter() - start)
@@ -80,6 +83,16 @@ def main(argv=None):
             med = statistics.median(times[t, name])
             ratio = med / statistics.median(times[first, name])
             print(f"{t:>5} {classes:>8} {name:>9} {med:>8.2f} {ratio:>8.2f}x")
+
+
+def settle(model, task: int) -> None:
+    """Leave ``model`` (tasks ``0..task-1``) as a run does after learning ``task - 1``: the
+    frozen parts of that task's training cached (one training forward), every parameter frozen."""
+    set_trainable(model, task - 1)
+    size = model.backbone_cfg.img_size
+    with torch.random.fork_rng():
+        model.train().forward_train(torch.zeros(1, 3, size, size), task - 1)
+    model.requires_grad_(False)
 
 
 if __name__ == "__main__":

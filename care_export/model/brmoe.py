@@ -82,10 +82,10 @@ class BRMoE(nn.Module):
         """
         expert = Expert(self.dim, self.cfg.expert_dim, self.cfg.dropout)
         if init_from_older and self.num_tasks > 1:
-            older = self.experts[: self.num_tasks - 1]
             with torch.no_grad():
+                older = _stacked(self.experts[: self.num_tasks - 1])
                 for name, p in expert.named_parameters():
-                    p.copy_(torch.stack([dict(e.named_parameters())[name] for e in older]).mean(0))
+                    p.copy_(older[name].mean(0))
         device = self.shared.scale.device
         self.experts.append(expert.to(device))
         self.routers.append(new_router(self.dim, self.num_tasks).to(device))
@@ -335,29 +335,28 @@ class BRMoE(nn.Module):
 
         Re-stacking every frozen expert at every step, and the gradient of the whole stack that
         autograd forms when one of its members trains, made a step grow with the task count. Once
-        stacked, the frozen modules' parameters are views of the stack (:func:`_stack_in_place`):
-        a change to one in place (a load, a user's edit) is a change to the stack, seen by the
-        next forward without a scan of every parameter's storage and version at every step (what
-        made a step at hundreds of tasks spend a sixth of its time checking the cache). Only
-        which parameters train is read per call.
+        stacked, the frozen modules' parameters are views of the stack (:func:`_freeze_rows`): a
+        change to one in place (a load, a user's edit) is a change to the stack, seen by the next
+        forward without a scan of every parameter's storage and version at every step. The stack
+        keeps spare rows, so that a task's parts join it without moving the others (moving every
+        frozen parameter at every task cost a tenth of a task's time at 300 tasks). Only which
+        parameters train is read per call, and only where autograd runs: without it, the last
+        split serves (the stacked parameters being views, the values are the same).
         """
         modules = list(modules)
         ids = tuple(map(id, modules))
         entry = self._stack_cache.get(kind)
         if entry is None or entry["ids"] != ids:  # other modules (a task added)
-            entry = self._stack_cache[kind] = {"ids": ids, "frozen": 0}
-            _index_parameters(entry, modules)
-        # A module is frozen when none of its parameters train; map/attrgetter keep this per-call
-        # scan cheap at hundreds of tasks.
-        trains = list(map(_REQUIRES_GRAD, entry["flat"]))
-        first = trains.index(True) if True in trains else len(trains)
-        frozen = bisect.bisect_right(entry["ends"], first)
-        if frozen != entry["frozen"]:
-            entry.clear()
-            entry.update(ids=ids, frozen=frozen)
-            if frozen:
-                entry["stack"] = _stack_in_place(modules[:frozen])
-            _index_parameters(entry, modules)  # the frozen modules' parameters are new objects
+            entry = self._stack_cache[kind] = _carried(entry, modules, ids)
+        if entry["frozen"] is None or torch.is_grad_enabled():
+            # A module is frozen when none of its parameters train; map/attrgetter keep this
+            # per-call scan cheap at hundreds of tasks.
+            trains = list(map(_REQUIRES_GRAD, entry["flat"]))
+            first = trains.index(True) if True in trains else len(trains)
+            frozen = bisect.bisect_right(entry["ends"], first)
+            if frozen != entry["frozen"]:
+                _freeze_rows(entry, modules, frozen)
+        frozen = entry["frozen"]
         stacks = [entry["stack"]] if frozen else []
         if frozen < len(modules):
             stacks.append(_stacked(modules[frozen:]))
@@ -495,28 +494,66 @@ def _stacked(modules) -> dict[str, torch.Tensor]:
     return {name: torch.stack([p[name] for p in params]) for name in params[0]}
 
 
-def _stack_in_place(modules) -> dict[str, torch.Tensor]:
-    """The parameters of ``modules`` (that train nothing) stacked, each parameter then replaced by
-    a view of its row: same values, one storage, and the stack's version counter (what
-    ``BRMoE._folded`` reads to see a change)."""
-    # Never an inference tensor (a first forward under torch.inference_mode would make the
-    # parameters ones: no training or in-place load afterwards). One module's "stack" is a view
-    # of its parameters: copied, as a stack of several is.
-    with torch.inference_mode(False), torch.no_grad():
-        stack = {k: v.clone() if len(modules) == 1 else v for k, v in _stacked(modules).items()}
-    for i, m in enumerate(modules):
-        for name, t in stack.items():
-            owner, _, leaf = name.rpartition(".")
-            setattr(m.get_submodule(owner), leaf, nn.Parameter(t[i], requires_grad=False))
-    return stack
+def _carried(old: dict | None, modules, ids: tuple) -> dict:
+    """A stack-cache entry for ``modules`` (``ids`` theirs) that keeps what ``old`` held of the
+    leading modules both share: their parameters, and the stack rows those are views of."""
+    keep = 0
+    if old is not None:
+        for a, b in zip(old["ids"], ids):
+            if a != b:
+                break
+            keep += 1
+    entry = {"ids": ids, "frozen": None}
+    entry["params"] = (old["params"][:keep] if keep else []) + [list(m.parameters()) for m in modules[keep:]]
+    _index_parameters(entry)
+    if keep and old.get("rows"):
+        entry["buffer"], entry["rows"] = old["buffer"], min(old["rows"], keep)
+    return entry
 
 
-def _index_parameters(entry: dict, modules) -> None:
-    """Record the parameters of ``modules`` (in ``entry``: ``flat``, and ``ends``, each module's
-    end in ``flat``), looked up once per set of modules rather than at every call."""
-    params = [list(m.parameters()) for m in modules]
-    entry["flat"] = [p for ps in params for p in ps]
-    entry["ends"] = list(itertools.accumulate(map(len, params)))
+def _freeze_rows(entry: dict, modules, frozen: int) -> None:
+    """Make ``entry["stack"]`` the parameters of ``modules[:frozen]`` (that train nothing) stacked,
+    each parameter a view of its row: same values, one storage, and the stack's version counter
+    (what ``BRMoE._folded`` reads to see a change).
+
+    The rows live in ``entry["buffer"]``, one tensor per parameter name with spare rows at the
+    end; ``entry["rows"]`` leading modules are views of it already, and a module joins by having
+    its row written and its parameters replaced. A buffer too small is replaced by a larger one,
+    every module moving to it.
+    """
+    buf, rows = entry.get("buffer"), entry.get("rows", 0)
+    if not frozen:
+        entry.pop("stack", None)
+        entry["frozen"] = 0
+        return
+    if buf is None or frozen > len(next(iter(buf.values()))):
+        buf, rows = None, 0
+    if frozen > rows:
+        joining = modules[rows:frozen]
+        # Never an inference tensor (a first forward under torch.inference_mode would make the
+        # parameters ones: no training or in-place load afterwards).
+        with torch.inference_mode(False), torch.no_grad():
+            part = _stacked(joining)
+            if buf is None:
+                spare = max(8, frozen // 8)
+                buf = {k: v.new_empty((frozen + spare, *v.shape[1:])) for k, v in part.items()}
+            for k, v in part.items():
+                buf[k][rows:frozen].copy_(v)
+        for i, m in enumerate(joining, start=rows):
+            for name, t in buf.items():
+                owner, _, leaf = name.rpartition(".")
+                setattr(m.get_submodule(owner), leaf, nn.Parameter(t[i], requires_grad=False))
+        entry["params"][rows:frozen] = [list(m.parameters()) for m in joining]
+        _index_parameters(entry)  # the joining modules' parameters are new objects
+        rows = frozen
+    entry.update(buffer=buf, rows=rows, frozen=frozen, stack={k: v[:frozen] for k, v in buf.items()})
+
+
+def _index_parameters(entry: dict) -> None:
+    """``entry["flat"]``: the parameters of ``entry["params"]`` (one list per module) in one
+    list, and ``entry["ends"]``, each module's end in it."""
+    entry["flat"] = list(itertools.chain.from_iterable(entry["params"]))
+    entry["ends"] = list(itertools.accumulate(map(len, entry["params"])))
 
 
 def _fold_expert(st: dict) -> dict:

@@ -150,18 +150,54 @@ def _forwards_agree(model, x, task=3):
 
 def test_frozen_parts_are_stacked_without_a_second_copy():
     """The cached stack of the frozen parts holds their parameters: the parameters are views of
-    it, so the cache adds no copy of the weights."""
+    it, so the cache adds no copy of the weights, only the spare rows it keeps for the tasks to
+    come (at most max(8, frozen // 8) a stack)."""
     model = learner(4, 2, 8)
     set_trainable(model, 3)
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     params = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
     before = sum(params.values())
     _forwards_agree(model.eval(), x)
-    stacks = [t for m in model.moe for e in m._stack_cache.values() if "stack" in e for t in e["stack"].values()]
+    entries = [e for m in model.moe for e in m._stack_cache.values() if "stack" in e]
+    stacks = [t for e in entries for t in e["stack"].values()]
     assert len(stacks) >= 2 * len(model.moe) * 7 / 2, "no frozen part was stacked: nothing compared"
+    spare = 0
+    for e in entries:
+        for t in e["buffer"].values():
+            assert 0 <= len(t) - e["frozen"] <= max(8, e["frozen"] // 8)
+            spare += (len(t) - e["frozen"]) * t[0].nbytes
     held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in stacks}
     held.update({p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()})
-    assert sum(held.values()) <= before, "the stacks copy the frozen parameters"
+    assert sum(held.values()) <= before + spare, "the stacks copy the frozen parameters"
+
+
+def test_a_new_task_joins_the_stack_without_moving_the_others():
+    """Learning task 4 after task 3: task 3's parts join the frozen stack in its spare rows; the
+    parameters of tasks 0-2 stay where they were (views of the same storage), and the sparse
+    forward still equals the dense one, before and after an edit of a newly stacked part."""
+    model = learner(4, 2, 8)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    set_trainable(model, 3)
+    model.train()
+    model.forward_train(x, 3)  # tasks 0-2 stacked, in training (where the split is read)
+    first = model.moe[0].experts[0].down.weight
+    model.add_task(CLASSES)
+    randomize_task(model, 4, torch.Generator().manual_seed(9))
+    set_trainable(model, 4)
+    model.forward_train(x, 4)
+    moe = model.moe[0]
+    assert moe.experts[0].down.weight is first, "a stacked part was moved"
+    stack = moe._stack_cache["experts"]["stack"]["down.weight"]
+    assert (
+        len(stack) == 4
+        and moe.experts[3].down.weight.untyped_storage().data_ptr() == stack.untyped_storage().data_ptr()
+    )
+    model.eval()
+    before = _forwards_agree(model, x, task=4)
+    with torch.no_grad():
+        for m in model.moe:
+            m.experts[3].up.weight.mul_(-3.0)
+    assert not torch.allclose(_forwards_agree(model, x, task=4), before), "the edit changed nothing: nothing compared"
 
 
 def test_sparse_forward_follows_a_move_a_load_and_a_copy():
@@ -224,3 +260,29 @@ def test_entropies_from_hidden_units_equal_the_perceptors_on_expert_outputs():
     assert drop is None and hidden.shape == (6, 5, moe.cfg.expert_dim)
     torch.testing.assert_close(folded, direct, rtol=1e-5, atol=1e-6)
     assert folded[0].std() > 1e-3, "entropies that do not depend on the input: nothing compared"
+
+
+def test_mode_and_freezing_reach_every_module_as_torch_does():
+    """CareViT's flat train() and requires_grad_() set what nn.Module's set, on every module and
+    parameter; a submodule with its own train() gets the call."""
+
+    class OwnRule(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = torch.nn.Dropout(0.5)
+            self.seen = None
+
+        def train(self, mode=True):
+            self.seen = mode
+            return super().train(mode)
+
+    model = learner(3, 2, 3, dropout=0.1)
+    model.moe[1].extra = OwnRule()
+    for mode in (False, True, False):
+        assert model.train(mode) is model
+        assert all(m.training is mode for m in model.modules()) and model.moe[1].extra.seen is mode
+    for flag in (True, False, True):
+        model.requires_grad_(flag)
+        assert all(p.requires_grad is flag for p in model.parameters())
+    with pytest.raises(ValueError):
+        model.train("yes")
