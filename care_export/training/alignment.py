@@ -88,10 +88,12 @@ class PseudoFeatures:
             # The reference scales in float64, then samples in float32.
             self.mean = (self.mean.double() * mean_scale.to(device, torch.float64)[:, None]).float()
         if "cov" in stats[0]:
-            self.tril = torch.cat([_cholesky(s["cov"]) for s in stats]).to(device)  # (C, d, d)
+            # Per task, never concatenated: at 1000 classes the factors are 147 MB, and copying
+            # them into one tensor at every alignment grew a task's time with the class count.
+            self.trils = [_cholesky(s["cov"]).to(device) for s in stats]  # each (C_t, d, d)
         else:
             self.std = torch.cat([s["var"] for s in stats]).to(device).sqrt()
-            self.tril = None
+            self.trils = None
 
     @property
     def num_classes(self) -> int:
@@ -101,8 +103,9 @@ class PseudoFeatures:
         """``per_class`` features of every class, class-major, with their labels."""
         c, d = self.mean.shape
         noise = torch.randn(c, per_class, d, device=self.mean.device)
-        if self.tril is not None:
-            x = self.mean[:, None] + noise @ self.tril.transpose(1, 2)
+        if self.trils is not None:
+            parts = noise.split([len(t) for t in self.trils])
+            x = self.mean[:, None] + torch.cat([n @ t.transpose(1, 2) for n, t in zip(parts, self.trils)])
         else:
             x = self.mean[:, None] + noise * self.std[:, None]
         labels = torch.arange(c, device=x.device).repeat_interleave(per_class)
