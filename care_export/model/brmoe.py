@@ -419,11 +419,18 @@ class BRMoE(nn.Module):
         rows = cls.reshape(-1, cls.shape[-1]).index_select(
             0, (local[sel] * bsz + torch.arange(bsz, device=sel.device)).flatten()
         )
-        chosen = cls.new_full((m, bsz, num_e), float("-inf"))
-        for r in sel.unique().tolist():
-            j, b = (sel == r).nonzero(as_tuple=True)
-            chosen[j, b, : r + 1] = self.routers[r](rows.index_select(0, j * bsz + b))
-        return chosen
+        # The pairs (router, sample) grouped by router (stably: each group in the order of the
+        # pairs), each group through its router and padded, then put back in the pairs' order:
+        # two operations per selected router, which the samples of a batch spread over up to
+        # m * B routers at hundreds of tasks.
+        order = sel.flatten().argsort(stable=True)
+        routers, counts = sel.flatten()[order].unique_consecutive(return_counts=True)
+        groups = rows.index_select(0, order).split(counts.tolist())
+        padded = [
+            F.pad(self.routers[r](part), (0, num_e - r - 1), value=float("-inf"))
+            for r, part in zip(routers.tolist(), groups)
+        ]
+        return torch.cat(padded).index_select(0, order.argsort()).reshape(m, bsz, num_e)
 
     def _mixed_tokens(self, stacks, x: torch.Tensor, weight: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
         """``sum_e weight[b, e] * expert_e(x[b])`` over the experts ``kept[b]`` of each sample,

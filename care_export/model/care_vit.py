@@ -3,6 +3,7 @@ cosine classifier that grows by one weight block per task."""
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
@@ -145,18 +146,18 @@ class CareViT(nn.Module):
     def train(self, mode: bool = True) -> CareViT:
         if not isinstance(mode, bool):
             raise ValueError("training mode is expected to be boolean")
-        for m in _submodules(self):
-            if m is not self and type(m).train is not nn.Module.train:
-                m.train(mode)  # a module with its own rule applies it to its subtree
-            else:
-                m.__dict__["training"] = mode  # where nn.Module.train stores it
+        plain, own = _submodules(self)
+        for m in plain:
+            m.__dict__["training"] = mode  # where nn.Module.train stores it
+        for m in own:
+            m.train(mode)  # a module with its own rule applies it to its subtree
         return self
 
     def requires_grad_(self, requires_grad: bool = True) -> CareViT:
-        for m in _submodules(self, own_train_stops=False):
-            for p in m._parameters.values():
-                if p is not None and p.requires_grad is not requires_grad:
-                    p.requires_grad_(requires_grad)
+        plain, own = _submodules(self, own_train_stops=False)
+        for p in itertools.chain.from_iterable([m._parameters.values() for m in plain]):
+            if p is not None and p.requires_grad is not requires_grad:
+                p.requires_grad_(requires_grad)
         return self
 
     # ------------------------------------------------------------------ growth
@@ -252,18 +253,18 @@ class CareViT(nn.Module):
         return self.vit.norm(self.vit.blocks(self._embed(x)))[:, 0]
 
 
-def _submodules(root: nn.Module, own_train_stops: bool = True) -> list[nn.Module]:
-    """``root`` and its submodules (a shared one once per path); with ``own_train_stops``, not
-    the submodules of a module (other than ``root``) that has its own ``train``."""
-    out, todo = [], [root]
-    while todo:
-        m = todo.pop()
-        if m is None:  # a registered empty slot
-            continue
-        out.append(m)
-        if m is root or not own_train_stops or type(m).train is nn.Module.train:
-            todo.extend(m._modules.values())
-    return out
+def _submodules(root: nn.Module, own_train_stops: bool = True) -> tuple[list[nn.Module], list[nn.Module]]:
+    """``root`` and its submodules (a shared one once per path), a level at a time: ``(plain,
+    own)``. With ``own_train_stops``, a module other than ``root`` that has its own ``train`` is
+    in ``own`` and its submodules in neither; otherwise every module is in ``plain``."""
+    plain, own, level = [], [], [root]
+    while level:
+        if own_train_stops:
+            own += [m for m in level if m is not root and type(m).train is not nn.Module.train]
+            level = [m for m in level if m is root or type(m).train is nn.Module.train]
+        plain += level
+        level = [c for m in level for c in m._modules.values() if c is not None]
+    return plain, own
 
 
 def empty_model(backbone: BackboneConfig, moe: MoEConfig, task_classes: list[int]) -> CareViT:

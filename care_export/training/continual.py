@@ -205,7 +205,6 @@ class ContinualRun:
         own = learn_task(
             self.model, task, data, self.stats, cfg, device=self.device, progress=progress and self.group.main
         )
-        self.model.requires_grad_(False)
         self.records.append(task_record(source, given, labels))
         self.class_names += [source.class_names[c] for c in labels]
         self.stats.append({k: v.to(self.device) for k, v in own.items()})

@@ -39,7 +39,8 @@ def task_files(directory):
 # ---------------------------------------------------------------------- learning
 def test_learns_tasks_and_never_touches_old_parts(tmp_path):
     """Four tasks of five built-in classes on a random ViT: well above chance on every task
-    after the last one; old task parts and the backbone bit-identical throughout."""
+    after the last one; old task parts and the backbone bit-identical throughout; the model
+    frozen after each task."""
     torch.manual_seed(0)
     model = CareViT(TINY, MoEConfig())
     source = BuiltinSource(20, train_per_class=30, test_per_class=10)
@@ -51,6 +52,7 @@ def test_learns_tasks_and_never_touches_old_parts(tmp_path):
         old_files = {n: b for n, b in task_files(tmp_path).items() if n.startswith(("task-", "class-stats-"))}
         shared = [p.detach().clone() for p in model.moe[0].shared.parameters()]
         run.learn_next(progress=False)
+        assert not any(p.requires_grad for p in model.parameters()), "a task left parameters trainable"
         for t in range(task):
             for k, v in model.task_parameters(t).items():
                 assert torch.equal(v, old[t, k]), f"task {t} part {k} changed while learning task {task}"
