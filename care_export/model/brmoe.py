@@ -231,9 +231,11 @@ class BRMoE(nn.Module):
         the CLS token (``None`` without ``forced``).
 
         Every expert runs on the CLS token without autograd, for the entropies (selection only: no
-        gradient flows through them). Only the CLS outputs that feed a selected router or the
-        mixture are on the gradient path; they are computed again with autograd, with the same
-        dropout masks, so a step's backward does not grow with the number of experts.
+        gradient flows through them). With autograd, each sample's selected routers read their own
+        experts' output on its CLS token (one expert per router and sample), and each sample's
+        kept experts run over all its tokens (:meth:`_mixed_tokens`), under the same dropout
+        masks: the work on the gradient path follows the samples' own choices, not the union of
+        every sample's (which grows with the task count up to M * K times the batch).
         """
         experts = list(self.experts)[:num_experts]
         cand = num_experts - (forced is not None)
@@ -242,27 +244,20 @@ class BRMoE(nn.Module):
         with torch.no_grad():
             hidden, drop = self._routing_hidden(stacks, cls0, cand)
             sel = self._select(self._perceptor_entropies(stacks, hidden), forced)
-        rows = sel.unique()  # the selected routers read their own expert's CLS output
-        local = torch.full((num_experts,), -1, dtype=torch.long, device=x.device)
-        local[rows] = torch.arange(len(rows), device=x.device)
-        cls = self._cls_with_grad(stacks, cls0, rows, drop)
-        w, kept = self._weights(self._selected_logits(sel, cls, local))
-        more = (kept.any(0).any(0) & (local < 0)).nonzero()[:, 0]  # kept experts not read yet
-        if len(more):
-            local[more] = torch.arange(len(rows), len(rows) + len(more), device=x.device)
-            rows = torch.cat([rows, more])
-            cls = torch.cat([cls, self._cls_with_grad(stacks, cls0, more, drop)])
+        m, bsz = sel.shape
+        samples = torch.arange(bsz, device=x.device).repeat(m)  # pair j * B + b is (router sel[j, b], sample b)
+        cls = self._own_outputs(stacks, cls0.index_select(0, samples), sel.flatten(), drop, samples)  # (m*B, D)
+        w, kept = self._weights(self._selected_logits(sel, cls, num_experts))
         per_expert = (w * kept).sum(0)  # (B, E): total weight of each expert per sample
-        head = torch.einsum("bu,ubd->bd", per_expert.index_select(1, rows), cls)
-        rest = self._mixed_tokens(stacks, x[:, 1:], per_expert, kept.any(0))
-        forced_cls = None if forced is None else cls[int(local[forced])]
-        return torch.cat([head[:, None], rest], 1), sel, kept, forced_cls
+        out = self._mixed_tokens(stacks, x, per_expert, kept.any(0), drop)
+        forced_cls = None if forced is None else cls.view(m, bsz, -1)[-1]
+        return out, sel, kept, forced_cls
 
     def _routing_hidden(self, stacks, x: torch.Tensor, count: int):
         """(count, B, r) the hidden activations (after ReLU and dropout) of the first ``count``
         experts of ``stacks`` on the tokens ``x`` (B, D), for the entropies only (no autograd;
         LayerNorm's affine folded into the projection, the frozen experts' from a cache), and the
-        dropout masks of all of them as :meth:`_experts_on_tokens` applies them (scaled
+        dropout masks of all of them as the CLS outputs on the gradient path apply them (scaled
         keep-masks, (E, B, r); ``None``: no dropout)."""
         xn = F.layer_norm(x, x.shape[-1:], eps=PART_LN_EPS)
         total = sum(len(st["scale"]) for st in stacks)
@@ -299,37 +294,46 @@ class BRMoE(nn.Module):
                 hit = entry[name] = (sources, versions, fold())
         return hit[2]
 
-    def _cls_with_grad(self, stacks, x: torch.Tensor, rows: torch.Tensor, drop: torch.Tensor | None):
-        """(len(rows), B, D) the experts ``rows`` (ascending) of ``stacks`` (see :meth:`_stacks`)
-        on the tokens ``x`` with autograd, with the dropout masks ``drop`` of
-        :meth:`_routing_hidden` (``None``: no dropout)."""
-        return self._experts_on_tokens(_picked(stacks, rows), x, None if drop is None else drop.index_select(0, rows))
-
-    def _experts_on_tokens(self, stacks, x: torch.Tensor, drop: torch.Tensor | None):
-        """(E, B, D) each expert of ``stacks`` (see :meth:`_stacks`) on the tokens ``x`` (B, D),
-        batched, with the dropout masks ``drop`` (E, B, r) of :meth:`_routing_hidden` (``None``: no
-        dropout)."""
-        xn = F.layer_norm(x, x.shape[-1:], eps=PART_LN_EPS)
-        h = torch.cat(
-            [
-                torch.relu(
-                    torch.baddbmm(
-                        st["down.bias"][:, None],
-                        xn * st["norm.weight"][:, None] + st["norm.bias"][:, None],
-                        st["down.weight"].transpose(1, 2),
-                    )
+    def _slot_params(self, stacks, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The experts ``ids`` (n,) of ``stacks`` (see :meth:`_stacks`), one row per id (repeats
+        allowed), LayerNorm's affine folded into the down projection and the output scale into
+        the up projection: ``down_w`` (n, r, D), ``down_b`` (n, r), ``up_w`` (n, r, D), ``up_b``
+        (n, D). The frozen stack's down fold is the routing pass's (cached); the rest is gathered
+        per id, so its cost follows the ids, not the stacks' size."""
+        parts, order, start = [], [], 0
+        for st in stacks:
+            count = len(st["scale"])
+            mine = ((ids >= start) & (ids < start + count)).nonzero()[:, 0]
+            if len(mine):
+                rows = ids.index_select(0, mine) - start
+                f = self._folded("experts", "fold", (st,), lambda st=st: _fold_expert(st))
+                down_w = f["down_w"].T.reshape(count, f["rank"], -1)  # (E, r, D), a view of the fold
+                scale = st["scale"].index_select(0, rows)  # (n, D)
+                parts.append(
+                    {
+                        "down_w": down_w.index_select(0, rows),
+                        "down_b": f["down_b"].view(count, -1).index_select(0, rows),
+                        "up_w": (st["up.weight"].index_select(0, rows) * scale[:, :, None]).transpose(1, 2),
+                        "up_b": st["up.bias"].index_select(0, rows) * scale,
+                    }
                 )
-                for st in stacks
-            ]
-        )
+                order.append(mine)
+            start += count
+        if len(parts) == 1:
+            return parts[0]
+        back = torch.cat(order).argsort()  # index_select: its backward sums in a fixed order
+        return {k: torch.cat([part[k] for part in parts]).index_select(0, back) for k in parts[0]}
+
+    def _own_outputs(self, stacks, x: torch.Tensor, ids: torch.Tensor, drop: torch.Tensor | None, samples):
+        """(n, D) expert ``ids[i]`` of ``stacks`` on token ``x[i]`` (n, D) of sample ``samples[i]``,
+        with that expert's dropout mask for that sample from :meth:`_routing_hidden` (``drop``,
+        (E, B, r); ``None``: no dropout)."""
+        f = self._slot_params(stacks, ids)
+        xn = F.layer_norm(x, x.shape[-1:], eps=PART_LN_EPS)
+        h = torch.relu(torch.baddbmm(f["down_b"][:, :, None], f["down_w"], xn[:, :, None]))  # (n, r, 1)
         if drop is not None:
-            h = h * drop
-        return torch.cat(
-            [
-                torch.baddbmm(st["up.bias"][:, None], part, st["up.weight"].transpose(1, 2)) * st["scale"][:, None]
-                for st, part in zip(stacks, h.split([len(st["scale"]) for st in stacks]))
-            ]
-        )
+            h = h * drop[ids, samples][:, :, None]
+        return torch.baddbmm(f["up_b"][:, None], h.transpose(1, 2), f["up_w"])[:, 0]
 
     def _stacks(self, modules, kind: str) -> list[dict[str, torch.Tensor]]:
         """The parameters of ``modules`` stacked (see :func:`_stacked`) in at most two parts: the
@@ -409,16 +413,11 @@ class BRMoE(nn.Module):
             hit = self._stack_cache["class-counts"] = {"ids": ids, "counts": [p.fc.out_features for p in perceptors]}
         return hit["counts"]
 
-    def _selected_logits(self, sel: torch.Tensor, cls: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-        """(m, B, E) logits of the selected routers, each computed only for the samples that
-        select it; ``-inf`` beyond a router's experts. Router ``r`` reads ``cls[local[r]]``."""
+    def _selected_logits(self, sel: torch.Tensor, rows: torch.Tensor, num_e: int) -> torch.Tensor:
+        """(m, B, num_e) logits of the selected routers, each computed only for the samples that
+        select it; ``-inf`` beyond a router's experts. The pair ``(sel[j, b], b)`` reads
+        ``rows[j * B + b]`` (its router's expert on the sample's CLS token)."""
         m, bsz = sel.shape
-        num_e = len(local)
-        # The routers' inputs in one gather: indexing cls per router would make its backward
-        # write a gradient the size of cls for every router.
-        rows = cls.reshape(-1, cls.shape[-1]).index_select(
-            0, (local[sel] * bsz + torch.arange(bsz, device=sel.device)).flatten()
-        )
         # The pairs (router, sample) grouped by router (stably: each group in the order of the
         # pairs), each group through its router and padded, then put back in the pairs' order:
         # two operations per selected router, which the samples of a batch spread over up to
@@ -432,43 +431,35 @@ class BRMoE(nn.Module):
         ]
         return torch.cat(padded).index_select(0, order.argsort()).reshape(m, bsz, num_e)
 
-    def _mixed_tokens(self, stacks, x: torch.Tensor, weight: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    def _mixed_tokens(self, stacks, x: torch.Tensor, weight: torch.Tensor, kept: torch.Tensor, drop) -> torch.Tensor:
         """``sum_e weight[b, e] * expert_e(x[b])`` over the experts ``kept[b]`` of each sample,
-        the experts' parameters taken from ``stacks`` (see :meth:`_stacks`).
+        the experts' parameters taken from ``stacks`` (see :meth:`_stacks`); the CLS token
+        (``x[:, 0]``) under the routing pass's dropout masks ``drop`` (E, B, r), the other tokens
+        under masks drawn here (``None``: no dropout).
 
-        The experts of a sample become ``S`` slots (padded with weight 0); LayerNorm's affine
-        and the output scale are folded into the two projections, so the mixture is two batched
-        matrix products and no per-expert output over all tokens is ever stored.
+        The experts of a sample become ``S`` slots (padded with weight 0) with their parameters
+        gathered per slot (:meth:`_slot_params`), so the mixture is two batched matrix products
+        and no per-expert output over all tokens is ever stored.
         """
         bsz, num_e = kept.shape
-        used = kept.any(0).nonzero()[:, 0]
-        st = _gathered(stacks, used)  # gathered rows: stacking the modules anew cost more than the math
-        local = torch.full((num_e,), 0, dtype=torch.long, device=x.device)
-        local[used] = torch.arange(len(used), device=x.device)
         idx = torch.arange(num_e, device=x.device).expand(bsz, -1)
         key = torch.where(kept, idx, idx + num_e).sort(-1).values[:, : int(kept.sum(-1).max())]  # kept experts first
         valid = key < num_e
-        expert = torch.where(valid, key, 0)
+        expert = torch.where(valid, key, 0)  # (B, S)
         slot_w = weight.gather(1, expert) * valid  # (B, S)
-        slot = local[expert]  # (B, S) index into ``used``
-        s, r = slot.shape[1], st["down.weight"].shape[1]
-        down_w = st["down.weight"] * st["norm.weight"][:, None]  # (U, r, D)
-        down_b = st["down.bias"] + torch.einsum("urd,ud->ur", st["down.weight"], st["norm.bias"])
-        up_w = (st["up.weight"] * st["scale"][:, :, None]).transpose(1, 2)  # (U, r, D)
-        up_b = st["up.bias"] * st["scale"]
+        f = self._slot_params(stacks, expert.flatten())
+        s, r = expert.shape[1], f["down_w"].shape[1]
         xn = F.layer_norm(x, x.shape[-1:], eps=PART_LN_EPS)
-
-        def per_slot(t):  # t[slot]; index_select's backward sums in a fixed order, indexing's does not on CPU
-            return t.index_select(0, slot.flatten()).reshape(bsz, s, *t.shape[1:])
-
-        h = torch.baddbmm(
-            per_slot(down_b).reshape(bsz, 1, s * r), xn, per_slot(down_w).reshape(bsz, s * r, -1).transpose(1, 2)
+        h = torch.relu(
+            torch.baddbmm(f["down_b"].reshape(bsz, 1, s * r), xn, f["down_w"].reshape(bsz, s * r, -1).transpose(1, 2))
         )
-        h = F.dropout(torch.relu(h), self.cfg.dropout, self.training)
+        if drop is not None:
+            own = drop[expert, torch.arange(bsz, device=x.device)[:, None]].reshape(bsz, 1, s * r)
+            h = torch.cat([h[:, :1] * own, F.dropout(h[:, 1:], self.cfg.dropout, True)], 1)
         h = h * slot_w.repeat_interleave(r, 1)[:, None]
         return (
-            torch.bmm(h, per_slot(up_w).reshape(bsz, s * r, -1))
-            + torch.einsum("bs,bsd->bd", slot_w, per_slot(up_b))[:, None]
+            torch.bmm(h, f["up_w"].reshape(bsz, s * r, -1))
+            + torch.einsum("bs,bsd->bd", slot_w, f["up_b"].reshape(bsz, s, -1))[:, None]
         )
 
 

@@ -141,11 +141,19 @@ def test_cached_frozen_parts_follow_their_weights():
 
 
 def _forwards_agree(model, x, task=3):
+    """The sparse forward's features are as exact as the dense form's: against the dense form
+    computed in float64, no further off than the dense form in the model's own precision (times
+    1.5, plus a few units of rounding of the largest feature). Two forms that round differently
+    can each be that far off in opposite directions, so a fixed tolerance between them fails
+    on larger outputs without either being wrong."""
     with torch.no_grad():
-        dense = model.forward_train(x, task, mode="reference")
-        sparse = model.forward_train(x, task, mode="sparse")
-    torch.testing.assert_close(sparse["features"], dense["features"], rtol=1e-5, atol=1e-6)
-    return sparse["features"]
+        sparse = model.forward_train(x, task, mode="sparse")["features"]
+        dense = model.forward_train(x, task, mode="reference")["features"]
+        exact = copy.deepcopy(model).double().forward_train(x.double(), task, mode="reference")["features"]
+    own = float((dense.double() - exact).abs().max())
+    ulps = 4 * torch.finfo(sparse.dtype).eps * float(exact.abs().max())
+    assert float((sparse.double() - exact).abs().max()) <= 1.5 * own + ulps
+    return sparse
 
 
 def test_frozen_parts_are_stacked_without_a_second_copy():
@@ -174,7 +182,7 @@ def test_frozen_parts_are_stacked_without_a_second_copy():
 def test_a_new_task_joins_the_stack_without_moving_the_others():
     """Learning task 4 after task 3: task 3's parts join the frozen stack in its spare rows; the
     parameters of tasks 0-2 stay where they were (views of the same storage), and the sparse
-    forward still equals the dense one, before and after an edit of a newly stacked part."""
+    forward is still as exact as the dense one, before and after an edit of a newly stacked part."""
     model = learner(4, 2, 8)
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     set_trainable(model, 3)
