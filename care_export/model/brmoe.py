@@ -300,25 +300,21 @@ class BRMoE(nn.Module):
         the up projection: ``down_w`` (n, r, D), ``down_b`` (n, r), ``up_w`` (n, r, D), ``up_b``
         (n, D). The frozen stack's down fold is the routing pass's (cached); the rest is gathered
         per id, so its cost follows the ids, not the stacks' size."""
-        parts, order, start = [], [], 0
-        for st in stacks:
+        parts, order = [], []
+        for st, mine, rows in _by_stack(stacks, ids):
             count = len(st["scale"])
-            mine = ((ids >= start) & (ids < start + count)).nonzero()[:, 0]
-            if len(mine):
-                rows = ids.index_select(0, mine) - start
-                f = self._folded("experts", "fold", (st,), lambda st=st: _fold_expert(st))
-                down_w = f["down_w"].T.reshape(count, f["rank"], -1)  # (E, r, D), a view of the fold
-                scale = st["scale"].index_select(0, rows)  # (n, D)
-                parts.append(
-                    {
-                        "down_w": down_w.index_select(0, rows),
-                        "down_b": f["down_b"].view(count, -1).index_select(0, rows),
-                        "up_w": (st["up.weight"].index_select(0, rows) * scale[:, :, None]).transpose(1, 2),
-                        "up_b": st["up.bias"].index_select(0, rows) * scale,
-                    }
-                )
-                order.append(mine)
-            start += count
+            f = self._folded("experts", "fold", (st,), lambda st=st: _fold_expert(st))
+            down_w = f["down_w"].T.reshape(count, f["rank"], -1)  # (E, r, D), a view of the fold
+            scale = st["scale"].index_select(0, rows)  # (n, D)
+            parts.append(
+                {
+                    "down_w": down_w.index_select(0, rows),
+                    "down_b": f["down_b"].view(count, -1).index_select(0, rows),
+                    "up_w": (st["up.weight"].index_select(0, rows) * scale[:, :, None]).transpose(1, 2),
+                    "up_b": st["up.bias"].index_select(0, rows) * scale,
+                }
+            )
+            order.append(mine)
         if len(parts) == 1:
             return parts[0]
         back = torch.cat(order).argsort()  # index_select: its backward sums in a fixed order
@@ -422,8 +418,9 @@ class BRMoE(nn.Module):
         # pairs), each group through its router and padded, then put back in the pairs' order:
         # two operations per selected router, which the samples of a batch spread over up to
         # m * B routers at hundreds of tasks.
-        order = sel.flatten().argsort(stable=True)
-        routers, counts = sel.flatten()[order].unique_consecutive(return_counts=True)
+        pairs = sel.flatten()
+        order = pairs.argsort(stable=True)
+        routers, counts = pairs[order].unique_consecutive(return_counts=True)
         groups = rows.index_select(0, order).split(counts.tolist())
         padded = [
             F.pad(self.routers[r](part), (0, num_e - r - 1), value=float("-inf"))
@@ -463,17 +460,23 @@ class BRMoE(nn.Module):
         )
 
 
-def _picked(stacks, rows: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-    """The modules ``rows`` (ascending) of ``stacks`` (see ``BRMoE._stacks``): each stack's rows
-    among them, by name, one dict per stack that holds some."""
-    picked, start = [], 0
-    for st in stacks:  # ascending rows: each stack's rows follow the previous stack's
-        n = len(st["scale"])
-        mine = rows[(rows >= start) & (rows < start + n)] - start
+def _by_stack(stacks, ids: torch.Tensor):
+    """For each of ``stacks`` (see ``BRMoE._stacks``) that holds some of the modules ``ids``
+    (indices over all the stacks, any order, repeats allowed): ``(stack, positions, rows)``, the
+    positions in ``ids`` of those modules and their rows in that stack."""
+    start = 0
+    for st in stacks:
+        count = len(st["scale"])
+        mine = ((ids >= start) & (ids < start + count)).nonzero()[:, 0]
         if len(mine):
-            picked.append({name: t.index_select(0, mine) for name, t in st.items()})
-        start += n
-    return picked
+            yield st, mine, ids.index_select(0, mine) - start
+        start += count
+
+
+def _picked(stacks, rows: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    """The modules ``rows`` (ascending) of ``stacks``: each stack's rows among them, by name, one
+    dict per stack that holds some (ascending rows: each stack's follow the previous stack's)."""
+    return [{name: t.index_select(0, mine) for name, t in st.items()} for st, _, mine in _by_stack(stacks, rows)]
 
 
 def _drop_stacks(module: BRMoE, incompatible_keys) -> None:

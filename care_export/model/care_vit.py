@@ -154,7 +154,7 @@ class CareViT(nn.Module):
         return self
 
     def requires_grad_(self, requires_grad: bool = True) -> CareViT:
-        plain, own = _submodules(self, own_train_stops=False)
+        plain, _ = _submodules(self, own_train_stops=False)
         for p in itertools.chain.from_iterable([m._parameters.values() for m in plain]):
             if p is not None and p.requires_grad is not requires_grad:
                 p.requires_grad_(requires_grad)
