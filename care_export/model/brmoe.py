@@ -26,6 +26,7 @@ from torch import nn
 from runtime.numerics import MASKED_LOGIT, PART_LN_EPS
 
 from .config import MoEConfig
+from .cpu_linear import linear
 from .experts import Expert, Perceptor, entropy, new_router
 
 _REQUIRES_GRAD = operator.attrgetter("requires_grad")
@@ -83,13 +84,22 @@ class BRMoE(nn.Module):
         expert = Expert(self.dim, self.cfg.expert_dim, self.cfg.dropout)
         if init_from_older and self.num_tasks > 1:
             with torch.no_grad():
-                older = _stacked(self.experts[: self.num_tasks - 1])
+                older = self._older_experts()
                 for name, p in expert.named_parameters():
                     p.copy_(older[name].mean(0))
         device = self.shared.scale.device
         self.experts.append(expert.to(device))
         self.routers.append(new_router(self.dim, self.num_tasks).to(device))
         self.perceptors.append(Perceptor(self.dim, num_classes).to(device))
+
+    def _older_experts(self) -> dict[str, torch.Tensor]:
+        """All experts but the most recent, stacked: rows of the frozen stack where it holds
+        them all (stacking hundreds of experts anew at every task grew a task's time)."""
+        n = self.num_tasks - 1
+        entry = self._stack_cache.get("experts")
+        if entry is not None and (entry["frozen"] or 0) >= n and entry["ids"][:n] == tuple(map(id, self.experts[:n])):
+            return {k: v[:n] for k, v in entry["stack"].items()}
+        return _stacked(self.experts[:n])
 
     # ------------------------------------------------------------------ shared expert EMA
     def anchor_shared(self, enabled: bool = True) -> None:
@@ -266,7 +276,7 @@ class BRMoE(nn.Module):
             if start >= count:
                 break
             f = self._folded("experts", "fold", (st,), lambda st=st: _fold_expert(st))
-            h = torch.relu(torch.addmm(f["down_b"], xn, f["down_w"]))  # (B, E*r)
+            h = linear(xn, f["down_w"], f["down_b"], relu=True)  # (B, E*r)
             hidden.append(h.reshape(len(x), -1, f["rank"]).transpose(0, 1))  # (E, B, r)
             start += len(st["scale"])
         h = (hidden[0] if len(hidden) == 1 else torch.cat(hidden))[:count]
@@ -304,7 +314,7 @@ class BRMoE(nn.Module):
         for st, mine, rows in _by_stack(stacks, ids):
             count = len(st["scale"])
             f = self._folded("experts", "fold", (st,), lambda st=st: _fold_expert(st))
-            down_w = f["down_w"].T.reshape(count, f["rank"], -1)  # (E, r, D), a view of the fold
+            down_w = f["down_w"].view(count, f["rank"], -1)  # (E, r, D), a view of the fold
             scale = st["scale"].index_select(0, rows)  # (n, D)
             parts.append(
                 {
@@ -560,12 +570,12 @@ def _index_parameters(entry: dict) -> None:
 
 
 def _fold_expert(st: dict) -> dict:
-    """An expert stack's down projection with LayerNorm's affine folded in, as one (D, E*r) matrix
+    """An expert stack's down projection with LayerNorm's affine folded in, as one (E*r, D) matrix
     over all experts (the routing pass reads nothing else: the up side is in :func:`_fold_routing`)."""
     w = st["down.weight"]  # (E, r, D)
     return {
         "rank": w.shape[1],
-        "down_w": (w * st["norm.weight"][:, None]).reshape(-1, w.shape[-1]).T,
+        "down_w": (w * st["norm.weight"][:, None]).reshape(-1, w.shape[-1]),
         "down_b": (st["down.bias"] + torch.einsum("erd,ed->er", w, st["norm.bias"])).reshape(-1),
     }
 

@@ -4,6 +4,7 @@ cosine classifier that grows by one weight block per task."""
 from __future__ import annotations
 
 import itertools
+import operator
 import os
 from pathlib import Path
 
@@ -22,25 +23,53 @@ FORWARD_MODES = ("reference", "sparse")
 
 
 class CosineHead(nn.Module):
-    """Cosine classifier, no bias: ``logit_c = cos(f, w_c)``; one ``C_t x d`` block per task."""
+    """Cosine classifier, no bias: ``logit_c = cos(f, w_c)``; one ``C_t x d`` block per task.
+
+    The blocks are rows of one ``(C, d)`` parameter, ``weight``, that grows by a copy at each
+    task: a training step then reads, differentiates and updates one tensor, not hundreds of
+    blocks concatenated (which made a step grow with the task count). ``blocks`` are views of it,
+    and the state dict keeps one entry per task (``blocks.{t}``), as checkpoints store the head.
+    """
 
     def __init__(self, dim: int):
         super().__init__()
         self.dim = dim
-        self.blocks = nn.ParameterList()
+        self.sizes: list[int] = []
+        self.weight = nn.Parameter(torch.empty(0, dim))
 
     def add_task(self, num_classes: int) -> None:
         w = torch.empty(num_classes, self.dim)
         nn.init.trunc_normal_(w, std=0.02)
-        device = self.blocks[0].device if len(self.blocks) else None
-        self.blocks.append(nn.Parameter(w.to(device) if device is not None else w))
+        with torch.no_grad():
+            grown = torch.cat([self.weight, w.to(self.weight.device)])
+        self.weight = nn.Parameter(grown)
+        self.sizes.append(num_classes)
 
     @property
-    def weight(self) -> torch.Tensor:
-        return torch.cat(list(self.blocks), 0)
+    def blocks(self) -> tuple[torch.Tensor, ...]:
+        """Each task's rows of ``weight`` (views)."""
+        return self.weight.split(self.sizes)
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         return cosine_logits(f, self.weight)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        for t, block in enumerate(self.blocks):
+            destination[f"{prefix}blocks.{t}"] = block if keep_vars else block.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        keys = [f"{prefix}blocks.{t}" for t in range(len(self.sizes))]
+        missing += [k for k in keys if k not in state_dict]
+        unexpected += [k for k in state_dict if k.startswith(prefix) and k not in keys]  # no submodules
+        for k, block in zip(keys, self.blocks):
+            if k not in state_dict:
+                continue
+            value = state_dict[k]
+            if value.shape != block.shape:
+                errors.append(f"size mismatch for {k}: {tuple(value.shape)} given, {tuple(block.shape)} in the model")
+                continue
+            with torch.no_grad():
+                block.copy_(value)
 
 
 def cosine_logits(f: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -138,15 +167,18 @@ class CareViT(nn.Module):
         self.moe = nn.ModuleList(BRMoE(backbone.embed_dim, moe) for _ in range(backbone.depth))
         self.head = CosineHead(backbone.embed_dim)
         self.task_classes: list[int] = []
+        self._walks: dict = {}  # see _walk
 
     # ------------------------------------------------------------------ mode and freezing
     # nn.Module's train() and requires_grad_() walk the module tree through chains of generators,
     # a few microseconds a module: at hundreds of tasks (tens of thousands of per-task modules) a
-    # task's mode switches and freezes took a tenth of a second. The same effects, walked flat.
+    # task's mode switches and freezes took a tenth of a second. The same effects over a flat list
+    # of the modules, kept until a module or parameter is registered anywhere (see _walk).
     def train(self, mode: bool = True) -> CareViT:
         if not isinstance(mode, bool):
             raise ValueError("training mode is expected to be boolean")
-        plain, own = _submodules(self)
+        plain, own = _walk(self, own_train_stops=True)
+        self.training = mode
         for m in plain:
             m.__dict__["training"] = mode  # where nn.Module.train stores it
         for m in own:
@@ -154,11 +186,20 @@ class CareViT(nn.Module):
         return self
 
     def requires_grad_(self, requires_grad: bool = True) -> CareViT:
-        plain, _ = _submodules(self, own_train_stops=False)
-        for p in itertools.chain.from_iterable([m._parameters.values() for m in plain]):
-            if p is not None and p.requires_grad is not requires_grad:
-                p.requires_grad_(requires_grad)
+        params = _walk(self, own_train_stops=None)
+        # The parameters to switch, picked in C: at tens of thousands, most of them already as
+        # asked, a Python test of each took most of the time.
+        flag = operator.attrgetter("requires_grad")
+        for p in list(itertools.filterfalse(flag, params) if requires_grad else filter(flag, params)):
+            p.requires_grad_(requires_grad)
         return self
+
+    def _apply(self, fn, recurse=True):
+        self._walks.clear()  # a conversion may give modules new parameters without registering them
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        return {**super().__getstate__(), "_walks": {}}  # a copy or a pickle carries no cached walk
 
     # ------------------------------------------------------------------ growth
     @property
@@ -265,6 +306,38 @@ def _submodules(root: nn.Module, own_train_stops: bool = True) -> tuple[list[nn.
         plain += level
         level = [c for m in level for c in m._modules.values() if c is not None]
     return plain, own
+
+
+# Torch calls these hooks whenever any module registers a submodule or a parameter (assignment,
+# add_module, ModuleList.append, load_state_dict(assign=True)): a walk cached under an older count
+# may miss a module, one under the current count cannot.
+_registrations = itertools.count()
+_counted = [0]
+
+
+def _count_registration(*_) -> None:
+    _counted[0] = next(_registrations)
+
+
+nn.modules.module.register_module_module_registration_hook(_count_registration)
+nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+
+
+def _walk(root: CareViT, own_train_stops: bool | None):
+    """:func:`_submodules` of ``root`` but ``root`` itself (``own_train_stops=None``: the parameters
+    of every module, in one list), cached in ``root._walks`` until the next registration of a
+    module or parameter anywhere. (Without ``root``, the cache holds no cycle through it.)"""
+    cached = root._walks
+    hit = cached.get(own_train_stops)
+    if hit is None or hit[0] != _counted[0]:
+        if own_train_stops is None:
+            plain, _ = _submodules(root, own_train_stops=False)
+            found = [p for m in plain for p in m._parameters.values() if p is not None]
+        else:
+            plain, own = _submodules(root, own_train_stops)
+            found = ([m for m in plain if m is not root], own)
+        hit = cached[own_train_stops] = (_counted[0], found)
+    return hit[1]
 
 
 def empty_model(backbone: BackboneConfig, moe: MoEConfig, task_classes: list[int]) -> CareViT:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from care_export.model.cpu_linear import linear
 from runtime.atomic import replacing
 from runtime.errors import CareError, CheckpointError
 from runtime.numerics import NORM_EPS
@@ -135,20 +136,22 @@ def cosine_ce_grad(weight: torch.Tensor, xn: torch.Tensor, y: torch.Tensor, scal
     Derived by hand (no autograd): with ``n = max(|w_c|, eps)`` and ``u_c = w_c / n``, the loss
     reads the logits ``scale * xn . u_c``; ``G = (softmax - onehot) / B`` gives ``dL/du =
     scale * G' xn``, and through the normalisation ``dL/dw_c = (dL/du_c - u_c (dL/du_c . u_c)) / n``
-    (``dL/du_c / eps`` where the norm is below ``eps``). Autograd's graph of the same formula
-    spent more time in elementwise passes over the head than in its two matrix products, which
-    grow with the class count: an alignment step at 1000 classes took 2.1-2.7 ms, this one 1.2.
-    Equal to autograd's to float rounding (tests/care_export/test_train.py).
+    (``dL/du_c / eps`` where the norm is below ``eps``). Neither ``u`` nor ``dL/du`` is formed:
+    ``1 / n`` scales the logits and the columns of ``G`` (``B x C``, not ``C x d``), which leaves
+    ``a_c = dL/du_c / n`` and ``dL/dw_c = a_c - w_c (a_c . w_c) / n^2``: three passes over the head
+    besides the two matrix products (oneDNN's where large, ``cpu_linear``). Autograd's graph of
+    the same formula spent more time in elementwise passes over the head than in the products,
+    which grow with the class count. Equal to autograd's to float rounding
+    (tests/care_export/test_train.py).
     """
-    norm = torch.linalg.vector_norm(weight, dim=1, keepdim=True)
-    n = norm.clamp_min(NORM_EPS)
-    unit = weight / n
-    logits = torch.mm(xn, unit.T).mul_(scale)
+    norm = torch.linalg.vector_norm(weight, dim=1)
+    inv = norm.clamp_min(NORM_EPS).reciprocal()
+    logits = linear(xn, weight).mul_(inv * scale)
     g = torch.softmax(logits, 1)
     g[torch.arange(len(y), device=y.device), y] -= 1
-    g_unit = torch.mm(g.mul_(scale / len(y)).T, xn)
-    along = (g_unit * unit).sum(1, keepdim=True).mul_(norm > NORM_EPS)
-    return logits, torch.addcmul(g_unit, unit, along, value=-1).div_(n)
+    grad = linear(g.mul_(inv * (scale / len(y))).T, xn.T)  # dL/du_c / n_c
+    along = torch.linalg.vecdot(grad, weight).mul_(inv.square()).mul_(norm > NORM_EPS)
+    return logits, grad.addcmul_(weight, along[:, None], value=-1)
 
 
 def align_classifier(
@@ -172,9 +175,6 @@ def align_classifier(
     feature), so an epoch costs the same at any class count but a step's head. Returns the last
     epoch's accuracy on the features used.
     """
-    # The head's per-task blocks train as one tensor, copied back at the end: the same SGD
-    # elementwise, without concatenating every block and updating each one apart at every step
-    # (which made a step grow with the task count).
     weight = torch.nn.Parameter(head.weight.detach().clone())
     opt = torch.optim.SGD([weight], lr=lr, momentum=0.9, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=CA_SCHEDULE_PERIOD)
@@ -201,6 +201,5 @@ def align_classifier(
         if last:
             acc = 100.0 * correct / (steps * per_class)
     with torch.no_grad():
-        for block, part in zip(head.blocks, weight.split([len(b) for b in head.blocks])):
-            block.copy_(part)
+        head.weight.copy_(weight)
     return acc

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from care_export.checkpoint.synth import randomize_task
 from care_export.model.care_vit import CareViT
@@ -294,3 +295,82 @@ def test_mode_and_freezing_reach_every_module_as_torch_does():
         assert all(p.requires_grad is flag for p in model.parameters())
     with pytest.raises(ValueError):
         model.train("yes")
+
+
+def test_mode_and_freezing_follow_modules_added_or_replaced_after_a_walk():
+    """The flat walk is cached; a task added, a submodule or a parameter replaced, or a copy of the
+    model, is still reached by the next train() or requires_grad_() (never the original's modules
+    by the copy's calls)."""
+    model = learner(3, 2, 3, dropout=0.1)
+    model.train(True).requires_grad_(True)
+    model.add_task(2)
+    model.moe[0].experts[1].down = torch.nn.Linear(model.moe[0].dim, 4)
+    model.moe[1].routers[0].weight = torch.nn.Parameter(torch.zeros_like(model.moe[1].routers[0].weight))
+    model.eval().requires_grad_(False)
+    assert not any(m.training for m in model.modules())
+    assert not any(p.requires_grad for p in model.parameters())
+    twin = copy.deepcopy(model)
+    twin.train(True).requires_grad_(True)
+    assert all(m.training for m in twin.modules()) and all(p.requires_grad for p in twin.parameters())
+    assert not any(m.training for m in model.modules()) and not any(p.requires_grad for p in model.parameters())
+
+
+def test_a_new_expert_starts_as_the_mean_of_the_older_ones_from_the_stack_or_not():
+    """A new task's expert is the mean of every earlier expert but the latest, whether those are
+    read from the frozen stack a training forward left (rows of it) or stacked anew."""
+    for stacked_first in (True, False):
+        model = learner(5, 2, 3)
+        if stacked_first:
+            set_trainable(model, 4)
+            with torch.no_grad():
+                model.train().forward_train(torch.zeros(1, 3, TINY.img_size, TINY.img_size), 4)
+            model.requires_grad_(False)
+            assert model.moe[0]._stack_cache["experts"]["frozen"] == 4
+        model.add_task(CLASSES)
+        for m in model.moe:
+            for name, p in m.experts[5].named_parameters():
+                older = torch.stack([dict(e.named_parameters())[name] for e in list(m.experts)[:4]])
+                assert torch.equal(p, older.mean(0)), name
+
+
+def test_the_head_is_one_tensor_with_a_state_entry_per_task():
+    """The cosine head's blocks are rows of one parameter; its state dict has one entry per task,
+    loads them back, and names missing, unexpected and mis-shaped entries."""
+    from care_export.model.care_vit import CosineHead
+
+    head = CosineHead(8)
+    for n in (3, 2, 4):
+        head.add_task(n)
+    assert [len(b) for b in head.blocks] == [3, 2, 4] and head.weight.shape == (9, 8)
+    assert all(b.untyped_storage().data_ptr() == head.weight.untyped_storage().data_ptr() for b in head.blocks)
+    state = head.state_dict()
+    assert list(state) == ["blocks.0", "blocks.1", "blocks.2"]
+    assert torch.equal(torch.cat(list(state.values())), head.weight)
+    other = CosineHead(8)
+    for n in (3, 2, 4):
+        other.add_task(n)
+    other.load_state_dict(state)
+    assert torch.equal(other.weight, head.weight)
+    result = other.load_state_dict({"blocks.0": state["blocks.0"], "blocks.9": state["blocks.1"]}, strict=False)
+    assert result.missing_keys == ["blocks.1", "blocks.2"] and result.unexpected_keys == ["blocks.9"]
+    with pytest.raises(RuntimeError, match="blocks.1"):
+        other.load_state_dict({**state, "blocks.1": torch.zeros(5, 8)})
+
+
+def test_cpu_linear_equals_torch_and_keeps_autograd():
+    """oneDNN's product, where taken, equals torch's to float rounding, with and without ReLU, on
+    strided inputs; under autograd and for small products it is torch's own."""
+    from care_export.model import cpu_linear
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 2 * 192, generator=gen)[:, ::2]  # strided rows, as a CLS token is
+    w, b = torch.randn(4800, 192, generator=gen), torch.randn(4800, generator=gen)
+    assert 16 * 4800 * 192 >= cpu_linear.ONEDNN_MIN_MACS
+    torch.testing.assert_close(cpu_linear.linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cpu_linear.linear(x, w, b, relu=True), F.linear(x, w, b).relu(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cpu_linear.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    wg = w.clone().requires_grad_(True)
+    cpu_linear.linear(x, wg, b).sum().backward()
+    torch.testing.assert_close(wg.grad, x.sum(0).expand_as(w))
+    small = torch.randn(2, 3, generator=gen)
+    assert torch.equal(cpu_linear.linear(small, small), F.linear(small, small))

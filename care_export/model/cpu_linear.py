@@ -1,0 +1,35 @@
+"""Float32 ``x @ W.T + b`` on CPU through oneDNN for large products where no gradient is formed.
+
+PyTorch multiplies float32 matrices on CPU with its BLAS (MKL), which on some processors (AMD
+EPYC here) takes a slower path: oneDNN, built into PyTorch, returned the same values (bit for bit
+on this machine) in about half the time for the products that grow with the task count: the
+routing pass's down projection of every expert (16 x 192 by 192 x 4800 at 300 tasks: 227 -> 118
+us) and classifier alignment's two products over every class (80 x 192 by 192 x 1000: 164 -> 84
+and 153 -> 117 us). Its call costs 10-15 us more, so small products, where BLAS is as fast or
+faster (below about 4 million multiply-adds here: ``benchmarks/bench_cpu_linear.py``), keep
+BLAS. oneDNN's operator has no autograd formula, and other devices and dtypes keep PyTorch's own:
+those cases, and a PyTorch built without oneDNN, use :func:`torch.nn.functional.linear`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+ONEDNN_MIN_MACS = 1 << 22  # multiply-adds from which oneDNN was the faster here
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, relu: bool = False):
+    """``x @ weight.T + bias`` (2-D ``x``), then ReLU if ``relu``."""
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    if (
+        _ONEDNN
+        and x.dim() == 2
+        and x.shape[0] * weight.shape[0] * weight.shape[1] >= ONEDNN_MIN_MACS
+        and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    ):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu" if relu else "none", [], "")
+    out = F.linear(x, weight, bias)
+    return torch.relu(out) if relu else out
