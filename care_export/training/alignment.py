@@ -88,13 +88,18 @@ class PseudoFeatures:
                 raise ValueError(f"mean_scale has shape {tuple(mean_scale.shape)}, expected ({self.mean.shape[0]},)")
             # The reference scales in float64, then samples in float32.
             self.mean = (self.mean.double() * mean_scale.to(device, torch.float64)[:, None]).float()
+        self.device = device
         if "cov" in stats[0]:
-            # Per task, never concatenated: at 1000 classes the factors are 147 MB, and copying
-            # them into one tensor at every alignment grew a task's time with the class count.
-            self.trils = [_cholesky(s["cov"]).to(device) for s in stats]  # each (C_t, d, d)
+            self.covs: list[torch.Tensor] | None = [s["cov"] for s in stats]
+            _factors(self.covs, device)  # factored now, so that a bad covariance fails here
         else:
             self.std = torch.cat([s["var"] for s in stats]).to(device).sqrt()
-            self.trils = None
+            self.covs = None
+
+    @property
+    def trils(self) -> torch.Tensor | None:
+        """(C, d, d) the Cholesky factors of the classes' covariances (``None``: variances)."""
+        return None if self.covs is None else _factors(self.covs, self.device)
 
     @property
     def num_classes(self) -> int:
@@ -104,29 +109,52 @@ class PseudoFeatures:
         """``per_class`` features of every class, class-major, with their labels."""
         c, d = self.mean.shape
         noise = torch.randn(c, per_class, d, device=self.mean.device)
-        if self.trils is not None:
-            parts = noise.split([len(t) for t in self.trils])
-            x = self.mean[:, None] + torch.cat([n @ t.transpose(1, 2) for n, t in zip(parts, self.trils)])
+        trils = self.trils
+        if trils is not None:
+            x = self.mean[:, None] + noise @ trils.transpose(1, 2)
         else:
             x = self.mean[:, None] + noise * self.std[:, None]
         labels = torch.arange(c, device=x.device).repeat_interleave(per_class)
         return x.reshape(c * per_class, d), labels
 
 
-# Cholesky factors of the covariances already factored, by tensor: a class's statistics never
-# change once its task is learned, and factoring every class again at every alignment grew a
-# task's time with the class count (1000 float64 192x192 factorizations per alignment).
-_FACTORS: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+# The Cholesky factors of a sequence's covariances, in one tensor that grows with it: a class's
+# statistics never change once its task is learned, and factoring every class again at every
+# alignment (1000 float64 192x192 factorizations), copying the factors into one tensor (147 MB at
+# 1000 classes), or multiplying per task (a small product per task and epoch) each grew a task's
+# time with the class count. Keyed by the first covariance tensor and the device; rows are
+# claimed by the covariance tensors they were factored from (weak references), so that a list
+# that differs from the held one after some task rewrites only the rows from there.
+_FACTOR_STACKS: dict[tuple[int, str], dict] = {}
 
 
-def _cholesky(cov: torch.Tensor) -> torch.Tensor:
-    key = id(cov)
-    hit = _FACTORS.get(key)
-    if hit is not None and hit[0]() is cov and hit[1].device == cov.device:
-        return hit[1]
-    tril = torch.linalg.cholesky(cov.to(torch.float64)).float()
-    _FACTORS[key] = (weakref.ref(cov, lambda _, key=key: _FACTORS.pop(key, None)), tril)
-    return tril
+def _factors(covs: list[torch.Tensor], device) -> torch.Tensor:
+    """(C, d, d) the factors of ``covs`` (each (C_t, d, d)) on ``device``, a view of a cached stack."""
+    key = (id(covs[0]), str(torch.device(device)))
+    entry = _FACTOR_STACKS.get(key)
+    if entry is None or entry["refs"][0]() is not covs[0]:
+        entry = {"refs": [], "rows": [], "buffer": None}
+        _FACTOR_STACKS[key] = entry
+        weakref.finalize(covs[0], _FACTOR_STACKS.pop, key, None)
+    keep = 0
+    for ref, cov in zip(entry["refs"], covs):
+        if ref() is not cov:
+            break
+        keep += 1
+    start = sum(entry["rows"][:keep])
+    new = [torch.linalg.cholesky(c.to(device, torch.float64)).float() for c in covs[keep:]]
+    end = start + sum(len(f) for f in new)
+    buf = entry["buffer"]
+    if buf is None or end > len(buf):
+        grown = torch.empty((end + max(64, end // 4), *covs[0].shape[1:]), device=device)
+        if start:
+            grown[:start] = buf[:start]
+        entry["buffer"] = buf = grown
+    if new:
+        buf[start:end] = torch.cat(new)
+    entry["refs"] = entry["refs"][:keep] + [weakref.ref(c) for c in covs[keep:]]
+    entry["rows"] = entry["rows"][:keep] + [len(f) for f in new]
+    return buf[:end]
 
 
 def cosine_ce_grad(weight: torch.Tensor, xn: torch.Tensor, y: torch.Tensor, scale: float):

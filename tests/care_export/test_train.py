@@ -263,10 +263,9 @@ def test_cosine_ce_gradient_equals_autograd():
 
 
 def test_alignment_trains_the_head_blocks_as_one_tensor_with_the_same_result():
-    """The head trained as one flat tensor with hand-derived gradients, and the cached Cholesky
-    factors, give what autograd's SGD over the per-task blocks (the head's own parameters) and
-    factoring the concatenated covariances give: the factors bit for bit, the head to float
-    rounding after 21 steps."""
+    """The head trained with hand-derived gradients, and the cached Cholesky factors, give what
+    autograd's SGD over the head's parameter and factoring the concatenated covariances give: the
+    factors bit for bit, the head to float rounding after 21 steps."""
     from care_export.model.care_vit import CosineHead
     from care_export.training.alignment import CA_SCHEDULE_PERIOD
 
@@ -278,8 +277,8 @@ def test_alignment_trains_the_head_blocks_as_one_tensor_with_the_same_result():
     stats = [class_statistics(feats, labels, range(a, b), "covariance") for a, b in zip(bounds, bounds[1:])]
     sampler = PseudoFeatures(stats, "cpu")
     cov = torch.cat([s["cov"] for s in stats]).double()
-    assert torch.equal(torch.cat(sampler.trils), torch.linalg.cholesky(cov).float())
-    assert all(a is b for a, b in zip(PseudoFeatures(stats, "cpu").trils, sampler.trils))  # factored once
+    assert torch.equal(sampler.trils, torch.linalg.cholesky(cov).float())
+    assert PseudoFeatures(stats, "cpu").trils.data_ptr() == sampler.trils.data_ptr()  # factored once
 
     def head_of(seed):
         torch.manual_seed(seed)
@@ -307,6 +306,43 @@ def test_alignment_trains_the_head_blocks_as_one_tensor_with_the_same_result():
     assert not torch.equal(ours.weight, head_of(1).weight), "alignment changed nothing: nothing compared"
     for a, b in zip(ours.blocks, ref.blocks):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_cached_factors_follow_the_statistics_they_were_factored_from():
+    """The factors of a sequence's covariances live in one cached stack: a list that differs from
+    it after some task (a task's statistics of its second round) gets its own factors there, an
+    earlier sampler still samples from its own, the stack grows past its spare rows without
+    losing any, and samples equal the per-task products of the same noise."""
+    gen = torch.Generator().manual_seed(0)
+    d = 6
+
+    def task_stats(n):
+        a = torch.randn(n, d, d, generator=gen)
+        return {"mean": torch.randn(n, d, generator=gen), "cov": a @ a.transpose(1, 2) + torch.eye(d)}
+
+    def factors(stats):
+        return torch.cat([torch.linalg.cholesky(s["cov"].double()).float() for s in stats])
+
+    learned = [task_stats(10)] + [task_stats(3) for _ in range(4)]
+    first, second = task_stats(3), task_stats(3)
+    round1 = PseudoFeatures(learned + [first], "cpu")
+    round2 = PseudoFeatures(learned + [second], "cpu")
+    assert torch.equal(round2.trils, factors(learned + [second]))
+    assert torch.equal(round1.trils, factors(learned + [first]))  # rewritten back for the earlier list
+    longer = learned + [first] + [task_stats(3) for _ in range(30)]  # beyond the spare rows
+    grown = PseudoFeatures(longer, "cpu")
+    assert torch.equal(grown.trils, factors(longer))
+    torch.manual_seed(3)
+    x, y = grown.sample(4)
+    torch.manual_seed(3)
+    noise = torch.randn(grown.num_classes, 4, d).split([len(s["mean"]) for s in longer])
+    per_task = torch.cat(
+        [
+            s["mean"][:, None] + n @ torch.linalg.cholesky(s["cov"].double()).float().transpose(1, 2)
+            for n, s in zip(noise, longer)
+        ]
+    )
+    torch.testing.assert_close(x, per_task.reshape(-1, d), rtol=1e-6, atol=1e-6)
 
 
 def test_alignment_steps_cap_the_steps_of_an_epoch(monkeypatch):
