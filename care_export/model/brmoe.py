@@ -95,11 +95,15 @@ class BRMoE(nn.Module):
     def _older_experts(self) -> dict[str, torch.Tensor]:
         """All experts but the most recent, stacked: rows of the frozen stack where it holds
         them all (stacking hundreds of experts anew at every task grew a task's time)."""
-        n = self.num_tasks - 1
+        older = list(self.experts)[: self.num_tasks - 1]  # (a ModuleList's slice is a new ModuleList)
         entry = self._stack_cache.get("experts")
-        if entry is not None and (entry["frozen"] or 0) >= n and entry["ids"][:n] == tuple(map(id, self.experts[:n])):
-            return {k: v[:n] for k, v in entry["stack"].items()}
-        return _stacked(self.experts[:n])
+        if (
+            entry is not None
+            and (entry["frozen"] or 0) >= len(older)
+            and entry["ids"][: len(older)] == tuple(map(id, older))
+        ):
+            return {k: v[: len(older)] for k, v in entry["stack"].items()}
+        return _stacked(older)
 
     # ------------------------------------------------------------------ shared expert EMA
     def anchor_shared(self, enabled: bool = True) -> None:

@@ -309,34 +309,40 @@ def _submodules(root: nn.Module, own_train_stops: bool = True) -> tuple[list[nn.
 
 
 # Torch calls these hooks whenever any module registers a submodule or a parameter (assignment,
-# add_module, ModuleList.append, load_state_dict(assign=True)): a walk cached under an older count
-# may miss a module, one under the current count cannot.
-_registrations = itertools.count()
-_counted = [0]
+# add_module, ModuleList.append, load_state_dict(assign=True)): a walk cached under older counts
+# may miss a module or parameter, one under the current counts cannot. Parameters count apart:
+# a frozen stack replaces parameters at every task (brmoe._freeze_rows), not modules.
+_registrations = itertools.count(1)
+_counts = {"modules": 0, "parameters": 0}
 
 
-def _count_registration(*_) -> None:
-    _counted[0] = next(_registrations)
+def _module_registered(*_) -> None:
+    _counts["modules"] = next(_registrations)
 
 
-nn.modules.module.register_module_module_registration_hook(_count_registration)
-nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+def _parameter_registered(*_) -> None:
+    _counts["parameters"] = next(_registrations)
+
+
+nn.modules.module.register_module_module_registration_hook(_module_registered)
+nn.modules.module.register_module_parameter_registration_hook(_parameter_registered)
 
 
 def _walk(root: CareViT, own_train_stops: bool | None):
     """:func:`_submodules` of ``root`` but ``root`` itself (``own_train_stops=None``: the parameters
     of every module, in one list), cached in ``root._walks`` until the next registration of a
-    module or parameter anywhere. (Without ``root``, the cache holds no cycle through it.)"""
-    cached = root._walks
-    hit = cached.get(own_train_stops)
-    if hit is None or hit[0] != _counted[0]:
+    module (or, for the parameters, of a parameter) anywhere. (Without ``root``, the cache holds
+    no cycle through it.)"""
+    key = (_counts["modules"], _counts["parameters"] if own_train_stops is None else 0)
+    hit = root._walks.get(own_train_stops)
+    if hit is None or hit[0] != key:
         if own_train_stops is None:
             plain, _ = _submodules(root, own_train_stops=False)
             found = [p for m in plain for p in m._parameters.values() if p is not None]
         else:
             plain, own = _submodules(root, own_train_stops)
             found = ([m for m in plain if m is not root], own)
-        hit = cached[own_train_stops] = (_counted[0], found)
+        hit = root._walks[own_train_stops] = (key, found)
     return hit[1]
 
 

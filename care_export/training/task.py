@@ -226,10 +226,10 @@ def _train_round(
     (``set_trainable``), frozen again at the end; returns the final lr."""
     params = set_trainable(model, task, cfg.method)
     group = data.group
-    forward = _TaskForward(model)
+    forward = model.forward_train
     if group.distributed:  # the ranks hold identical models: no initial broadcast of all tensors
         forward = torch.nn.parallel.DistributedDataParallel(
-            forward,
+            _TaskForward(model),
             device_ids=[device.index] if torch.device(device).type == "cuda" else None,
             broadcast_buffers=False,
             find_unused_parameters=True,
