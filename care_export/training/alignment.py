@@ -8,6 +8,7 @@ images. Statistics of a class are computed once, when its task is learned, as th
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from pathlib import Path
 
@@ -142,18 +143,18 @@ def _factors(covs: list[torch.Tensor], device) -> torch.Tensor:
             break
         keep += 1
     start = sum(entry["rows"][:keep])
-    new = [torch.linalg.cholesky(c.to(device, torch.float64)).float() for c in covs[keep:]]
-    end = start + sum(len(f) for f in new)
+    rows = [len(c) for c in covs[keep:]]
+    end = start + sum(rows)
     buf = entry["buffer"]
     if buf is None or end > len(buf):
         grown = torch.empty((end + max(64, end // 4), *covs[0].shape[1:]), device=device)
         if start:
             grown[:start] = buf[:start]
         entry["buffer"] = buf = grown
-    if new:
-        buf[start:end] = torch.cat(new)
+    for cov, at in zip(covs[keep:], itertools.accumulate(rows, initial=start)):
+        buf[at : at + len(cov)] = torch.linalg.cholesky(cov.to(device, torch.float64))  # one task's at a time
     entry["refs"] = entry["refs"][:keep] + [weakref.ref(c) for c in covs[keep:]]
-    entry["rows"] = entry["rows"][:keep] + [len(f) for f in new]
+    entry["rows"] = entry["rows"][:keep] + rows
     return buf[:end]
 
 

@@ -253,11 +253,12 @@ class ContinualRun:
             head += f"top-1 over {self.model.num_classes} seen classes {seen} (new task {new}{old})"
         else:
             head += f"not evaluated (--eval-every {cfg.eval_every})"
-        # Training, evaluation and saving apart: what grows with the task count shows.
+        # Training, evaluation and saving apart (to the hundredth: a task trains in seconds),
+        # so that what grows with the task count shows.
         done = time.perf_counter() - t0
         log.info(
-            f"{head} in {done:.1f} s (training {trained:.1f} s, evaluation {spent - trained:.1f} s, "
-            f"saving {done - spent:.1f} s)"
+            f"{head} in {done:.1f} s (training {trained:.2f} s, evaluation {spent - trained:.2f} s, "
+            f"saving {done - spent:.2f} s)"
         )
 
     def _save(self) -> None:
