@@ -26,7 +26,6 @@ from torch import nn
 from runtime.numerics import MASKED_LOGIT, PART_LN_EPS
 
 from .config import MoEConfig
-from .cpu_linear import linear
 from .experts import Expert, Perceptor, entropy, new_router
 
 _REQUIRES_GRAD = operator.attrgetter("requires_grad")
@@ -280,7 +279,7 @@ class BRMoE(nn.Module):
             if start >= count:
                 break
             f = self._folded("experts", "fold", (st,), lambda st=st: _fold_expert(st))
-            h = linear(xn, f["down_w"], f["down_b"], relu=True)  # (B, E*r)
+            h = torch.relu(F.linear(xn, f["down_w"], f["down_b"]))  # (B, E*r)
             hidden.append(h.reshape(len(x), -1, f["rank"]).transpose(0, 1))  # (E, B, r)
             start += len(st["scale"])
         h = (hidden[0] if len(hidden) == 1 else torch.cat(hidden))[:count]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from care_export.model.cpu_linear import linear
+from care_export.model.cpu_linear import linear, padded_rows
 from runtime.atomic import replacing
 from runtime.errors import CareError, CheckpointError
 from runtime.numerics import NORM_EPS
@@ -158,9 +158,10 @@ def _factors(covs: list[torch.Tensor], device) -> torch.Tensor:
     return buf[:end]
 
 
-def cosine_ce_grad(weight: torch.Tensor, xn: torch.Tensor, y: torch.Tensor, scale: float):
+def cosine_ce_grad(weight: torch.Tensor, xn: torch.Tensor, y: torch.Tensor, scale: float, classes: int | None = None):
     """``scale * cos`` logits of the unit rows ``xn`` (B, d) against the rows of ``weight`` (C, d),
     and the gradient of their mean cross-entropy with labels ``y`` with respect to ``weight``.
+    Rows from ``classes`` on are padding (zeros): their logits are ``-inf``, their gradient zero.
 
     Derived by hand (no autograd): with ``n = max(|w_c|, eps)`` and ``u_c = w_c / n``, the loss
     reads the logits ``scale * xn . u_c``; ``G = (softmax - onehot) / B`` gives ``dL/du =
@@ -176,6 +177,8 @@ def cosine_ce_grad(weight: torch.Tensor, xn: torch.Tensor, y: torch.Tensor, scal
     norm = torch.linalg.vector_norm(weight, dim=1)
     inv = norm.clamp_min(NORM_EPS).reciprocal()
     logits = linear(xn, weight).mul_(inv * scale)
+    if classes is not None:
+        logits[:, classes:] = float("-inf")
     g = torch.softmax(logits, 1)
     g[torch.arange(len(y), device=y.device), y] -= 1
     grad = linear(g.mul_(inv * (scale / len(y))).T, xn.T)  # dL/du_c / n_c
@@ -204,10 +207,14 @@ def align_classifier(
     feature), so an epoch costs the same at any class count but a step's head. Returns the last
     epoch's accuracy on the features used.
     """
-    weight = torch.nn.Parameter(head.weight.detach().clone())
+    classes = sampler.num_classes
+    # Zero rows pad the head to the sizes oneDNN's kernels are kept for (cpu_linear.padded_rows):
+    # they stay zero (no gradient, no decay) and out of the softmax.
+    weight = torch.nn.Parameter(head.weight.new_zeros(padded_rows(classes, per_class * head.dim), head.dim))
+    with torch.no_grad():
+        weight[:classes] = head.weight
     opt = torch.optim.SGD([weight], lr=lr, momentum=0.9, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=CA_SCHEDULE_PERIOD)
-    classes = sampler.num_classes
     steps = classes if steps is None else min(steps, classes)
     draws = -(-steps * per_class // classes)  # per class, enough for ``steps`` batches
     acc = 0.0
@@ -222,7 +229,7 @@ def align_classifier(
         for i in range(steps):
             xb, yb = x[i * per_class : (i + 1) * per_class], y[i * per_class : (i + 1) * per_class]
             with torch.no_grad():
-                logits, weight.grad = cosine_ce_grad(weight, xb, yb, scale)
+                logits, weight.grad = cosine_ce_grad(weight, xb, yb, scale, classes)
             opt.step()
             if last:
                 correct += int((logits.argmax(1) == yb).sum())
@@ -230,5 +237,5 @@ def align_classifier(
         if last:
             acc = 100.0 * correct / (steps * per_class)
     with torch.no_grad():
-        head.weight.copy_(weight)
+        head.weight.copy_(weight[:classes])
     return acc

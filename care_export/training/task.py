@@ -235,8 +235,8 @@ def _train_round(
             find_unused_parameters=True,
             init_sync=False,
         )
-    # foreach: one multi-tensor update for the head's hundreds of per-task blocks (the same
-    # arithmetic per element as the default per-tensor loop, which CPU tensors get otherwise).
+    # foreach: one multi-tensor update for the task's parts of every block (about a hundred
+    # tensors; the same arithmetic per element as the per-tensor loop CPU tensors get otherwise).
     opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=True)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=eta_min)
     # float16 gradients need loss scaling; bfloat16 has float32's range and does not.

@@ -569,3 +569,38 @@ def test_builtin_pretraining_feeds_the_backbone_its_own_image_size(tmp_path):
     path = pretrained_backbone(cfg, cache_dir=tmp_path, progress=False)
     vit = CareViT(backbone, MoEConfig(), path).vit  # the weights load into a 48-px model
     assert vit.forward_features(torch.zeros(2, 3, 48, 48)).shape == (2, 10, backbone.embed_dim)
+
+
+def test_alignment_with_the_head_padded_for_onednn_equals_the_plain_one(monkeypatch):
+    """Where the alignment's products go to oneDNN, the head is padded with zero rows to a size
+    whose kernels are reused: the padding stays out of the softmax and of the head, which ends as
+    the unpadded BLAS alignment leaves it, to float rounding."""
+    from care_export.model import cpu_linear
+    from care_export.model.care_vit import CosineHead
+
+    gen = torch.Generator().manual_seed(0)
+    d, sizes = 16, [5, 3, 3]
+    stats = []
+    for n in sizes:
+        a = torch.randn(n, d, d, generator=gen) * 0.1
+        stats.append({"mean": torch.randn(n, d, generator=gen), "cov": a @ a.transpose(1, 2) + 0.01 * torch.eye(d)})
+    sampler = PseudoFeatures(stats, "cpu")
+
+    def aligned(min_macs):
+        monkeypatch.setattr(cpu_linear, "ONEDNN_MIN_MACS", min_macs)
+        torch.manual_seed(1)
+        head = CosineHead(d)
+        for n in sizes:
+            head.add_task(n)
+        torch.manual_seed(2)
+        acc = align_classifier(head, sampler, lr=0.05, epochs=3, per_class=10, scale=20.0, weight_decay=5e-4)
+        return head.weight.detach(), acc
+
+    assert cpu_linear.padded_rows(sum(sizes), 10 * d) == sum(sizes)
+    plain, acc = aligned(1 << 40)
+    monkeypatch.setattr(cpu_linear, "ONEDNN_MIN_MACS", 1)
+    assert cpu_linear.padded_rows(sum(sizes), 10 * d) == cpu_linear.ONEDNN_ROWS
+    padded, padded_acc = aligned(1)
+    assert padded.shape == plain.shape and not torch.equal(plain, CosineHead(d).weight)
+    torch.testing.assert_close(padded, plain, rtol=1e-5, atol=1e-6)
+    assert padded_acc == acc
