@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from care_export.model.cpu_linear import ONEDNN_MIN_MACS
+from care_export.model.cpu_linear import ONEDNN_AVAILABLE, ONEDNN_MIN_MACS
 
 
 def median_us(fn, rounds: int) -> float:
@@ -43,7 +43,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+    if not ONEDNN_AVAILABLE:
         raise SystemExit("this PyTorch has no oneDNN linear operator: cpu_linear uses F.linear throughout")
     onednn = torch.ops.mkldnn._linear_pointwise
     d = args.dim

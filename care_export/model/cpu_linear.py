@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 ONEDNN_MIN_MACS = 1 << 22  # multiply-adds from which oneDNN was the faster here
 ONEDNN_ROWS = 128
 
@@ -28,21 +28,20 @@ def padded_rows(rows: int, macs_per_row: int) -> int:
     """``rows`` rounded up to a multiple of ``ONEDNN_ROWS`` where a product of ``rows *
     macs_per_row`` multiply-adds goes to oneDNN (so that a growing size meets few shapes),
     ``rows`` otherwise."""
-    if not _ONEDNN or rows * macs_per_row < ONEDNN_MIN_MACS:
+    if not ONEDNN_AVAILABLE or rows * macs_per_row < ONEDNN_MIN_MACS:
         return rows
     return -(-rows // ONEDNN_ROWS) * ONEDNN_ROWS
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, relu: bool = False):
-    """``x @ weight.T + bias`` (2-D ``x``), then ReLU if ``relu``."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` (2-D ``x``)."""
     tensors = (x, weight) if bias is None else (x, weight, bias)
     if (
-        _ONEDNN
+        ONEDNN_AVAILABLE
         and x.dim() == 2
         and x.shape[0] * weight.shape[0] * weight.shape[1] >= ONEDNN_MIN_MACS
         and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
     ):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu" if relu else "none", [], "")
-    out = F.linear(x, weight, bias)
-    return torch.relu(out) if relu else out
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)

@@ -308,6 +308,13 @@ def test_alignment_trains_the_head_blocks_as_one_tensor_with_the_same_result():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+def random_task_stats(gen, n, d, spread=1.0, floor=1.0):
+    """Statistics of a task of ``n`` classes in ``d`` dimensions: random means, covariances
+    ``A A' + floor I`` with ``A`` normal times ``spread``."""
+    a = torch.randn(n, d, d, generator=gen) * spread
+    return {"mean": torch.randn(n, d, generator=gen), "cov": a @ a.transpose(1, 2) + floor * torch.eye(d)}
+
+
 def test_cached_factors_follow_the_statistics_they_were_factored_from():
     """The factors of a sequence's covariances live in one cached stack: a list that differs from
     it after some task (a task's statistics of its second round) gets its own factors there, an
@@ -317,8 +324,7 @@ def test_cached_factors_follow_the_statistics_they_were_factored_from():
     d = 6
 
     def task_stats(n):
-        a = torch.randn(n, d, d, generator=gen)
-        return {"mean": torch.randn(n, d, generator=gen), "cov": a @ a.transpose(1, 2) + torch.eye(d)}
+        return random_task_stats(gen, n, d)
 
     def factors(stats):
         return torch.cat([torch.linalg.cholesky(s["cov"].double()).float() for s in stats])
@@ -580,10 +586,7 @@ def test_alignment_with_the_head_padded_for_onednn_equals_the_plain_one(monkeypa
 
     gen = torch.Generator().manual_seed(0)
     d, sizes = 16, [5, 3, 3]
-    stats = []
-    for n in sizes:
-        a = torch.randn(n, d, d, generator=gen) * 0.1
-        stats.append({"mean": torch.randn(n, d, generator=gen), "cov": a @ a.transpose(1, 2) + 0.01 * torch.eye(d)})
+    stats = [random_task_stats(gen, n, d, spread=0.1, floor=0.01) for n in sizes]
     sampler = PseudoFeatures(stats, "cpu")
 
     def aligned(min_macs):
