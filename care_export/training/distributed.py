@@ -120,7 +120,9 @@ class GlobalBatches(Sampler):
 
 class SeededItems(Dataset):
     """``data[index]`` with its random augmentation drawn from a seed of its own, ``(seed, salt,
-    index)``, torch's and Python's generators restored afterwards."""
+    index)``, torch's CPU and Python's generators restored afterwards. Only the CPU generator is
+    seeded: ``torch.manual_seed`` would also reseed (lazily) every GPU generator, which
+    ``fork_rng(devices=[])`` does not restore, and costs a formatted stack per call."""
 
     def __init__(self, data: Dataset, seed: int):
         self.data, self.seed = data, seed
@@ -133,7 +135,7 @@ class SeededItems(Dataset):
         seed = hash((self.seed, salt, index)) & (2**63 - 1)
         state = random.getstate()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)
             random.seed(seed)
             try:
                 return self.data[index]

@@ -63,3 +63,33 @@ def test_more_processes_than_a_batch_holds_is_a_clear_error():
         with pytest.raises(CareError, match=f"{world} processes need batches of at least {world} images"):
             TaskData(images, images, TrainConfig(batch_size=batch), torch.Generator(), Group(0, world))
     TaskData(images, images, TrainConfig(batch_size=2), torch.Generator(), Group(0, 2))  # enough: no error
+
+
+def test_an_items_own_seed_leaves_every_generator_as_it_was(monkeypatch):
+    """Loading an item seeds its augmentation and restores torch's and Python's generators; GPU
+    generators (which ``fork_rng(devices=[])`` does not restore) are never reseeded."""
+    import random
+
+    from torch.utils.data import Dataset
+
+    from care_export.training.distributed import SeededItems
+
+    class Draws(Dataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return float(torch.rand(())), random.random()
+
+    gpu_seeds = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", gpu_seeds.append)
+    items = SeededItems(Draws(), seed=7)
+    torch.default_generator.manual_seed(0)
+    random.seed(0)
+    first = items[(1, 5)]
+    after = float(torch.rand(())), random.random()
+    torch.default_generator.manual_seed(0)
+    random.seed(0)
+    assert (float(torch.rand(())), random.random()) == after  # both generators restored
+    assert items[(1, 5)] == first and items[(2, 5)] != first  # the item's own seed decides its draws
+    assert gpu_seeds == []
