@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import operator
 import os
+import weakref
 from pathlib import Path
 
 import torch
@@ -309,19 +310,22 @@ def _submodules(root: nn.Module, own_train_stops: bool = True) -> tuple[list[nn.
 
 
 # Torch calls these hooks whenever any module registers a submodule or a parameter (assignment,
-# add_module, ModuleList.append, load_state_dict(assign=True)): a walk cached under older counts
-# may miss a module or parameter, one under the current counts cannot. Parameters count apart:
-# a frozen stack replaces parameters at every task (brmoe._freeze_rows), not modules.
-_registrations = itertools.count(1)
-_counts = {"modules": 0, "parameters": 0}
+# add_module, ModuleList.append, load_state_dict(assign=True)). They empty the cached walks of
+# every live model, so that a walk never misses a module or parameter registered since, and never
+# keeps a replaced one alive: a frozen stack replaces parameters at every task (brmoe._freeze_rows),
+# and a kept list of the replaced ones held a second copy of every frozen expert (0.4 GB in a
+# ViT-B/16 training step at T = 301). Parameters count apart: the module walks stay valid.
+_cached_roots: weakref.WeakSet = weakref.WeakSet()  # models holding a walk (weakly: no leak)
 
 
 def _module_registered(*_) -> None:
-    _counts["modules"] = next(_registrations)
+    for root in _cached_roots:
+        root._walks.clear()
 
 
 def _parameter_registered(*_) -> None:
-    _counts["parameters"] = next(_registrations)
+    for root in _cached_roots:
+        root._walks.pop(None, None)
 
 
 nn.modules.module.register_module_module_registration_hook(_module_registered)
@@ -333,17 +337,17 @@ def _walk(root: CareViT, own_train_stops: bool | None):
     of every module, in one list), cached in ``root._walks`` until the next registration of a
     module (or, for the parameters, of a parameter) anywhere. (Without ``root``, the cache holds
     no cycle through it.)"""
-    key = (_counts["modules"], _counts["parameters"] if own_train_stops is None else 0)
-    hit = root._walks.get(own_train_stops)
-    if hit is None or hit[0] != key:
+    found = root._walks.get(own_train_stops)
+    if found is None:
         if own_train_stops is None:
             plain, _ = _submodules(root, own_train_stops=False)
             found = [p for m in plain for p in m._parameters.values() if p is not None]
         else:
             plain, own = _submodules(root, own_train_stops)
             found = ([m for m in plain if m is not root], own)
-        hit = root._walks[own_train_stops] = (key, found)
-    return hit[1]
+        root._walks[own_train_stops] = found
+        _cached_roots.add(root)
+    return found
 
 
 def empty_model(backbone: BackboneConfig, moe: MoEConfig, task_classes: list[int]) -> CareViT:

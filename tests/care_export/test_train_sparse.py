@@ -3,6 +3,8 @@
 shared-expert pull, for several tasks and M/K settings."""
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -313,6 +315,22 @@ def test_mode_and_freezing_follow_modules_added_or_replaced_after_a_walk():
     twin.train(True).requires_grad_(True)
     assert all(m.training for m in twin.modules()) and all(p.requires_grad for p in twin.parameters())
     assert not any(m.training for m in model.modules()) and not any(p.requires_grad for p in model.parameters())
+
+
+def test_a_cached_walk_keeps_no_replaced_parameter_or_module_alive():
+    """A parameter or submodule replaced after train() and requires_grad_() walked the model is
+    freed: the cached walks hold no reference to it (a frozen stack replaces every frozen
+    expert's parameters, and a kept list held a second copy of them)."""
+    model = learner(3, 2, 3, dropout=0.1)
+    model.train(True).requires_grad_(False)
+    router, expert = model.moe[1].routers[0], model.moe[0].experts[1]
+    gone = [weakref.ref(router.weight), weakref.ref(expert.down), weakref.ref(expert.down.weight)]
+    router.weight = torch.nn.Parameter(torch.zeros_like(router.weight))
+    expert.down = torch.nn.Linear(model.moe[0].dim, 4)
+    gc.collect()
+    assert [ref() for ref in gone] == [None, None, None]
+    model.eval().requires_grad_(True)  # the walks see the new ones
+    assert not expert.down.training and expert.down.weight.requires_grad and router.weight.requires_grad
 
 
 def test_a_new_expert_starts_as_the_mean_of_the_older_ones_from_the_stack_or_not():
