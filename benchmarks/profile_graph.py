@@ -34,14 +34,14 @@ def stage_of(node_name: str) -> str:
     return m.group(1) if m else "backbone"
 
 
-def _session(model: Path, threads: int):
+def _session(model: Path, threads: int, prefix: Path):
     import onnxruntime as ort
 
     from runtime.backends.onnxrt import session_options
 
     opts = session_options(threads)
     opts.enable_profiling = True
-    opts.profile_file_prefix = str(Path(tempfile.mkdtemp(prefix="care-profile-")) / "ort")
+    opts.profile_file_prefix = str(prefix)
     return ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
 
 
@@ -74,9 +74,14 @@ def summarize(events: list[dict], warmup: int) -> tuple[int, dict, dict, dict, t
     return len(per_run[0]), med(by_op), med(by_stage), med(by_both), (float(np.median(totals)), float(min(totals)))
 
 
-def profile(models: dict[str, Path], batch: int, runs: int, threads: int, img: int, warmup: int = 2) -> dict:
-    """Per model: :func:`summarize` of ``runs`` runs, the models' runs interleaved."""
-    sessions = {name: _session(path, threads) for name, path in models.items()}
+def profile(
+    models: dict[str, Path], batch: int, runs: int, threads: int, img: int, work: Path, warmup: int = 2
+) -> dict:
+    """Per model: :func:`summarize` of ``runs`` runs, the models' runs interleaved (profiles
+    written under ``work``)."""
+    sessions = {
+        name: _session(path, threads, work / f"profile-b{batch}-{i}") for i, (name, path) in enumerate(models.items())
+    }
     x = np.random.default_rng(0).standard_normal((batch, 3, img, img), dtype=np.float32)
     for _ in range(warmup + runs):
         for sess in sessions.values():
@@ -105,21 +110,27 @@ def main() -> None:
     ap.add_argument("--compare", type=Path, help="another artifact model.onnx (same data) to profile alongside")
     args = ap.parse_args()
 
-    from care_export.export.writer import export_artifact, export_backbone
     from runtime.checkpoint_files import read_checkpoint_manifest
 
     tasks = args.tasks or len(read_checkpoint_manifest(args.ckpt)["tasks"])
-    work = Path(tempfile.mkdtemp(prefix="care-profile-"))
-    export_artifact(args.ckpt, work / "art", args.capacity or tasks, tasks=tasks, force=True)
-    backbone = export_backbone(args.ckpt, work / "backbone")
+    # Exports and profiles (about a gigabyte at capacity 301) go when the run ends.
+    with tempfile.TemporaryDirectory(prefix="care-profile-") as tmp:
+        _run(args, tasks, Path(tmp))
+
+
+def _run(args, tasks: int, work: Path) -> None:
     import onnx
 
+    from care_export.export.writer import export_artifact, export_backbone
+
+    export_artifact(args.ckpt, work / "art", args.capacity or tasks, tasks=tasks, force=True)
+    backbone = export_backbone(args.ckpt, work / "backbone")
     img = onnx.load(str(backbone), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[2].dim_value
     models = {"artifact": work / "art" / "model.onnx", "backbone": backbone}
     if args.compare:
         models = {"artifact": models["artifact"], f"artifact ({args.compare})": args.compare, "backbone": backbone}
     for batch in args.batch:
-        results = profile(models, batch, args.runs, args.threads, img)
+        results = profile(models, batch, args.runs, args.threads, img, work)
         for name, (n, ops, stages, both, total) in results.items():
             print(
                 f"\n{name}, T={tasks}, capacity {args.capacity or tasks}, batch {batch}: {n} nodes run, "
