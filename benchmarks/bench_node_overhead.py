@@ -1,6 +1,6 @@
 """What one extra node costs ONNX Runtime on CPU: a chain of N small nodes (the size of a BR-MoE
 routing tensor at batch 1) timed as one graph, in microseconds per node, per op type and
-thread count. It says how much of the artifact's time over the plain backbone its extra nodes
+thread count, the op types interleaved. It says how much of the artifact's time over the plain backbone its extra nodes
 (about 90 per block) can explain, against what they read and compute.
 
     python benchmarks/bench_node_overhead.py --nodes 1000 --shape 1 10 20
@@ -9,15 +9,17 @@ thread count. It says how much of the artifact's time over the plain backbone it
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-UNARY = ("Relu", "Log", "Softmax")
+from runtime.backends.onnxrt import session_options
+from runtime.timing import median_times
+
+OPS = ("Add", "Relu", "Log", "Softmax")  # Add takes a constant, the others one input
+PAUSE_S = 0.0
 
 
 def chain(nodes: int, op: str, shape: list[int]) -> bytes:
@@ -49,20 +51,18 @@ def main() -> None:
     print(f"ORT {ort.__version__}, a chain of {args.nodes} nodes on {args.shape}, median of {args.rounds}")
     print(f"{'threads':>7} {'op':8} {'us per node':>11}")
     for threads in args.threads:
-        for op in ("Add",) + UNARY:
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = threads
-            opts.log_severity_level = 3
-            # No fusion or folding: every node of the chain runs.
-            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        opts = session_options(threads, quiet=True)
+        # No fusion or folding: every node of the chain runs.
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        calls = {}
+        for op in OPS:
             sess = ort.InferenceSession(chain(args.nodes, op, args.shape), opts, providers=["CPUExecutionProvider"])
-            sess.run(None, {"x": x})
-            times = []
-            for _ in range(args.rounds):
-                t0 = time.perf_counter()
-                sess.run(None, {"x": x})
-                times.append(time.perf_counter() - t0)
-            print(f"{threads:>7} {op:8} {statistics.median(times) * 1e6 / args.nodes:>11.2f}")
+            calls[op] = lambda sess=sess: sess.run(None, {"x": x})
+        # Calls back to back, as a graph's nodes run: an idle pause before each call (the other
+        # benchmarks' guard against spinning thread pools) adds a wake-up of 0.3-0.5 ms per call here,
+        # which would read as per-node cost.
+        for op, seconds in median_times(calls, args.rounds, warmup=1).items():
+            print(f"{threads:>7} {op:8} {seconds * 1e6 / args.nodes:>11.2f}")
 
 
 if __name__ == "__main__":

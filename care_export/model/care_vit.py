@@ -314,7 +314,8 @@ def _submodules(root: nn.Module, own_train_stops: bool = True) -> tuple[list[nn.
 # every live model, so that a walk never misses a module or parameter registered since, and never
 # keeps a replaced one alive: a frozen stack replaces parameters at every task (brmoe._freeze_rows),
 # and a kept list of the replaced ones held a second copy of every frozen expert (0.4 GB in a
-# ViT-B/16 training step at T = 301). Parameters count apart: the module walks stay valid.
+# ViT-B/16 training step at T = 301). A parameter's registration empties the parameter walk
+# alone: the module walks stay valid.
 _cached_roots: weakref.WeakSet = weakref.WeakSet()  # models holding a walk (weakly: no leak)
 
 
