@@ -135,7 +135,7 @@ def _gelu(g: Builder, x: str, opset: int) -> str:
     return g.op("Mul", g.op("Mul", x, g.op("Add", erf, g.const(1.0))), g.const(0.5))
 
 
-def _attention(g: Builder, dims: Dims, i: int, x: str) -> str:
+def attention(g: Builder, dims: Dims, i: int, x: str) -> str:
     """``xa = x + Attn(LN1(x))`` of block ``i``."""
     b = f"vit.blocks.{i}."
     d, heads = dims.embed_dim, dims.num_heads
@@ -150,7 +150,7 @@ def _attention(g: Builder, dims: Dims, i: int, x: str) -> str:
     return g.op("Add", x, g.linear(o, b + "attn.proj", b + "attn.proj_bias"))
 
 
-def _mlp(g: Builder, dims: Dims, i: int, xa: str, opset: int, bias: str | None = None) -> str:
+def mlp(g: Builder, dims: Dims, i: int, xa: str, opset: int, bias: str | None = None) -> str:
     """``MLP(LN2(xa))`` of block ``i``; ``bias`` (broadcast to it) replaces fc2's bias."""
     b = f"vit.blocks.{i}."
     h = g.layer_norm(xa, g.weight(b + "norm2.weight"), g.weight(b + "norm2.bias"), BACKBONE_LN_EPS)
@@ -315,6 +315,36 @@ def finish(g: Builder, name: str, inputs, outputs, opset: int) -> onnx.ModelProt
 def network(g: Builder, dims: Dims, s: _Shared, image: str, opset: int, moe: bool = True):
     """``(features (B, d), routing tasks (B, depth * M), routing experts (B, depth * M, K))`` of
     ``image`` (see :func:`routing_shapes`)."""
+    d = dims.embed_dim
+    x = embed(g, dims, s, image)
+    tasks, experts = [], []
+    for i in range(dims.depth):
+        g.scope = f"block{i}"
+        xa = attention(g, dims, i, x)
+        if not moe:
+            x = g.op("Add", xa, mlp(g, dims, i, xa, opset))
+            continue
+        g.scope = f"block{i}/moe"
+        e = _brmoe(g, dims, i, xa, s)
+        g.scope = f"block{i}/moe/experts"
+        # The shared expert's up projection accumulates into the selected experts' output (Gemm's
+        # C input), the residual stream takes their sum: as many full-size passes as before
+        # the fusion, and no copy of the residual stream to and from 2-D.
+        moe = g.op("Gemm", e.shared_hidden, e.shared_up, g.op("Reshape", e.selected, g.i64([-1, d])))
+        moe = g.op("Reshape", moe, g.i64([-1, dims.num_tokens, d]))
+        g.scope = f"block{i}"
+        x = g.op("Add", g.op("Add", xa, mlp(g, dims, i, xa, opset, e.bias)), moe)
+        tasks.append(e.tasks)
+        experts.append(e.experts)
+
+    g.scope = "head"
+    if moe:  # one Concat per output rather than an Unsqueeze per block and output
+        tasks, experts = g.op("Concat", *tasks, axis=1), g.op("Concat", *experts, axis=1)
+    return features(g, x), tasks, experts
+
+
+def embed(g: Builder, dims: Dims, s: _Shared, image: str) -> str:
+    """The token sequence (B, N, d) of ``image``: patch embedding, CLS token, position embedding."""
     d, p = dims.embed_dim, dims.patch_size
     g.scope = "embed"
     x = g.op(
@@ -327,35 +357,14 @@ def network(g: Builder, dims: Dims, s: _Shared, image: str, opset: int, moe: boo
     )
     x = g.op("Transpose", g.op("Reshape", x, g.i64([0, d, -1])), perm=[0, 2, 1])
     cls = g.op("Expand", g.weight("vit.cls_token"), s.cls_shape)
-    x = g.op("Add", g.op("Concat", cls, x, axis=1), g.weight("vit.pos_embed"))
+    return g.op("Add", g.op("Concat", cls, x, axis=1), g.weight("vit.pos_embed"))
 
-    tasks, experts = [], []
-    for i in range(dims.depth):
-        g.scope = f"block{i}"
-        xa = _attention(g, dims, i, x)
-        if not moe:
-            x = g.op("Add", xa, _mlp(g, dims, i, xa, opset))
-            continue
-        g.scope = f"block{i}/moe"
-        e = _brmoe(g, dims, i, xa, s)
-        g.scope = f"block{i}/moe/experts"
-        # The shared expert's up projection accumulates into the selected experts' output (Gemm's
-        # C input), the residual stream takes their sum: as many full-size passes as before
-        # the fusion, and no copy of the residual stream to and from 2-D.
-        moe = g.op("Gemm", e.shared_hidden, e.shared_up, g.op("Reshape", e.selected, g.i64([-1, d])))
-        moe = g.op("Reshape", moe, g.i64([-1, dims.num_tokens, d]))
-        g.scope = f"block{i}"
-        x = g.op("Add", g.op("Add", xa, _mlp(g, dims, i, xa, opset, e.bias)), moe)
-        tasks.append(e.tasks)
-        experts.append(e.experts)
 
+def features(g: Builder, x: str) -> str:
+    """(B, d) features: the final LayerNorm of the CLS token."""
     g.scope = "head"
-    if moe:  # one Concat per output rather than an Unsqueeze per block and output
-        tasks, experts = g.op("Concat", *tasks, axis=1), g.op("Concat", *experts, axis=1)
-    feat = g.layer_norm(
-        g.op("Gather", x, g.i64(0), axis=1), g.weight("vit.norm.weight"), g.weight("vit.norm.bias"), BACKBONE_LN_EPS
-    )
-    return feat, tasks, experts
+    cls = g.op("Gather", x, g.i64(0), axis=1)
+    return g.layer_norm(cls, g.weight("vit.norm.weight"), g.weight("vit.norm.bias"), BACKBONE_LN_EPS)
 
 
 def cosine_logits(g: Builder, dims: Dims, feat: str, s: _Shared, out: str | None = None) -> str:
