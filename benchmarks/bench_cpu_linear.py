@@ -4,11 +4,14 @@ side, with the ratios and which one ``care_export.model.cpu_linear.linear`` take
 
 * alignment forward: 80 pseudo-features by the head's C rows; backward: the head's gradient
   (C x 80 by 80 x D); what ``cpu_linear`` serves;
+* the frozen backbone's MLP in training, forward (B*N tokens by D x 4D) and the input's gradient
+  (B*N x 4D by the weight read transposed), what ``cpu_linear.Linear`` serves;
 * routing, for comparison: a batch's CLS tokens (B x D) by the down projection of E experts of
   rank 16 (D x 16E), which stays on BLAS (its width changes at every task, and oneDNN keeps a
   kernel per shape).
 
-    python benchmarks/bench_cpu_linear.py --threads 2
+    python benchmarks/bench_cpu_linear.py --threads 2                                   # built-in ViT
+    python benchmarks/bench_cpu_linear.py --threads 2 --dim 768 --tokens 788 --rounds 20  # ViT-B/16, batch 4
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dim", type=int, default=192)
     ap.add_argument("--batch", type=int, default=16, help="CLS tokens of the routing product")
+    ap.add_argument("--tokens", type=int, default=16 * 17, help="tokens of a training batch (B*N)")
     ap.add_argument("--rounds", type=int, default=200)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
@@ -52,6 +56,9 @@ def main(argv=None):
         g, x = torch.randn(80, c), torch.randn(80, d)
         cases.append((f"align fwd C={c}", x, torch.randn(c, d)))
         cases.append((f"align bwd C={c}", g.T, x.T))
+    fc1 = torch.randn(4 * d, d)
+    cases.append(("backbone fc1 fwd", torch.randn(args.tokens, d), fc1))
+    cases.append(("backbone fc1 grad", torch.randn(args.tokens, 4 * d), fc1.T))
     cases += [(f"routing E={e}", torch.randn(args.batch, d), torch.randn(16 * e, d)) for e in (10, 80, 300)]
     print(f"medians of {args.rounds}, {torch.get_num_threads()} threads; oneDNN from {ONEDNN_MIN_MACS:,} multiply-adds")
     print(f"{'product':>18} {'MACs':>11} {'BLAS us':>8} {'oneDNN us':>10} {'BLAS/oneDNN':>12} {'taken':>7}")

@@ -17,6 +17,7 @@ from runtime.checkpoint_files import check_state
 from runtime.errors import CareError
 from runtime.numerics import NORM_EPS
 
+from . import cpu_linear
 from .brmoe import BRMoE, Routing
 from .config import BackboneConfig, MoEConfig
 
@@ -126,6 +127,7 @@ def build_backbone(cfg: BackboneConfig, weights: str | Path | None = None) -> nn
     if weights is not None and not pretrained:
         load_backbone_weights(vit, weights)
     vit.requires_grad_(False)
+    cpu_linear.use_for(vit)  # frozen weights: oneDNN on CPU, forward and the input's gradient
     return vit
 
 

@@ -1,23 +1,31 @@
-"""Float32 ``x @ W.T + b`` on CPU through oneDNN for large products where no gradient is formed.
+"""Float32 ``x @ W.T + b`` on CPU through oneDNN for large products whose weight is not trained.
 
 PyTorch multiplies float32 matrices on CPU with its BLAS (MKL), which on some processors (AMD
 EPYC here) takes a slower path: oneDNN, built into PyTorch, returned the same values (bit for bit
 on this machine) in about half the time for classifier alignment's two products over every class
-(80 x 192 by 192 x 1000: 164 -> 84 and 153 -> 117 us; ``benchmarks/bench_cpu_linear.py``). Its
-call costs 10-15 us more, so small products, where BLAS is as fast or faster (below about 4
-million multiply-adds here), keep BLAS.
+(80 x 192 by 192 x 1000: 164 -> 84 and 153 -> 117 us; ``benchmarks/bench_cpu_linear.py``), and
+the frozen backbone's products in training, equal to float rounding (a ViT-B/16 MLP at batch 4,
+788 x 768 by 768 x 3072: 20.2 -> 9.1 ms forward, 19.7 -> 10.9 ms the input's gradient; the
+built-in ViT's at batch 16: 426 -> 217 and 410 -> 191 us). Its call costs 10-15 us more, so small
+products, where BLAS is as fast or faster (below about 4 million multiply-adds here), keep BLAS.
 
-oneDNN compiles and keeps a kernel for every shape it meets (about half a megabyte each, up to a
-thousand of them): a shape that changed at every task grew a 301-task run's memory by half a
-gigabyte. Callers whose sizes grow pad them to a multiple of ``ONEDNN_ROWS`` (:func:`padded_rows`).
-oneDNN's operator has no autograd formula, and other devices and dtypes keep PyTorch's own:
-those cases, and a PyTorch built without oneDNN, use :func:`torch.nn.functional.linear`.
+The frozen backbone's linear layers are :class:`Linear` (:func:`use_for`): in training their
+input still needs a gradient (trainable experts sit in every block), which oneDNN's operator,
+having no autograd formula, gets from :class:`_FrozenWeight`: the forward and the input's gradient
+(``grad @ W``, oneDNN reading ``W.T`` as a strided view at nearly the contiguous speed, so no
+transposed copy is kept). A weight or bias that is trained, other devices and dtypes, and a
+PyTorch built without oneDNN use :func:`torch.nn.functional.linear`.
+
+oneDNN's buffers are sized per shape: a shape that changed at every task grew a 301-task run's
+memory by half a gigabyte. Callers whose sizes grow pad them to a multiple of ``ONEDNN_ROWS``
+(:func:`padded_rows`); the backbone's shapes are the batch sizes'.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 ONEDNN_MIN_MACS = 1 << 22  # multiply-adds from which oneDNN was the faster here
@@ -33,15 +41,52 @@ def padded_rows(rows: int, macs_per_row: int) -> int:
     return -(-rows // ONEDNN_ROWS) * ONEDNN_ROWS
 
 
+def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class _FrozenWeight(torch.autograd.Function):
+    """oneDNN's product with the gradient of its input only (weight and bias are not trained)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(weight)
+        return _onednn(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        return _onednn(grad.contiguous(), weight.t()), None, None
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight.T + bias`` (2-D ``x``)."""
+    """``x @ weight.T + bias`` over the last dimension of ``x``."""
     tensors = (x, weight) if bias is None else (x, weight, bias)
+    rows = x.numel() // max(x.shape[-1], 1)
     if (
-        ONEDNN_AVAILABLE
-        and x.dim() == 2
-        and x.shape[0] * weight.shape[0] * weight.shape[1] >= ONEDNN_MIN_MACS
-        and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        not ONEDNN_AVAILABLE
+        or rows * weight.numel() < ONEDNN_MIN_MACS
+        or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors)
     ):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    return F.linear(x, weight, bias)
+        return F.linear(x, weight, bias)
+    grad = torch.is_grad_enabled()
+    if grad and any(t.requires_grad for t in tensors[1:]):
+        return F.linear(x, weight, bias)
+    x2 = x.reshape(rows, x.shape[-1])
+    y = _FrozenWeight.apply(x2, weight, bias) if grad and x.requires_grad else _onednn(x2, weight, bias)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Linear):
+    """An ``nn.Linear`` that multiplies through :func:`linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def use_for(module: nn.Module) -> None:
+    """Make every plain ``nn.Linear`` in ``module`` a :class:`Linear` (parameters, state dict
+    and hooks unchanged: only the class, so only ``forward``, changes)."""
+    for m in module.modules():
+        if type(m) is nn.Linear:
+            m.__class__ = Linear

@@ -138,9 +138,7 @@ def test_cached_frozen_parts_follow_their_weights():
         for m in model.moe:
             m.experts[0].up.weight.mul_(3.0)
             m.perceptors[1].fc.weight.mul_(-2.0)
-        dense = model.forward_train(x, 3, mode="reference")
-        sparse = model.forward_train(x, 3, mode="sparse")
-    torch.testing.assert_close(sparse["features"], dense["features"], rtol=1e-5, atol=1e-6)
+    _forwards_agree(model, x)
 
 
 def _forwards_agree(model, x, task=3):
@@ -391,3 +389,63 @@ def test_cpu_linear_equals_torch_and_keeps_autograd():
     torch.testing.assert_close(wg.grad, x.sum(0).expand_as(w))
     small = torch.randn(2, 3, generator=gen)
     assert torch.equal(cpu_linear.linear(small, small), F.linear(small, small))
+
+
+def _grad_fns(y: torch.Tensor) -> set[str]:
+    """The names of ``y``'s grad_fn and of the nodes it calls."""
+    fns = [y.grad_fn, *(f for f, _ in y.grad_fn.next_functions if f is not None)]
+    return {type(f).__name__ for f in fns}
+
+
+def test_cpu_linear_frozen_weight_gives_the_input_its_gradient_through_onednn():
+    """A frozen weight under autograd (the backbone in training): oneDNN's forward and input
+    gradient, equal to torch's to float rounding, on a 3-D strided input; a trained weight or bias
+    keeps torch's product with its own gradients."""
+    from care_export.model import cpu_linear
+
+    if not cpu_linear.ONEDNN_AVAILABLE:
+        pytest.skip("this PyTorch has no oneDNN linear operator")
+    gen = torch.Generator().manual_seed(0)
+    w, b = torch.randn(384, 192, generator=gen), torch.randn(384, generator=gen)
+    base = torch.randn(4, 40, 2 * 192, generator=gen)[..., ::2]
+    g = torch.randn(4, 40, 384, generator=gen)
+    x1, x2 = base.clone().requires_grad_(True), base.clone().requires_grad_(True)
+    y = cpu_linear.linear(x1, w, b)
+    assert "_FrozenWeightBackward" in _grad_fns(y)
+    y.backward(g)
+    ref = F.linear(x2, w, b)
+    ref.backward(g)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-4)
+    for trained in ("weight", "bias"):
+        wt, bt = w.clone().requires_grad_(trained == "weight"), b.clone().requires_grad_(trained == "bias")
+        y = cpu_linear.linear(base, wt, bt)
+        assert "_FrozenWeightBackward" not in _grad_fns(y)
+        y.backward(g)
+        assert (wt if trained == "weight" else bt).grad is not None
+
+
+def test_backbone_linears_go_through_cpu_linear_with_the_same_state(monkeypatch):
+    """The backbone's linear layers multiply through cpu_linear (oneDNN at the built-in ViT's
+    training batch), with timm's state dict and timm's outputs to float rounding."""
+    import timm
+
+    from care_export.model import cpu_linear
+    from care_export.model.care_vit import build_backbone
+    from care_export.training.pretrain import BUILTIN_BACKBONE
+
+    cfg = BUILTIN_BACKBONE
+    vit = build_backbone(cfg)
+    linears = [m for m in vit.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is cpu_linear.Linear for m in linears)
+    assert list(vit.state_dict()) == list(timm.create_model(cfg.name, **cfg.timm_kwargs()).state_dict())
+    calls = []
+    monkeypatch.setattr(cpu_linear, "_onednn", lambda *a: calls.append(1) or F.linear(*a))
+    x = torch.randn(16, 3, cfg.img_size, cfg.img_size)
+    with torch.no_grad():
+        ours = vit.forward_features(x)
+        for m in linears:
+            m.__class__ = torch.nn.Linear
+        theirs = vit.forward_features(x)
+    assert len(calls) == (len(linears) if cpu_linear.ONEDNN_AVAILABLE else 0)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-4)
