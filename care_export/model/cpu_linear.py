@@ -13,8 +13,11 @@ The frozen backbone's linear layers are :class:`Linear` (:func:`use_for`): in tr
 input still needs a gradient (trainable experts sit in every block), which oneDNN's operator,
 having no autograd formula, gets from :class:`_FrozenWeight`: the forward and the input's gradient
 (``grad @ W``, oneDNN reading ``W.T`` as a strided view at nearly the contiguous speed, so no
-transposed copy is kept). A weight or bias that is trained, other devices and dtypes, and a
-PyTorch built without oneDNN use :func:`torch.nn.functional.linear`.
+transposed copy is kept). Their forwards without a gradient keep PyTorch's product: inference in
+PyTorch, the reference of the exported graph's parity, stays what PyTorch computes anywhere, and
+a routing decision at an exact tie follows the rounding (the demo's random parity inputs hold
+some, two choices equal in float32: with oneDNN there the reference took the other one). A weight or bias that is trained, other devices and dtypes, autocast
+(mixed precision), and a PyTorch built without oneDNN use :func:`torch.nn.functional.linear`.
 
 oneDNN's buffers are sized per shape: a shape that changed at every task grew a 301-task run's
 memory by half a gigabyte. Callers whose sizes grow pad them to a multiple of ``ONEDNN_ROWS``
@@ -67,6 +70,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         not ONEDNN_AVAILABLE
         or rows * weight.numel() < ONEDNN_MIN_MACS
         or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors)
+        or torch.is_autocast_enabled("cpu")  # mixed precision (train --amp): autocast's own product
     ):
         return F.linear(x, weight, bias)
     grad = torch.is_grad_enabled()
@@ -78,10 +82,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 class Linear(nn.Linear):
-    """An ``nn.Linear`` that multiplies through :func:`linear`."""
+    """An ``nn.Linear`` that multiplies through :func:`linear` where its input needs a gradient
+    (training); its other forwards (evaluation, the parity reference) are PyTorch's own product."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
 def use_for(module: nn.Module) -> None:

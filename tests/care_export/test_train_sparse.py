@@ -399,8 +399,8 @@ def _grad_fns(y: torch.Tensor) -> set[str]:
 
 def test_cpu_linear_frozen_weight_gives_the_input_its_gradient_through_onednn():
     """A frozen weight under autograd (the backbone in training): oneDNN's forward and input
-    gradient, equal to torch's to float rounding, on a 3-D strided input; a trained weight or bias
-    keeps torch's product with its own gradients."""
+    gradient, equal to torch's to float rounding, on a 3-D strided input; under autocast and with
+    a trained weight or bias, torch's product."""
     from care_export.model import cpu_linear
 
     if not cpu_linear.ONEDNN_AVAILABLE:
@@ -417,6 +417,8 @@ def test_cpu_linear_frozen_weight_gives_the_input_its_gradient_through_onednn():
     ref.backward(g)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # train --amp: autocast's bfloat16 product
+        assert cpu_linear.linear(x1, w, b).dtype == F.linear(x2, w, b).dtype == torch.bfloat16
     for trained in ("weight", "bias"):
         wt, bt = w.clone().requires_grad_(trained == "weight"), b.clone().requires_grad_(trained == "bias")
         y = cpu_linear.linear(base, wt, bt)
@@ -427,7 +429,8 @@ def test_cpu_linear_frozen_weight_gives_the_input_its_gradient_through_onednn():
 
 def test_backbone_linears_go_through_cpu_linear_with_the_same_state(monkeypatch):
     """The backbone's linear layers multiply through cpu_linear (oneDNN at the built-in ViT's
-    training batch), with timm's state dict and timm's outputs to float rounding."""
+    training batch) where their input needs a gradient, with timm's state dict and timm's outputs
+    and input gradient to float rounding; without a gradient they are timm's product, bit for bit."""
     import timm
 
     from care_export.model import cpu_linear
@@ -442,10 +445,20 @@ def test_backbone_linears_go_through_cpu_linear_with_the_same_state(monkeypatch)
     calls = []
     monkeypatch.setattr(cpu_linear, "_onednn", lambda *a: calls.append(1) or F.linear(*a))
     x = torch.randn(16, 3, cfg.img_size, cfg.img_size)
-    with torch.no_grad():
-        ours = vit.forward_features(x)
-        for m in linears:
-            m.__class__ = torch.nn.Linear
-        theirs = vit.forward_features(x)
-    assert len(calls) == (len(linears) if cpu_linear.ONEDNN_AVAILABLE else 0)
+    runs = []
+    for swap in (False, True):
+        if swap:
+            for m in linears:
+                m.__class__ = torch.nn.Linear
+        with torch.no_grad():
+            plain = vit.forward_features(x)
+        tokens = vit._pos_embed(vit.patch_embed(x)).requires_grad_(True)
+        out = vit.norm(vit.blocks(tokens))
+        out.backward(torch.ones_like(out))
+        runs.append((plain, out.detach(), tokens.grad))
+    # The training forward and its backward only, each layer once.
+    assert len(calls) == (2 * len(linears) if cpu_linear.ONEDNN_AVAILABLE else 0)
+    (ours_plain, ours, ours_grad), (timm_plain, theirs, theirs_grad) = runs
+    assert torch.equal(ours_plain, timm_plain)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ours_grad, theirs_grad, rtol=1e-5, atol=1e-4)
