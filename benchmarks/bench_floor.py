@@ -78,6 +78,8 @@ def main() -> None:
     args = ap.parse_args()
     import onnxruntime as ort
 
+    if not (args.artifact / "manifest.json").is_file():
+        raise SystemExit(f"error: {args.artifact} is not an artifact directory (no manifest.json)")
     manifest = json.loads((args.artifact / "manifest.json").read_text())
     dims = Dims.from_dict(manifest["dims"])
     with tempfile.TemporaryDirectory(prefix="care-floor-") as tmp:
