@@ -13,7 +13,7 @@ The frozen backbone's linear layers are :class:`Linear` (:func:`use_for`): in tr
 input still needs a gradient (trainable experts sit in every block), which oneDNN's operator,
 having no autograd formula, gets from :class:`_FrozenWeight`: the forward and the input's gradient
 (``grad @ W``, oneDNN reading ``W.T`` as a strided view at nearly the contiguous speed, so no
-transposed copy is kept). Their forwards without a gradient keep PyTorch's product: inference in
+transposed copy is kept). Their forwards without autograd keep PyTorch's product: inference in
 PyTorch, the reference of the exported graph's parity, stays what PyTorch computes anywhere, and
 a routing decision at an exact tie follows the rounding (the demo's random parity inputs hold
 some, two choices equal in float32: with oneDNN there the reference took the other one). A weight or bias that is trained, other devices and dtypes, autocast
@@ -82,11 +82,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 class Linear(nn.Linear):
-    """An ``nn.Linear`` that multiplies through :func:`linear` where its input needs a gradient
-    (training); its other forwards (evaluation, the parity reference) are PyTorch's own product."""
+    """An ``nn.Linear`` that multiplies through :func:`linear` where autograd records (training:
+    the first block's input needs no gradient yet, the later ones do); its forwards without
+    autograd (evaluation, class statistics, the parity reference) are PyTorch's own product."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
+        if torch.is_grad_enabled():
             return linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 

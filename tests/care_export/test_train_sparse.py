@@ -429,8 +429,8 @@ def test_cpu_linear_frozen_weight_gives_the_input_its_gradient_through_onednn():
 
 def test_backbone_linears_go_through_cpu_linear_with_the_same_state(monkeypatch):
     """The backbone's linear layers multiply through cpu_linear (oneDNN at the built-in ViT's
-    training batch) where their input needs a gradient, with timm's state dict and timm's outputs
-    and input gradient to float rounding; without a gradient they are timm's product, bit for bit."""
+    training batch) where autograd records, with timm's state dict and timm's outputs and input
+    gradient to float rounding; without autograd they are timm's product, bit for bit."""
     import timm
 
     from care_export.model import cpu_linear
@@ -445,6 +445,9 @@ def test_backbone_linears_go_through_cpu_linear_with_the_same_state(monkeypatch)
     calls = []
     monkeypatch.setattr(cpu_linear, "_onednn", lambda *a: calls.append(1) or F.linear(*a))
     x = torch.randn(16, 3, cfg.img_size, cfg.img_size)
+    vit.forward_features(x)  # autograd on, no input gradient (the first block in training): oneDNN
+    assert len(calls) == (len(linears) if cpu_linear.ONEDNN_AVAILABLE else 0)
+    calls.clear()
     runs = []
     for swap in (False, True):
         if swap:
