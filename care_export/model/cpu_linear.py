@@ -9,15 +9,17 @@ the frozen backbone's products in training, equal to float rounding (a ViT-B/16 
 built-in ViT's at batch 16: 426 -> 217 and 410 -> 191 us). Its call costs 10-15 us more, so small
 products, where BLAS is as fast or faster (below about 4 million multiply-adds here), keep BLAS.
 
-The frozen backbone's linear layers are :class:`Linear` (:func:`use_for`): in training their
-input still needs a gradient (trainable experts sit in every block), which oneDNN's operator,
-having no autograd formula, gets from :class:`_FrozenWeight`: the forward and the input's gradient
-(``grad @ W``, oneDNN reading ``W.T`` as a strided view at nearly the contiguous speed, so no
-transposed copy is kept). Their forwards without autograd keep PyTorch's product: inference in
-PyTorch, the reference of the exported graph's parity, stays what PyTorch computes anywhere, and
-a routing decision at an exact tie follows the rounding (the demo's random parity inputs hold
-some, two choices equal in float32: with oneDNN there the reference took the other one). A weight or bias that is trained, other devices and dtypes, autocast
-(mixed precision), and a PyTorch built without oneDNN use :func:`torch.nn.functional.linear`.
+The frozen backbone's linear layers are :class:`Linear` (:func:`use_for`) and take this path
+wherever autograd records. From the second block on their input needs a gradient (the experts of
+the blocks before are trained through it), which oneDNN's operator, having no autograd formula,
+gets from :class:`_FrozenWeight`: the forward and the input's gradient (``grad @ W``, oneDNN
+reading ``W.T`` as a strided view at nearly the contiguous speed, so no transposed copy is kept).
+Their forwards without autograd keep PyTorch's product: inference in PyTorch, the reference of
+the exported graph's parity, stays what PyTorch computes anywhere, and a routing decision at an
+exact tie follows the rounding (the demo's random parity inputs hold some, two choices equal in
+float32: with oneDNN there the reference took the other one). A weight or bias that is trained,
+other devices and dtypes, autocast (mixed precision), and a PyTorch built without oneDNN use
+:func:`torch.nn.functional.linear`.
 
 oneDNN's buffers are sized per shape: a shape that changed at every task grew a 301-task run's
 memory by half a gigabyte. Callers whose sizes grow pad them to a multiple of ``ONEDNN_ROWS``
@@ -66,15 +68,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``x @ weight.T + bias`` over the last dimension of ``x``."""
     tensors = (x, weight) if bias is None else (x, weight, bias)
     rows = x.numel() // max(x.shape[-1], 1)
+    grad = torch.is_grad_enabled()
     if (
         not ONEDNN_AVAILABLE
         or rows * weight.numel() < ONEDNN_MIN_MACS
         or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors)
         or torch.is_autocast_enabled("cpu")  # mixed precision (train --amp): autocast's own product
+        or (grad and any(t.requires_grad for t in tensors[1:]))  # a trained weight or bias
     ):
-        return F.linear(x, weight, bias)
-    grad = torch.is_grad_enabled()
-    if grad and any(t.requires_grad for t in tensors[1:]):
         return F.linear(x, weight, bias)
     x2 = x.reshape(rows, x.shape[-1])
     y = _FrozenWeight.apply(x2, weight, bias) if grad and x.requires_grad else _onednn(x2, weight, bias)
